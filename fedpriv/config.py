@@ -1,0 +1,194 @@
+"""The run configuration: one typed, validated view of ``[tool.flwr.app.config]``.
+
+Flower hands every ServerApp and ClientApp the run config as a flat dict of
+kebab-case keys (defaults from ``pyproject.toml``, overridden by ``--run-config``).
+:class:`FedprivConfig` turns that dict into typed fields once, and validates it,
+so that the CLI can reject a bad value *before* a run is submitted and the apps
+can trust what they read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.common.config import parse_config_args
+
+from fedpriv.errors import ConfigError
+
+APP_DIR = Path(__file__).resolve().parents[1]
+"""The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""
+
+TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all", "lora")
+ACCOUNTANTS = ("rdp", "prv")
+MODELS = ("minilm", "tiny")
+
+
+def default_data_dir() -> Path:
+    """Where ``fedpriv prepare-data`` writes the corpus unless told otherwise."""
+    env = os.environ.get("FEDPRIV_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "fedpriv" / "data"
+
+
+def load_app_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """Read the defaults from the app's ``pyproject.toml``."""
+    with (app_dir / "pyproject.toml").open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str | list[str] | None) -> dict[str, Any]:
+    """Parse ``"k=v k2=v2"`` (TOML values) the way ``flwr run --run-config`` does."""
+    if not text:
+        return {}
+    items = [text] if isinstance(text, str) else list(text)
+    try:
+        return dict(parse_config_args(items))
+    except Exception as exc:  # flwr raises ValueError/TOMLDecodeError variants
+        raise ConfigError(
+            f"cannot parse run config {' '.join(items)!r}: expected 'key=value key2=value2' "
+            f"with TOML values ({exc})"
+        ) from None
+
+
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply overrides, refusing keys the app does not declare (typos must not pass silently)."""
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}: expected one of the keys in "
+            f"[tool.flwr.app.config] (e.g. {', '.join(sorted(base)[:6])}, ...)"
+        )
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(base[key], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(base[key]):
+            raise ConfigError(
+                f"config key {key!r} = {value!r}: expected a {type(base[key]).__name__} "
+                f"like the default {base[key]!r}"
+            )
+        merged[key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class FedprivConfig:
+    """Typed run configuration. Field names are the config keys with ``-`` → ``_``."""
+
+    regions: tuple[str, ...]
+    num_server_rounds: int
+    fraction_train: float
+    min_train_regions: int
+    round_timeout: float
+    seed: int
+    data_dir: Path
+    neutral_band: float
+    dirichlet_alpha: float
+    domain_skew: float
+    local_test_fraction: float
+    server_test_fraction: float
+    max_examples_per_region: int
+    max_length: int
+    model: str
+    trainable: str
+    local_epochs: float
+    batch_size: int
+    physical_batch_size: int
+    learning_rate: float
+    momentum: float
+    max_grad_norm: float
+    target_epsilon: float
+    noise_multiplier: float
+    delta: float
+    accountant: str
+    dp: bool
+    num_threads: int
+    run_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedprivConfig":
+        """Build and validate from Flower's flat kebab-case run config."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in run_config.items():
+            attr = key.replace("-", "_")
+            (values if attr in names else extra)[attr if attr in names else key] = value
+        missing = sorted(names - set(values))
+        if missing:
+            raise ConfigError(f"run config lacks key {missing[0].replace('_', '-')!r}")
+        values["regions"] = _parse_regions(str(values["regions"]))
+        values["data_dir"] = Path(values["data_dir"]).expanduser() if values["data_dir"] else default_data_dir()
+        values["run_dir"] = Path(values["run_dir"]).expanduser() if values["run_dir"] else Path("runs") / "latest"
+        config = cls(**values, extra=extra)
+        config.validate()
+        return config
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.regions)
+
+    def validate(self) -> None:
+        """Reject values that would make a run meaningless or unsafe, with one-line reasons."""
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "an integer >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "a number in (0, 1]")
+        _check(
+            1 <= self.min_train_regions <= self.num_regions,
+            "min-train-regions",
+            self.min_train_regions,
+            f"an integer in [1, {self.num_regions}] (the number of regions)",
+        )
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "seconds > 0")
+        _check(self.neutral_band >= 0, "neutral-band", self.neutral_band, "a rating margin >= 0")
+        _check(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "a number > 0")
+        _check(0.0 <= self.domain_skew <= 1.0, "domain-skew", self.domain_skew, "a number in [0, 1]")
+        _check(0.0 < self.local_test_fraction < 0.5, "local-test-fraction", self.local_test_fraction, "a number in (0, 0.5)")
+        _check(0.0 < self.server_test_fraction < 0.5, "server-test-fraction", self.server_test_fraction, "a number in (0, 0.5)")
+        _check(self.max_examples_per_region >= 0, "max-examples-per-region", self.max_examples_per_region, "0 (all) or a positive count")
+        _check(8 <= self.max_length <= 512, "max-length", self.max_length, "a token count in [8, 512]")
+        _check(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
+        _check(self.trainable in TRAINABLE_CHOICES, "trainable", self.trainable, f"one of {', '.join(TRAINABLE_CHOICES)}")
+        _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number of epochs > 0")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
+        _check(self.physical_batch_size >= 1, "physical-batch-size", self.physical_batch_size, "an integer >= 1")
+        _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "a number > 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "a clipping norm > 0")
+        _check(0.0 < self.delta < 1.0, "delta", self.delta, "a probability in (0, 1), typically < 1/num-examples")
+        _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, "0 (derive from target-epsilon) or a value > 0")
+        if self.dp and self.noise_multiplier == 0:
+            _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a privacy budget epsilon > 0")
+        _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
+        _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
+
+
+def _parse_regions(text: str) -> tuple[str, ...]:
+    regions = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not regions:
+        raise ConfigError(f"regions = {text!r}: expected a comma-separated list of at least 1 region name")
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"regions = {text!r}: region names must be unique")
+    for name in regions:
+        if not all(c.isalnum() or c in "-_" for c in name):
+            raise ConfigError(f"region name {name!r}: expected letters, digits, '-' or '_'")
+    return regions
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+def resolve_config(overrides: Mapping[str, Any] | None = None, preset: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], FedprivConfig]:
+    """Defaults ← preset ← overrides; returns the flat dict (to submit) and its typed view."""
+    flat = merge_config(load_app_defaults(), preset or {})
+    flat = merge_config(flat, overrides or {})
+    return flat, FedprivConfig.from_run_config(flat)
