@@ -1,0 +1,1 @@
+"""Privacy: accounting, ledger, planner, reports, audit, and the secure-aggregation protocol math."""

@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp wiring, central evaluation, checkpoints and export."""

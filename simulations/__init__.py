@@ -1,0 +1,1 @@
+"""Running many regions on one machine with Flower's simulation engine."""

@@ -1,0 +1,1 @@
+"""How region updates are combined into the global model."""

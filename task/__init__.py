@@ -1,0 +1,1 @@
+"""Model and data shared by the coordinator (server/) and the regions (client/)."""
