@@ -85,6 +85,7 @@ class FedprivConfig:
     regions: tuple[str, ...]
     num_server_rounds: int
     fraction_train: float
+    fraction_evaluate: float
     min_train_regions: int
     round_timeout: float
     seed: int
@@ -95,6 +96,7 @@ class FedprivConfig:
     local_test_fraction: float
     server_test_fraction: float
     max_examples_per_region: int
+    max_server_examples: int
     max_length: int
     model: str
     trainable: str
@@ -153,6 +155,7 @@ class FedprivConfig:
         _check(0.0 < self.local_test_fraction < 0.5, "local-test-fraction", self.local_test_fraction, "a number in (0, 0.5)")
         _check(0.0 < self.server_test_fraction < 0.5, "server-test-fraction", self.server_test_fraction, "a number in (0, 0.5)")
         _check(self.max_examples_per_region >= 0, "max-examples-per-region", self.max_examples_per_region, "0 (all) or a positive count")
+        _check(self.max_server_examples >= 0, "max-server-examples", self.max_server_examples, "0 (all) or a positive count")
         _check(8 <= self.max_length <= 512, "max-length", self.max_length, "a token count in [8, 512]")
         _check(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
         _check(self.trainable in TRAINABLE_CHOICES, "trainable", self.trainable, f"one of {', '.join(TRAINABLE_CHOICES)}")
@@ -192,3 +195,14 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, preset: Mapping[s
     flat = merge_config(load_app_defaults(), preset or {})
     flat = merge_config(flat, overrides or {})
     return flat, FedprivConfig.from_run_config(flat)
+
+
+def partition_spec(cfg: FedprivConfig) -> "PartitionSpec":
+    """The partition a run config asks for (its fingerprint names the shard directory)."""
+    from task.partition import PartitionSpec
+
+    return PartitionSpec(regions=cfg.regions, seed=cfg.seed, neutral_band=cfg.neutral_band, dirichlet_alpha=cfg.dirichlet_alpha,
+                         domain_skew=cfg.domain_skew, local_test_fraction=cfg.local_test_fraction,
+                         server_test_fraction=cfg.server_test_fraction,
+                         max_examples_per_region=cfg.max_examples_per_region,
+                         max_server_examples=cfg.max_server_examples)

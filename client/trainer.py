@@ -1,0 +1,154 @@
+"""A region's local training round: DP-SGD with Opacus, or plain SGD when DP is off.
+
+:class:`LocalTrainer` runs one round on the region's shard. For DP it builds an
+Opacus ``PrivacyEngine`` whose accountant is *seeded with the region's history*
+from earlier rounds, so the ε it reports composes the whole run. Poisson
+sampling gives the privacy amplification the accountant assumes; logical batches
+of ``batch-size`` are split into physical batches of ``physical-batch-size`` by
+Opacus' ``BatchMemoryManager`` so per-sample gradients fit in memory
+(about physical batch x trainable parameters x 4 bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fedpriv.config import FedprivConfig
+from fedpriv.errors import DataError
+from privacy.accountant import Entry, noise_for_target
+from task.encoding import EncodedDataset, collate
+from task.model import get_trainable
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The region's DP schedule; the noise multiplier is fixed for the whole run."""
+
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+
+
+@dataclass
+class TrainResult:
+    values: "OrderedDict[str, np.ndarray]"
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+    history: list[Entry]
+    noise_multiplier: float
+    sample_rate: float
+    peak_memory_mb: float
+
+
+def region_schedule(num_examples: int, cfg: FedprivConfig) -> Schedule:
+    """Poisson rate and logical steps per round, for all rounds.
+
+    The rate is Opacus' own, ``1 / len(loader)`` = 1/ceil(N/B), so the σ planned here is the
+    σ the accountant sees; steps per round are ceil(local-epochs · N/B).
+    """
+    if num_examples < cfg.batch_size:
+        raise DataError(
+            f"region has {num_examples} training examples, fewer than batch-size = {cfg.batch_size}: "
+            f"expected batch-size <= {num_examples} (lower batch-size or give the region more data)"
+        )
+    batches_per_epoch = math.ceil(num_examples / cfg.batch_size)
+    steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
+    return Schedule(sample_rate=1.0 / batches_per_epoch, steps_per_round=steps,
+                    total_steps=steps * cfg.num_server_rounds)
+
+
+def choose_noise_multiplier(schedule: Schedule, cfg: FedprivConfig) -> float:
+    """Given σ if set, else the σ that spends ``target-epsilon`` over the whole planned schedule."""
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    return noise_for_target(cfg.target_epsilon, cfg.delta, schedule.sample_rate, schedule.total_steps, cfg.accountant)
+
+
+class LocalTrainer:
+    """One round of local training for one region."""
+
+    def __init__(self, model: torch.nn.Module, data: EncodedDataset, cfg: FedprivConfig, device: torch.device):
+        self.model = model.to(device)
+        self.data = data
+        self.cfg = cfg
+        self.device = device
+        self.schedule = region_schedule(len(data), cfg)
+
+    def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "") -> TrainResult:
+        torch.manual_seed(seed)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.cfg.learning_rate, momentum=self.cfg.momentum)
+        loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(seed))
+        if self.cfg.dp:
+            return self._train_private(optimizer, loader, history, noise_multiplier, label)
+        losses, correct, seen = self._loop(self.model, optimizer, loader, self.cfg.batch_size, label)
+        return self._result(losses, correct, seen, history, 0.0)
+
+    def _train_private(self, optimizer, loader, history, noise_multiplier, label) -> TrainResult:
+        engine = PrivacyEngine(accountant=self.cfg.accountant)
+        engine.accountant.history = list(history)
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True,
+        )
+        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.cfg.physical_batch_size,
+                                optimizer=dp_optimizer) as memory_safe_loader:
+            losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, self.cfg.physical_batch_size, label)
+        result = self._result(losses, correct, seen, list(engine.accountant.history), noise_multiplier)
+        module._close()  # remove Opacus hooks: the plain model goes back to the caller
+        return result
+
+    def _loop(self, module, optimizer, loader, physical: int, label: str) -> tuple[list[float], int, int]:
+        """Iterate until ``steps_per_round`` logical steps have been taken (epochs may be fractional)."""
+        target = self.schedule.steps_per_round
+        losses: list[float] = []
+        correct = seen = steps = 0
+        bar = tqdm(total=target, desc=f"{label} local DP-SGD" if self.cfg.dp else f"{label} local SGD",
+                   unit="step", disable=not sys.stderr.isatty(), leave=False)
+        while steps < target:
+            for batch in loader:
+                batch = batch if isinstance(batch, dict) else collate([])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out = module(**batch)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if len(batch["labels"]):
+                    losses.append(float(out.loss.detach()))
+                    correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                    seen += len(batch["labels"])
+                if not getattr(optimizer, "_is_last_step_skipped", False) or not self.cfg.dp:
+                    steps += 1
+                    bar.update(1)
+                if steps >= target:
+                    break
+        bar.close()
+        return losses, correct, seen
+
+    def _result(self, losses, correct, seen, history, noise_multiplier) -> TrainResult:
+        return TrainResult(
+            values=get_trainable(self.model), loss=float(np.mean(losses)) if losses else float("nan"),
+            accuracy=correct / seen if seen else float("nan"), num_examples=len(self.data),
+            steps=self.schedule.steps_per_round, history=history, noise_multiplier=noise_multiplier,
+            sample_rate=self.schedule.sample_rate, peak_memory_mb=peak_memory_mb(),
+        )
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,134 @@
+"""Submitting the fedpriv app to a SuperLink and waiting for the *real* outcome.
+
+Both ``fedpriv simulate`` (a local simulation SuperLink) and ``fedpriv run`` (a
+deployed one, over TLS) go through :class:`FlowerRunClient`, a thin wrapper
+over Flower's own ``flwr run`` / ``flwr log`` / ``flwr ls`` / ``flwr stop``.
+It exists because ``flwr run --stream`` exits 0 even when the run failed: the
+run's final status is read back from the SuperLink and turned into an exit code.
+
+The SuperLink connection lives in a fedpriv-owned ``FLWR_HOME`` (a
+``config.toml`` with one named connection) so a user's own Flower config is never
+touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from fedpriv.errors import FedprivError
+
+CONNECTION = "fedpriv"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: int
+    status: str
+    details: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "finished:completed"
+
+
+class FlowerRunClient:
+    """Talks to one SuperLink through the ``flwr`` CLI with a private FLWR_HOME."""
+
+    def __init__(self, flwr_home: Path, address: str, root_certificates: Path | None = None):
+        self.flwr_home = Path(flwr_home).resolve()
+        self.address = address
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        connection: dict[str, Any] = {"address": address}
+        if root_certificates is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(Path(root_certificates).resolve())
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None) -> int:
+        """Submit the app with a full run config (written as TOML, so any string value is safe)."""
+        config_file = self.flwr_home / "run_config.toml"
+        config_file.write_text(tomli_w.dumps(dict(run_config)))
+        args = ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"]
+        if federation_config:
+            args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
+        proc = self._flwr(*args)
+        payload = _json_tail(proc.stdout)
+        if not payload.get("success") or "run-id" not in payload:
+            message = payload.get("error-message") or proc.stderr.strip() or proc.stdout.strip()
+            raise FedprivError(f"the SuperLink at {self.address} refused the run: {_last_line(message)}")
+        return int(payload["run-id"])
+
+    def status(self, run_id: int) -> RunOutcome:
+        proc = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        payload = _json_tail(proc.stdout)
+        runs = payload.get("runs") or []
+        if not payload.get("success") or not runs:
+            return RunOutcome(run_id, "unknown", _last_line(payload.get("error-message", proc.stderr)))
+        return RunOutcome(run_id, str(runs[0].get("status")), str(runs[0].get("status-details", "")))
+
+    def wait(self, run_id: int, stream: bool = True, poll_s: float = 2.0, timeout_s: float | None = None) -> RunOutcome:
+        """Stream the run's logs until it finishes; Ctrl-C stops the run on the SuperLink too."""
+        log_proc = None
+        if stream:
+            log_proc = subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], env=self.env,
+                                        stdout=sys.stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.monotonic()
+        try:
+            while True:
+                outcome = self.status(run_id)
+                if outcome.status.startswith("finished"):
+                    time.sleep(poll_s)  # let the log stream print the run's last lines
+                    return outcome
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    self.stop(run_id)
+                    return RunOutcome(run_id, "finished:timeout", f"no result after {timeout_s:.0f}s")
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            self.stop(run_id)
+            raise
+        finally:
+            if log_proc is not None and log_proc.poll() is None:
+                os.killpg(log_proc.pid, signal.SIGTERM)
+                log_proc.wait(timeout=10)
+
+    def stop(self, run_id: int) -> None:
+        self._flwr("stop", str(run_id), CONNECTION, timeout=60)
+
+
+def _toml_value(value: Any) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _json_tail(text: str) -> dict[str, Any]:
+    """``flwr --format json`` prints one JSON object, sometimes after warning lines."""
+    start = text.find("{")
+    if start < 0:
+        return {}
+    try:
+        return json.loads(text[start:])
+    except json.JSONDecodeError:
+        return {}
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"

@@ -1,0 +1,54 @@
+"""Round checkpoints and the final exported model.
+
+A checkpoint holds only the trainable (travelling) parameters — the frozen rest
+is the packaged model, identical everywhere — as safetensors, plus the round
+number in its metadata. The final model is exported with ``save_pretrained`` and
+the tokenizer, so ``transformers.pipeline("text-classification", model=DIR)``
+loads it with no fedpriv code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_MODEL_DIR = "final_model"
+_NAME = re.compile(r"round-(\d{3,})\.safetensors$")
+
+
+def save_checkpoint(run_dir: Path, server_round: int, values: "dict[str, np.ndarray]") -> Path:
+    path = Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:03d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp), metadata={"round": str(server_round)})
+    tmp.replace(path)  # atomic: a crash leaves the previous checkpoint intact
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, "OrderedDict[str, np.ndarray]"] | None:
+    """The last completed round and its parameters, or None if the run has none."""
+    found = sorted((int(m.group(1)), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("round-*.safetensors")
+                   if (m := _NAME.search(p.name)))
+    if not found:
+        return None
+    server_round, path = found[-1]
+    with safe_open(str(path), framework="numpy") as fh:
+        names = list(fh.keys())
+    values = load_file(str(path))
+    return server_round, OrderedDict((n, values[n]) for n in names)
+
+
+def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
+    out = Path(run_dir) / FINAL_MODEL_DIR
+    model.config.id2label = {0: "negative", 1: "positive"}
+    model.config.label2id = {"negative": 0, "positive": 1}
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

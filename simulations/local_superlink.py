@@ -1,0 +1,81 @@
+"""A private, throw-away simulation SuperLink for one ``fedpriv simulate`` call.
+
+``flwr run`` would start a shared local SuperLink that installs the app's
+dependencies with ``uv sync`` at run time (here: a multi-GB CUDA torch). fedpriv
+starts its own instead — simulation mode, runtime installation disabled, free
+loopback ports, state in memory — and always stops it (its whole process group,
+Ray workers included), also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from fedpriv.errors import FedprivError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalSimulationSuperLink:
+    def __init__(self, log_file: Path, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = free_port(host)
+        self.log_file = Path(log_file)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return ["flower-superlink", "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+                "--isolation", "subprocess", "--database", ":flwr-in-memory:",
+                "--host", self.host, "--port", str(self.port)]
+
+    def start(self, timeout: float = 60.0) -> "LocalSimulationSuperLink":
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "1"}
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise FedprivError(f"the simulation SuperLink exited with code {self.process.returncode}; see {self.log_file}")
+            try:
+                if httpx.get(f"http://{self.address}/health", timeout=1.0).is_success:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise FedprivError(f"the simulation SuperLink did not become ready in {timeout:.0f}s; see {self.log_file}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "LocalSimulationSuperLink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

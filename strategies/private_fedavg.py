@@ -1,0 +1,143 @@
+"""FedAvg that keeps the privacy books: Flower's FedAvg plus per-region accounting.
+
+:class:`PrivateFedAvg` is ``flwr.serverapp.strategy.FedAvg`` with four changes a
+real deployment needs:
+
+* every region's reply (ε so far, steps, σ, q, its DP history) is recorded in the
+  :class:`~privacy.report.RunReport` — FedAvg would only average the metrics;
+* refusals (a region whose budget would be exceeded) and failures are recorded
+  with their reasons, and a round with fewer than ``min_train_regions`` usable
+  replies leaves the global model unchanged instead of averaging a handful;
+* waiting for regions to connect is bounded by ``connect_timeout`` (Flower's
+  sampler waits forever), so a run whose regions are gone ends with a message;
+* replies are aggregated in region-name order, so a seeded run is bit-for-bit
+  reproducible (arrival order would change floating-point sums).
+
+Parameters
+----------
+report : RunReport
+    Where per-region and per-round facts go.
+min_train_regions : int
+    Fewest successful regional updates a round needs to change the global model.
+connect_timeout : float
+    Seconds to wait for ``min_train_regions`` regions to be connected.
+round_offset : int (default: 0)
+    Rounds already completed before this process started (``--resume``).
+**fedavg_kwargs
+    Passed to FedAvg (``fraction_train``, ``fraction_evaluate``, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpriv.errors import FedprivError
+from privacy.report import RegionRecord, RunReport
+
+REFUSAL_PREFIX = "privacy-budget:"
+
+
+class RunAborted(FedprivError):
+    """The federation cannot continue (no regions, or none allowed to train)."""
+
+
+class PrivateFedAvg(FedAvg):
+    def __init__(self, report: RunReport, min_train_regions: int, connect_timeout: float,
+                 round_offset: int = 0, **fedavg_kwargs):
+        super().__init__(min_train_nodes=min_train_regions, min_evaluate_nodes=1,
+                         min_available_nodes=min_train_regions, **fedavg_kwargs)
+        self.report = report
+        self.min_train_regions = min_train_regions
+        self.connect_timeout = connect_timeout
+        self.round_offset = round_offset
+        self.node_regions: dict[int, str] = {}
+        self.exhausted_regions: set[str] = set()
+
+    def absolute_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    # -- sending -----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._wait_for_regions(grid)
+        config["server-round"] = self.absolute_round(server_round)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        return sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["server-round"] = self.absolute_round(server_round)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _wait_for_regions(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        while len(list(grid.get_node_ids())) < self.min_train_regions:
+            if time.monotonic() > deadline:
+                raise RunAborted(f"only {len(list(grid.get_node_ids()))} region(s) connected after "
+                                 f"{self.connect_timeout:.0f}s; min-train-regions = {self.min_train_regions}")
+            time.sleep(1.0)
+
+    # -- receiving ---------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = self.absolute_round(server_round)
+        replies = list(replies)
+        ok: list[Message] = []
+        trained, refused, failed = [], [], []
+        for msg in replies:
+            if msg.has_error():
+                region = self.node_regions.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+                region, reason = _split_error(msg.error.reason, region)
+                if reason.startswith(REFUSAL_PREFIX):
+                    refused.append(region)
+                    self.exhausted_regions.add(region)
+                    self.report.record_enforcement(region, rnd, "refused to train", reason[len(REFUSAL_PREFIX):].strip())
+                else:
+                    failed.append(region)
+                    self.report.record_enforcement(region, rnd, "failed", reason[:300])
+                continue
+            region = str(msg.content["region"]["name"])
+            self.node_regions[msg.metadata.src_node_id] = region
+            history = list(msg.content["region"]["history"])
+            triples = [tuple(history[i:i + 3]) for i in range(0, len(history) - 2, 3) if history[i] > 0]
+            self.report.record_training(region, rnd, dict(msg.content["metrics"]), triples)
+            trained.append(region)
+            ok.append(msg)
+        ok.sort(key=lambda m: str(m.content["region"]["name"]))
+        self.report.record_round(rnd, regions_trained=sorted(trained), regions_refused=sorted(refused),
+                                 regions_failed=sorted(failed))
+        if len(ok) < self.min_train_regions:
+            log(WARNING, "round %d: %d usable update(s) < min-train-regions %d: global model unchanged",
+                rnd, len(ok), self.min_train_regions)
+            self.report.record_round(rnd, model_updated=False)
+            self.report.write()
+            if not ok and refused and len(refused) + len(failed) == len(replies):
+                raise RunAborted(f"round {rnd}: no region may train any more (privacy budgets exhausted: "
+                                 f"{', '.join(sorted(refused))})")
+            return None, None
+        self.report.record_round(rnd, model_updated=True)
+        log(INFO, "round %d: aggregated %d regional update(s): %s", rnd, len(ok), ", ".join(sorted(trained)))
+        return super().aggregate_train(server_round, ok)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error() and "region" in msg.content:
+                region = str(msg.content["region"]["name"])
+                acc = float(msg.content["metrics"]["eval-accuracy"])
+                self.report.regions.setdefault(region, RegionRecord()).local_accuracy_by_round.append(acc)
+        return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+
+
+def _split_error(reason: str, default_region: str) -> tuple[str, str]:
+    """Errors from fedpriv clients read ``"<region>|<reason>"``; anything else is a plain failure."""
+    if "|" in reason and not reason.startswith("Traceback"):
+        region, _, rest = reason.partition("|")
+        if region and " " not in region:
+            return region, rest
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+    return default_region, last

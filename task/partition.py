@@ -1,0 +1,162 @@
+"""Split the corpus across regions the way real regional data differs: non-IID.
+
+Each region has a *home domain* (tweets, amazon, movies, nyt, round-robin) and a
+label mix drawn from Dirichlet(alpha). An example of domain ``d`` and label ``y``
+goes to region ``r`` with probability proportional to
+
+    w_r(d) * p_r(y),   w_r(d) = (1 - domain_skew) / D + domain_skew * [d == home(r)]
+
+so ``domain_skew = 0`` and a large ``alpha`` give IID regions, ``domain_skew = 1``
+and a small ``alpha`` give strongly skewed ones. Everything is drawn from one
+seeded generator: the same corpus, regions and parameters always give the same
+shards. A server-side held-out set is split off first; no region ever trains on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedpriv.errors import DataError
+from task.data import DOMAINS, Example, read_jsonl, write_jsonl
+
+PARTITION_FILE = "partition.json"
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Everything that determines a partition (and so its cache key)."""
+
+    regions: tuple[str, ...]
+    seed: int = 42
+    neutral_band: float = 0.5
+    dirichlet_alpha: float = 1.0
+    domain_skew: float = 0.6
+    local_test_fraction: float = 0.1
+    server_test_fraction: float = 0.15
+    max_examples_per_region: int = 0
+    max_server_examples: int = 0
+
+    def fingerprint(self, corpus_size: int) -> str:
+        blob = json.dumps({**self.__dict__, "regions": list(self.regions), "corpus": corpus_size}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RegionShard:
+    train: list[Example]
+    test: list[Example]
+
+
+@dataclass
+class Partition:
+    spec: PartitionSpec
+    regions: dict[str, RegionShard]
+    server_test: list[Example]
+
+    def stats(self) -> dict[str, dict]:
+        """Per-region sizes, label balance and domain mix — these go into the privacy report."""
+        out: dict[str, dict] = {}
+        for name, shard in self.regions.items():
+            labels = [e.label for e in shard.train]
+            out[name] = {
+                "train": len(shard.train),
+                "test": len(shard.test),
+                "positive_fraction": round(float(np.mean(labels)) if labels else 0.0, 4),
+                "domains": dict(sorted(Counter(e.domain for e in shard.train).items())),
+            }
+        out["server"] = {"test": len(self.server_test),
+                         "positive_fraction": round(float(np.mean([e.label for e in self.server_test])), 4)}
+        return out
+
+
+def partition_corpus(corpus: Sequence[Example], spec: PartitionSpec) -> Partition:
+    """Deterministic, disjoint split of ``corpus`` into region shards and a server test set."""
+    if not corpus:
+        raise DataError("the corpus is empty: re-run `fedpriv prepare-data`")
+    corpus = [e for e in corpus if abs(e.rating) >= spec.neutral_band]
+    if not corpus:
+        raise DataError(f"no posts left after dropping |rating| < neutral-band = {spec.neutral_band}")
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(corpus))
+    n_server = max(1, int(round(spec.server_test_fraction * len(corpus))))
+    server_idx, pool_idx = order[:n_server], order[n_server:]
+
+    assignment = _assign_regions([corpus[i] for i in pool_idx], spec, rng)
+    regions: dict[str, RegionShard] = {}
+    for r, name in enumerate(spec.regions):
+        members = [corpus[pool_idx[j]] for j in np.flatnonzero(assignment == r)]
+        regions[name] = _split_local(members, spec, rng)
+    server_test = [corpus[i] for i in server_idx]
+    if spec.max_server_examples:
+        server_test = server_test[: spec.max_server_examples]
+    return Partition(spec=spec, regions=regions, server_test=server_test)
+
+
+def _assign_regions(pool: Sequence[Example], spec: PartitionSpec, rng: np.random.Generator) -> np.ndarray:
+    domains = list(DOMAINS) + sorted({e.domain for e in pool} - set(DOMAINS))
+    n_regions, n_domains = len(spec.regions), len(domains)
+    home = np.arange(n_regions) % n_domains
+    domain_w = np.full((n_regions, n_domains), (1.0 - spec.domain_skew) / n_domains)
+    domain_w[np.arange(n_regions), home] += spec.domain_skew
+    label_p = rng.dirichlet([spec.dirichlet_alpha] * 2, size=n_regions)  # (regions, 2)
+    d_index = np.array([domains.index(e.domain) for e in pool])
+    labels = np.array([e.label for e in pool])
+    weights = domain_w[:, d_index] * label_p[:, labels]  # (regions, examples)
+    weights = weights + 1e-12
+    probs = weights / weights.sum(axis=0, keepdims=True)
+    cumulative = np.cumsum(probs, axis=0)
+    draws = rng.random(len(pool))
+    return np.minimum((draws[None, :] > cumulative).sum(axis=0), n_regions - 1)
+
+
+def _split_local(members: list[Example], spec: PartitionSpec, rng: np.random.Generator) -> RegionShard:
+    perm = rng.permutation(len(members))
+    members = [members[i] for i in perm]
+    n_test = int(round(spec.local_test_fraction * len(members)))
+    test, train = members[:n_test], members[n_test:]
+    if spec.max_examples_per_region:
+        train = train[: spec.max_examples_per_region]
+        test = test[: max(1, spec.max_examples_per_region // 4)]
+    return RegionShard(train=train, test=test)
+
+
+def write_shards(partition: Partition, out_dir: Path) -> Path:
+    """One directory per region (a region's process is given only its own) plus the server's."""
+    for name, shard in partition.regions.items():
+        write_jsonl(out_dir / "regions" / name / "train.jsonl", shard.train)
+        write_jsonl(out_dir / "regions" / name / "test.jsonl", shard.test)
+    write_jsonl(out_dir / "server" / "test.jsonl", partition.server_test)
+    meta = {"spec": {**partition.spec.__dict__, "regions": list(partition.spec.regions)},
+            "stats": partition.stats()}
+    (out_dir / PARTITION_FILE).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def region_dir(data_root: Path, region: str) -> Path:
+    """A region's shard: ``<root>/regions/<region>/`` or ``<root>`` itself if it holds train.jsonl."""
+    if (data_root / "train.jsonl").exists():
+        return data_root
+    return data_root / "regions" / region
+
+
+def load_region(data_root: Path, region: str) -> RegionShard:
+    base = region_dir(data_root, region)
+    if not base.is_dir():
+        raise DataError(f"no data for region {region!r} under {data_root}: expected {base}/train.jsonl")
+    return RegionShard(train=read_jsonl(base / "train.jsonl"), test=read_jsonl(base / "test.jsonl"))
+
+
+def load_server_test(data_root: Path) -> list[Example]:
+    return read_jsonl(data_root / "server" / "test.jsonl")
+
+
+def read_partition_stats(data_root: Path) -> dict:
+    path = data_root / PARTITION_FILE
+    return json.loads(path.read_text())["stats"] if path.exists() else {}
