@@ -1,0 +1,60 @@
+"""Secure aggregation (SecAgg / SecAgg+) as a pure library: no Flower, no I/O.
+
+The coordinator learns only the (weighted) sum of the surviving clients' updates.
+See :mod:`privacy.secagg.protocol` for the round, :mod:`~privacy.secagg.quantize`
+for the fixed-point encoding and its error bound, :mod:`~privacy.secagg.crypto`
+for the primitives, :mod:`~privacy.secagg.shamir` and :mod:`~privacy.secagg.graph`
+for secret sharing and the neighbour graph, and :mod:`~privacy.secagg.simulate`
+for an in-process round driver.
+
+Threat model: an honest-but-curious coordinator that may collude with up to
+``threshold - 1`` clients learns nothing about the other clients' individual
+updates beyond their sum. It does learn the sum, the total weight, which clients
+took part and which dropped at which stage, and anything sent outside this
+protocol (e.g. plaintext metrics). An actively malicious coordinator (lying about
+who dropped to different clients, substituting public keys) is not covered: that
+needs signed keys and a consistency-check round.
+"""
+
+from .errors import SecAggAbort, SecAggError, SecAggProtocolError, ShareDecryptionError
+from .protocol import (
+    SecAggClient,
+    SecAggConfig,
+    SecAggResult,
+    SecAggServer,
+    pack_ids,
+    unpack_ids,
+)
+from .quantize import (
+    average_error_bound,
+    dequantize,
+    dequantize_sum,
+    quantization_step,
+    quantize,
+    required_mod_bits,
+    sum_error_bound,
+)
+from .simulate import DROP_STAGES, RoundStats, simulate_round
+
+__all__ = [
+    "DROP_STAGES",
+    "RoundStats",
+    "SecAggAbort",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggError",
+    "SecAggProtocolError",
+    "SecAggResult",
+    "SecAggServer",
+    "ShareDecryptionError",
+    "average_error_bound",
+    "dequantize",
+    "dequantize_sum",
+    "pack_ids",
+    "quantization_step",
+    "quantize",
+    "required_mod_bits",
+    "simulate_round",
+    "sum_error_bound",
+    "unpack_ids",
+]
