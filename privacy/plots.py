@@ -1,0 +1,232 @@
+"""Plots for privacy reports (``privacy_report.json``, schema_version 1), as PNG.
+
+Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it is
+safe on headless machines and inside processes that use matplotlib otherwise.
+Every function takes the report dict(s) and a destination — a path or a binary
+file object — and tolerates missing keys: a plot with nothing to show still
+produces a valid PNG that says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import IO, Any, Iterable, Mapping, Union
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "final_accuracy",
+    "max_region_epsilon",
+    "plot_accuracy",
+    "plot_accuracy_vs_epsilon",
+    "plot_epsilon",
+    "region_budget",
+    "region_epsilon_series",
+]
+
+Dest = Union[str, os.PathLike, IO[bytes]]
+Report = Mapping[str, Any]
+
+_SIZE = (6.4, 3.6)
+_DPI = 110
+
+
+# -- report helpers (shared with html_report) ------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    """A finite-or-infinite float, or None for missing / non-numeric values."""
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _regions(report: Report) -> dict[str, Mapping[str, Any]]:
+    regions = report.get("regions") or {}
+    return {str(k): (v if isinstance(v, Mapping) else {}) for k, v in regions.items()} if isinstance(regions, Mapping) else {}
+
+
+def _rounds(report: Report) -> list[Mapping[str, Any]]:
+    rounds = report.get("rounds") or []
+    return [r for r in rounds if isinstance(r, Mapping)] if isinstance(rounds, list) else []
+
+
+def region_epsilon_series(region: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """(round numbers, cumulative ε) for one region of a report.
+
+    ``epsilon_by_round[i]`` belongs to ``rounds_participated[i]`` when both have the same
+    length; otherwise rounds are numbered 1, 2, ...
+    """
+    eps = [_num(e) for e in (region.get("epsilon_by_round") or [])]
+    rounds = list(region.get("rounds_participated") or [])
+    if len(rounds) != len(eps) or not all(_num(r) is not None for r in rounds):
+        rounds = list(range(1, len(eps) + 1))
+    pairs = [(float(r), e) for r, e in zip(rounds, eps) if e is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def region_budget(region: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The region's budget line: ``max_epsilon`` if set, else ``target_epsilon``."""
+    for key, label in (("max_epsilon", "max ε"), ("target_epsilon", "target ε")):
+        v = _num(region.get(key))
+        if v is not None and v > 0 and math.isfinite(v):
+            return v, label
+    return None, ""
+
+
+def region_final_epsilon(region: Mapping[str, Any]) -> float | None:
+    v = _num(region.get("epsilon"))
+    if v is None:
+        _, eps = region_epsilon_series(region)
+        v = eps[-1] if eps else None
+    return v
+
+
+def max_region_epsilon(report: Report) -> float | None:
+    """The largest final ε over the report's regions (the run's worst-case guarantee)."""
+    values = [region_final_epsilon(r) for r in _regions(report).values()]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def final_accuracy(report: Report) -> float | None:
+    """Global accuracy of the last round that reported one."""
+    for r in reversed(_rounds(report)):
+        acc = _num(r.get("accuracy"))
+        if acc is not None:
+            return acc
+    return None
+
+
+# -- plotting -----------------------------------------------------------------------------
+
+
+def _figure() -> tuple[Figure, Any]:
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig: Figure, dest: Dest) -> None:
+    if isinstance(dest, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fig.savefig(dest, format="png")
+
+
+def _round_ticks(ax, xs: Iterable[float]) -> None:
+    xs = sorted(set(xs))
+    if xs and len(xs) <= 20:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+
+
+def plot_epsilon(report: Report, out_png: Dest) -> None:
+    """Cumulative ε per region vs round, with each region's budget as a dashed line.
+
+    Rounds where a region's training was refused by budget enforcement are marked ×;
+    a region's ε across all runs (``lifetime_epsilon``, from its ledger) is marked ★
+    at its last round when it exceeds this run's ε.
+    """
+    fig, ax = _figure()
+    regions = _regions(report)
+    all_x: list[float] = []
+    plotted = 0
+    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for i, (name, region) in enumerate(sorted(regions.items())):
+        color = cycle[i % len(cycle)]
+        xs, ys = region_epsilon_series(region)
+        finite = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if finite:
+            ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", color=color, label=name)
+            all_x += [p[0] for p in finite]
+            plotted += 1
+        lifetime = _num(region.get("lifetime_epsilon"))
+        if lifetime is not None and math.isfinite(lifetime) and finite and lifetime > finite[-1][1] + 1e-12:
+            ax.scatter([finite[-1][0]], [lifetime], marker="*", s=120, color=color, zorder=3,
+                       label=f"{name} all runs (ledger)")
+        budget, label = region_budget(region)
+        if budget is not None:
+            ax.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8,
+                       label=f"{name} {label} = {budget:g}")
+        refused = [
+            _num(e.get("round")) for e in (region.get("enforcement") or [])
+            if isinstance(e, Mapping) and str(e.get("action", "")).lower() == "refused"
+        ]
+        refused = [r for r in refused if r is not None]
+        if refused and budget is not None:
+            ax.scatter(refused, [budget] * len(refused), marker="x", s=60, color=color, zorder=3,
+                       label=f"{name} refused")
+            all_x += refused
+    if plotted == 0:
+        _empty(ax, "no per-round ε in this report")
+    else:
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"cumulative ε (δ = {report.get('delta', '?')})")
+        ax.set_ylim(bottom=0)
+        _round_ticks(ax, all_x)
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"Privacy spent per region — {report.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    _save(fig, out_png)
+
+
+def plot_accuracy(report: Report, out_png: Dest) -> None:
+    """Global (server-side) accuracy vs round."""
+    fig, ax = _figure()
+    pts = [(_num(r.get("round")), _num(r.get("accuracy"))) for r in _rounds(report)]
+    pts = [(x, y) for x, y in pts if x is not None and y is not None]
+    if not pts:
+        _empty(ax, "no per-round accuracy in this report")
+    else:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#1f77b4", label="accuracy")
+        ax.set_xlabel("round")
+        ax.set_ylabel("global test accuracy")
+        lo = min(p[1] for p in pts)
+        ax.set_ylim(min(0.5, lo - 0.05) if lo >= 0 else lo, 1.0)
+        _round_ticks(ax, [p[0] for p in pts])
+    ax.set_title(f"Global accuracy — {report.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    _save(fig, out_png)
+
+
+def plot_accuracy_vs_epsilon(reports: Iterable[Report], out_png: Dest) -> None:
+    """One point per run: final global accuracy vs the largest final ε over its regions.
+
+    Runs without a finite ε (DP off) or without accuracy are listed in a note, not plotted.
+    """
+    fig, ax = _figure()
+    points, skipped = [], []
+    for report in reports:
+        eps, acc = max_region_epsilon(report), final_accuracy(report)
+        name = str(report.get("run_id", "?"))
+        if eps is None or acc is None or not math.isfinite(eps):
+            skipped.append(name)
+        else:
+            points.append((eps, acc, name))
+    if not points:
+        _empty(ax, "no run with both a finite ε and an accuracy")
+    else:
+        for eps, acc, name in points:
+            ax.scatter([eps], [acc], s=40, color="#1f77b4", zorder=3)
+            ax.annotate(name, (eps, acc), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlim(0, max(p[0] for p in points) * 1.2)
+        ax.margins(y=0.15)
+        ax.set_ylabel("final global accuracy")
+    xlabel = "max region ε (final)" if points else ""
+    if skipped:
+        xlabel += ("\n" if xlabel else "") + f"not shown (no finite ε or no accuracy): {', '.join(skipped)}"
+    ax.set_xlabel(xlabel)
+    ax.set_title("Accuracy vs privacy (one point per run)", fontsize=10)
+    _save(fig, out_png)
