@@ -1,0 +1,67 @@
+"""``fedpriv supernode``: run one region's SuperNode in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from fedpriv.cli import command
+from fedpriv.deploy.processes import StopRequested, ignore_stop_signals, install_stop_handlers, restore_handlers
+
+
+@command("supernode", "Run one region's Flower SuperNode (TLS to the SuperLink, authenticated with the region's key).")
+class SuperNodeCommand:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from fedpriv.deploy.processes import CLIENTAPPIO_PORT
+
+        p.add_argument("--region", required=True, metavar="NAME", help="region name; its key is CERTS/regions/NAME.key")
+        p.add_argument(
+            "--data", required=True, metavar="DIR",
+            help="prepared data: DIR/regions/NAME/ is used, or DIR itself if it directly contains train.jsonl",
+        )
+        p.add_argument("--certs", required=True, metavar="DIR", help="directory with ca.crt and regions/NAME.key")
+        p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address (a name in its certificate)")
+        p.add_argument(
+            "--port", type=int, default=CLIENTAPPIO_PORT,
+            help=f"local ClientApp IO port on 127.0.0.1 (default {CLIENTAPPIO_PORT}); each SuperNode on one machine needs its own",
+        )
+        p.add_argument("--log", default=None, metavar="FILE", help="also append all SuperNode output to FILE")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from fedpriv.deploy.processes import SuperNodeProcess
+        from fedpriv.errors import FedprivError
+
+        sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True)
+        old = install_stop_handlers()
+        try:
+            sn.start()
+            for w in sn.warnings:
+                print(f"fedpriv supernode: warning: {w}", flush=True)
+            print(f"fedpriv supernode: region {args.region}, data {sn.data_dir}, connecting to {args.superlink} ...", flush=True)
+            proc = sn.procs[0]
+            started, announced, hinted = time.monotonic(), False, False
+            while True:
+                if not announced and "ready" in proc.seen:
+                    node_id = proc.seen["ready"].split(sn.READY, 1)[1].strip()
+                    print(f"\nfedpriv supernode: connected: region {args.region} is SuperNode {node_id}. Press Ctrl-C to stop.\n", flush=True)
+                    announced = True
+                if not proc.running():
+                    proc.proc.wait()  # type: ignore[union-attr]
+                    if proc._thread is not None:
+                        proc._thread.join(timeout=5)
+                    raise FedprivError(sn.failure_message())
+                if not announced and not hinted and time.monotonic() - started > 30:
+                    print(f"fedpriv supernode: still trying to reach {args.superlink} (is the SuperLink running? is the address right?)", flush=True)
+                    hinted = True
+                proc.wait_marker(("ready",) if not announced else (), 0.5)
+        except (KeyboardInterrupt, StopRequested) as exc:
+            print(f"fedpriv supernode: {'SIGINT' if isinstance(exc, KeyboardInterrupt) else exc}: stopping", flush=True)
+            return 0
+        finally:
+            ignore_stop_signals()  # a second Ctrl-C must not interrupt the cleanup
+            try:
+                sn.stop()
+            finally:
+                restore_handlers(old)

@@ -1,0 +1,518 @@
+"""Real Flower processes on 127.0.0.1: TLS, SuperNode authentication, the Fleet-only gateway, cleanup.
+
+Everything binds to loopback on free ports; every process is stopped (and checked
+to be gone) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from fedpriv.cli import main
+from fedpriv.deploy.certs import create_certs
+from fedpriv.deploy.processes import (
+    SuperLinkProcess,
+    SuperNodeProcess,
+    check_port_free,
+    free_port,
+    list_supernodes,
+    register_region,
+    resolve_region_data_dir,
+    write_flwr_home,
+)
+from fedpriv.errors import FedprivError
+
+READY_TIMEOUT = 90.0  # generous: CI machines are shared
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _tree(pid: int | None) -> set[int]:
+    if pid is None:
+        return set()
+    try:
+        p = psutil.Process(pid)
+        return {pid, *(c.pid for c in p.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def _group_pids(group) -> set[int]:
+    pids: set[int] = set()
+    for mp in group.procs:
+        pids |= _tree(mp.pid)
+    return pids
+
+
+def _alive(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    return out
+
+
+def _assert_gone(pids: set[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids), f"leftover processes: {_alive(pids)}"
+
+
+class _Tracked:
+    """Start a process group, remember every pid it ever had, stop it and check they are gone."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.pids: set[int] = set()
+
+    def __enter__(self):
+        try:
+            self.group.start()
+        except BaseException:
+            self.group.stop()
+            raise
+        self.pids |= _group_pids(self.group)
+        return self.group
+
+    def snapshot(self) -> None:
+        self.pids |= _group_pids(self.group)
+
+    def __exit__(self, *exc) -> None:
+        self.snapshot()
+        self.group.stop()
+        _assert_gone(self.pids)
+
+
+def _https_status(host: str, port: int, cafile: Path, method: str = "GET", path: str = "/health", body: bytes | None = None, headers=None):
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    conn = http.client.HTTPSConnection(host, port, timeout=15, context=ctx)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """One SuperLink (TLS + SuperNode auth + gateway) with region us-east registered, eu-west not."""
+    root = tmp_path_factory.mktemp("deploy")
+    certs = create_certs(root / "certs", regions=("us-east", "eu-west")).paths
+    other = create_certs(root / "other-ca", regions=("us-east",)).paths
+    data = root / "data"
+    for r in ("us-east", "eu-west"):
+        (data / "regions" / r).mkdir(parents=True)
+        (data / "regions" / r / "train.jsonl").write_text("{}\n")
+    apps_home = root / "apps-home"  # FLWR_HOME of the Flower processes: submitted apps are unpacked here
+    sl = SuperLinkProcess(
+        certs.root, host="127.0.0.1", port=free_port(), control_port=free_port(),
+        state_file=root / "state.db", log_file=root / "superlink.log", flwr_home=apps_home / "superlink",
+    )
+    tracked = _Tracked(sl)
+    with tracked:
+        sl.wait_ready(READY_TIMEOUT)
+        tracked.snapshot()  # includes flower-superexec, which runs in its own session
+        home = root / "flwr-home"
+        write_flwr_home(home, sl.control_address, certs.ca_cert)
+        status, node_id = register_region("us-east", certs.root, home, sl.control_address)
+        assert status == "registered" and node_id
+        yield SimpleNamespace(
+            root=root, certs=certs, other=other, data=data, sl=sl, home=home, us_east_id=node_id, tracked=tracked, apps_home=apps_home,
+        )
+    # _Tracked.__exit__ asserted that no process of the SuperLink is left.
+
+
+def _log(sl: SuperLinkProcess) -> str:
+    return sl.log.path.read_text(encoding="utf-8", errors="replace") if sl.log.path else ""
+
+
+# ---------------------------------------------------------------------------
+# SuperLink: TLS, health, Control API only on loopback
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_superlink_command_line_enables_tls_auth_and_no_runtime_installs(deployment):
+    argv = deployment.sl.superlink_command()
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--database"):
+        assert flag in argv
+    assert "--insecure" not in argv
+    assert argv[argv.index("--isolation") + 1] == "subprocess"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # Control/Runtime/Fleet HTTP APIs: loopback only
+    # The SuperLink itself listens on loopback only; only the gateway has the Fleet port.
+    conns = psutil.Process(deployment.sl.procs[0].pid).net_connections(kind="tcp")
+    listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", deployment.sl.control_port)}
+
+
+@pytest.mark.slow
+def test_superlink_answers_health_over_tls_only(deployment):
+    sl, certs = deployment.sl, deployment.certs
+    assert _https_status("127.0.0.1", sl.port, certs.ca_cert)[0] == 200  # through the gateway
+    assert _https_status("127.0.0.1", sl.control_port, certs.ca_cert)[0] == 200  # the SuperLink itself
+    assert _https_status("localhost", sl.port, certs.ca_cert)[0] == 200  # SAN "localhost"
+    # Plain HTTP is not served.
+    for port in (sl.port, sl.control_port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            status = None
+        finally:
+            conn.close()
+        assert status != 200
+
+
+@pytest.mark.slow
+def test_client_trusting_another_ca_is_refused(deployment):
+    sl, other = deployment.sl, deployment.other
+    for port in (sl.port, sl.control_port):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _https_status("127.0.0.1", port, other.ca_cert)
+    # The flwr CLI (Control API) with the wrong CA.
+    home = deployment.root / "flwr-home-other-ca"
+    write_flwr_home(home, sl.control_address, other.ca_cert)
+    with pytest.raises(FedprivError, match="TLS verification failed"):
+        list_supernodes(home, sl.control_address, other.ca_cert)
+    # ... and so does `fedpriv register` with a certs directory of another deployment.
+    with pytest.raises(FedprivError, match="TLS verification failed"):
+        register_region("us-east", other.root, home, sl.control_address)
+
+
+@pytest.mark.slow
+def test_gateway_serves_only_the_fleet_api(deployment):
+    sl, certs = deployment.sl, deployment.certs
+    # Control API through the public port: refused by the gateway.
+    status, body = _https_status("127.0.0.1", sl.port, certs.ca_cert, "POST", "/v1/control/list-nodes", b"", {"content-type": "application/protobuf"})
+    assert status == 403 and b"Fleet API" in body
+    for path in ("/v1/runtime/acquire-task", "/docs", "/openapi.json", "/v1/fleet/../control/list-nodes", "/v1/fleet/pull-messages?x=1"):
+        assert _https_status("127.0.0.1", sl.port, certs.ca_cert, "POST" if "v1" in path else "GET", path, b"")[0] == 403, path
+    # ... while the same request on the loopback Control port reaches the Control API.
+    assert _https_status("127.0.0.1", sl.control_port, certs.ca_cert, "POST", "/v1/control/list-nodes", b"", {"content-type": "application/protobuf"})[0] != 403
+    # `flwr` pointed at the Fleet port gets a clear error.
+    home = deployment.root / "flwr-home-fleet-port"
+    write_flwr_home(home, sl.fleet_address, certs.ca_cert)
+    with pytest.raises(FedprivError, match="Fleet port"):
+        list_supernodes(home, sl.fleet_address, certs.ca_cert)
+    assert "rejected 'POST /v1/control/list-nodes'" in _log(sl)
+
+
+@pytest.mark.slow
+def test_gateway_forwards_chunked_bodies_and_closes_on_a_forbidden_follow_up(deployment):
+    sl, certs = deployment.sl, deployment.certs
+    ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
+    with socket.create_connection(("127.0.0.1", sl.port), timeout=15) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(
+            b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 ") and not first.startswith(b"HTTP/1.1 403")  # the SuperLink answered
+        s.sendall(b"POST /v1/control/list-nodes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        rest = b""
+        while True:  # drain the rest of the first response; the gateway then closes the connection
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        assert b"403" not in rest and b"list-nodes" not in rest
+    assert "6.6.6.6" not in _log(sl)  # client-supplied forwarding headers are dropped
+
+
+# ---------------------------------------------------------------------------
+# SuperNodes: registered key connects, unregistered key and foreign CA are refused
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_registered_supernode_connects(deployment):
+    sn = SuperNodeProcess(
+        "us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
+        log_file=deployment.root / "sn-us-east.log", flwr_home=deployment.apps_home / "us-east",
+    )
+    assert "--auth-supernode-private-key" in sn.command() and "--root-certificates" in sn.command()
+    assert sn.node_config() == f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}'"
+    with _Tracked(sn) as node:
+        assert node.wait_ready(READY_TIMEOUT) == deployment.us_east_id
+        nodes = {n["node-id"]: n["status"] for n in list_supernodes(deployment.home, deployment.sl.control_address, deployment.certs.ca_cert)}
+        assert nodes[deployment.us_east_id] == "online"
+    assert f"Activated node_id={deployment.us_east_id}" in _log(deployment.sl)
+
+
+ECHO_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "deploysmoke"
+version = "1.0.0"
+description = "fedpriv deployment smoke test"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedpriv"
+
+[tool.flwr.app.components]
+serverapp = "deploysmoke.server:app"
+clientapp = "deploysmoke.client:app"
+
+[tool.flwr.app.config]
+num-nodes = 1
+"""
+
+ECHO_SERVER = """
+import time
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    want = int(context.run_config["num-nodes"])
+    deadline = time.time() + 60
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < want and time.time() < deadline:
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    sent = np.arange(250_000, dtype=np.float32)  # ~1 MB each way
+    payload = ArrayRecord([sent])
+    msgs = [Message(content=RecordDict({"w": payload}), message_type="train", dst_node_id=n) for n in nodes]
+    for r in grid.send_and_receive(msgs, timeout=90):
+        if r.has_error():
+            print("ECHO-ERROR", r.error)
+            continue
+        info = r.content["info"]
+        match = bool(np.array_equal(r.content["w"].to_numpy_ndarrays()[0], 2 * sent))
+        print(f"ECHO-REPLY region={info['region']} data={info['data']} match={match}")
+"""
+
+ECHO_CLIENT = """
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    arr = msg.content["w"].to_numpy_ndarrays()[0] * 2
+    info = ConfigRecord({"region": str(context.node_config["region"]), "data": str(context.node_config["data-path"])})
+    return Message(content=RecordDict({"w": ArrayRecord([arr]), "info": info}), reply_to=msg)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_round_trips_messages_through_tls_auth_and_the_gateway(deployment):
+    """`flwr run` on the Control port; the ClientApp sees its node config; ~1 MB each way via the gateway."""
+    app = deployment.root / "deploysmoke"
+    (app / "deploysmoke").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
+    (app / "deploysmoke" / "__init__.py").write_text("")
+    (app / "deploysmoke" / "server.py").write_text(ECHO_SERVER)
+    (app / "deploysmoke" / "client.py").write_text(ECHO_CLIENT)
+    sn = SuperNodeProcess(
+        "us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
+        log_file=deployment.root / "sn-run.log", flwr_home=deployment.apps_home / "us-east-run",
+    )
+    with _Tracked(sn) as node:
+        node.wait_ready(READY_TIMEOUT)
+        env = dict(os.environ, FLWR_HOME=str(deployment.home), FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0")
+        flwr = str(Path(sys.executable).parent / "flwr")
+        run = subprocess.Popen(
+            [flwr, "run", str(app), "fedpriv", "--stream"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )
+        try:
+            out, _ = run.communicate(timeout=180)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        deployment.tracked.snapshot()
+    expected = f"ECHO-REPLY region=us-east data={deployment.data / 'regions' / 'us-east'} match=True"
+    assert expected in out, out[-3000:]
+    assert "ECHO-ERROR" not in out
+
+
+@pytest.mark.slow
+def test_unregistered_supernode_is_refused_with_a_visible_message(deployment, capsys):
+    """Through the `fedpriv supernode` command: exits with one line naming the fix; the SuperLink logs the refusal."""
+    port = free_port()
+    rc = main([
+        "supernode", "--region", "eu-west", "--data", str(deployment.data), "--certs", str(deployment.certs.root),
+        "--superlink", deployment.sl.fleet_address, "--port", str(port),
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fedpriv supernode: error: ") and "not registered" in last and "fedpriv register" in last
+    assert "No SuperNode found with the given public key" in _log(deployment.sl)
+    check_port_free("127.0.0.1", port)  # the SuperNode is gone and released its port
+
+
+@pytest.mark.slow
+def test_supernode_trusting_another_ca_is_refused(deployment):
+    mixed = deployment.root / "mixed-certs"
+    (mixed / "regions").mkdir(parents=True)
+    shutil.copy(deployment.other.ca_cert, mixed / "ca.crt")
+    key = mixed / "regions" / "us-east.key"
+    key.write_bytes(deployment.certs.region_key("us-east").read_bytes())
+    key.chmod(0o600)
+    sn = SuperNodeProcess("us-east", deployment.data, mixed, deployment.sl.fleet_address, free_port())
+    with _Tracked(sn) as node, pytest.raises(FedprivError, match="TLS verification of the SuperLink"):
+        node.wait_ready(READY_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_register_command_is_idempotent(deployment, capsys):
+    args = ["register", "--superlink", deployment.sl.control_address, "--certs", str(deployment.certs.root), "--flwr-home", str(deployment.home)]
+    assert main([*args, "--regions", "us-east"]) == 0
+    assert "us-east: already registered" in capsys.readouterr().out
+    assert main([*args, "--regions", "nope"]) == 2
+    assert "unknown region 'nope'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Foreground command, port conflicts, pre-flight checks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
+    certs = create_certs(tmp_path / "certs", regions=("a",)).paths
+    fleet, control = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedpriv.cli import main; sys.exit(main())", "superlink",
+         "--certs", str(certs.root), "--port", str(fleet), "--control-port", str(control)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    pids: set[int] = {proc.pid}
+    ready = threading.Event()
+    out: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            out.append(line)
+            if "SuperLink ready" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(READY_TIMEOUT), "".join(out)
+        time.sleep(0.5)
+        pids |= _tree(proc.pid)
+        assert len(pids) >= 3  # fedpriv, flower-superlink, gateway (+ flower-superexec)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in pids - {proc.pid}:  # belt and braces: never leave children behind
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    reader.join(timeout=5)
+    _assert_gone(pids)
+    assert any("stopping" in line for line in out)
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    certs = create_certs(tmp_path / "certs", regions=("a",)).paths
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(FedprivError) as exc:
+            check_port_free("127.0.0.1", port)
+        assert str(exc.value) == f"port {port} on 127.0.0.1 is already in use: pass --port with a free port"
+
+        sl = SuperLinkProcess(certs.root, port=port, control_port=free_port())
+        with pytest.raises(FedprivError, match=f"port {port} on 127.0.0.1 is already in use"):
+            sl.start()
+        assert sl.procs == []  # nothing was started
+
+        assert main(["superlink", "--certs", str(certs.root), "--port", str(free_port()), "--control-port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"fedpriv superlink: error: port {port} on 127.0.0.1 is already in use: pass --control-port with a free port"
+
+
+def test_preflight_errors_name_the_problem(tmp_path):
+    certs = create_certs(tmp_path / "certs", regions=("us-east",)).paths
+    data = tmp_path / "data"
+    (data / "regions" / "us-east").mkdir(parents=True)
+    (data / "regions" / "us-east" / "train.jsonl").write_text("{}\n")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FedprivError, match=r"missing CA certificate .*empty/ca.crt: run `fedpriv certs"):
+        SuperLinkProcess(empty, port=free_port(), control_port=free_port()).start()
+    with pytest.raises(FedprivError, match="not a loopback address"):
+        SuperLinkProcess(certs.root, port=free_port(), control_port=free_port(), control_host="0.0.0.0").start()
+
+    def node(region="us-east", data_dir=data, certs_dir=certs.root):
+        return SuperNodeProcess(region, data_dir, certs_dir, "127.0.0.1:1", free_port())
+
+    with pytest.raises(FedprivError, match=r"unknown region 'eu-central': .* has keys for us-east"):
+        node("eu-central").start()
+    with pytest.raises(FedprivError, match="data directory .*missing does not exist"):
+        node(data_dir=tmp_path / "missing").start()
+    with pytest.raises(FedprivError, match="no data for region 'us-east'"):
+        node(data_dir=empty).start()
+    with pytest.raises(FedprivError, match=r"missing CA certificate .*empty/ca.crt"):
+        node(certs_dir=empty).start()
+    with pytest.raises(FedprivError, match="expected HOST:PORT"):
+        SuperNodeProcess("us-east", data, certs.root, "no-port", free_port()).start()
+    unreadable = tmp_path / "unreadable"
+    unreadable.write_text("x")
+    with pytest.raises(FedprivError, match="is not a directory"):
+        node(data_dir=unreadable).start()
+
+    no_train = tmp_path / "no-train"
+    (no_train / "regions" / "us-east").mkdir(parents=True)
+    with pytest.raises(FedprivError, match=r"no train.jsonl in .*no-train/regions/us-east"):
+        node(data_dir=no_train).start()
+
+    # Data dir rule: DIR/regions/<region>/, or DIR itself when it holds train.jsonl.
+    assert resolve_region_data_dir(data, "us-east") == data / "regions" / "us-east"
+    (empty / "train.jsonl").write_text("{}\n")
+    assert resolve_region_data_dir(empty, "us-east") == empty
