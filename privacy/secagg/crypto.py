@@ -137,16 +137,32 @@ _ZERO_LOCK = threading.Lock()
 _ZEROS = b""
 _ZERO_CACHE_LIMIT = 64 << 20
 _CTR_IV = bytes(16)  # every PRG key is used for exactly one stream
+_SCRATCH = threading.local()  # per-thread keystream buffer reused by apply_mask
 
 
-def _zeros(nbytes: int) -> bytes:
+def _zeros(nbytes: int) -> memoryview:
     global _ZEROS
     if nbytes > _ZERO_CACHE_LIMIT:
-        return bytes(nbytes)
+        return memoryview(bytes(nbytes))
     with _ZERO_LOCK:
         if len(_ZEROS) < nbytes:
             _ZEROS = bytes(max(nbytes, 2 * len(_ZEROS)))
-        return _ZEROS
+        return memoryview(_ZEROS)[:nbytes]
+
+
+def _keystream_into(key: bytes, out: np.ndarray, nbytes: int) -> None:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"PRG key is {len(key)} bytes; it must be a full {KEY_BYTES}-byte key")
+    encryptor = Cipher(algorithms.AES(bytes(key)), modes.CTR(_CTR_IV)).encryptor()
+    written = encryptor.update_into(_zeros(nbytes), out)
+    if written != nbytes:
+        raise RuntimeError(f"AES-CTR produced {written} bytes, expected {nbytes}")
+
+
+def _word_dtype(word_bits: int) -> np.dtype:
+    if word_bits not in (32, 64):
+        raise ValueError(f"word_bits={word_bits} must be 32 or 64")
+    return np.dtype("<u4") if word_bits == 32 else np.dtype("<u8")
 
 
 def prg_words(key: bytes, count: int, word_bits: int) -> np.ndarray:
@@ -155,18 +171,11 @@ def prg_words(key: bytes, count: int, word_bits: int) -> np.ndarray:
     The array is freshly allocated and writable; words are little-endian on the
     wire, so every platform derives the same mask.
     """
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"PRG key is {len(key)} bytes; it must be a full {KEY_BYTES}-byte key")
-    if word_bits not in (32, 64):
-        raise ValueError(f"word_bits={word_bits} must be 32 or 64")
-    nbytes = count * (word_bits // 8)
-    out = bytearray(nbytes + 15)
-    encryptor = Cipher(algorithms.AES(bytes(key)), modes.CTR(_CTR_IV)).encryptor()
-    zeros = _zeros(nbytes)
-    written = encryptor.update_into(memoryview(zeros)[:nbytes], out)
-    assert written == nbytes
-    dtype = np.dtype("<u4") if word_bits == 32 else np.dtype("<u8")
-    words = np.frombuffer(out, dtype=dtype, count=count)
+    dtype = _word_dtype(word_bits)
+    nbytes = count * dtype.itemsize
+    out = np.empty(nbytes + 16, dtype=np.uint8)  # update_into wants block-size slack
+    _keystream_into(key, out, nbytes)
+    words = out[:nbytes].view(dtype)
     return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
 
 
@@ -182,10 +191,17 @@ def mask_vector(key: bytes, count: int, mod_bits: int) -> np.ndarray:
 def apply_mask(acc: np.ndarray, key: bytes, sign: int) -> None:
     """In place: ``acc += sign * PRG(key)`` modulo the word size (2**32 or 2**64).
 
-    Reduction mod ``2**k`` is left to the caller (one ``&`` at the end), which is
-    exact because ``2**k`` divides the word size.
+    ``acc`` must be a 1-D uint32 or uint64 array. Reduction mod ``2**k`` is left to
+    the caller (one ``&`` at the end), which is exact because ``2**k`` divides the
+    word size. The keystream goes through a reused per-thread buffer.
     """
-    words = prg_words(key, acc.shape[0], acc.dtype.itemsize * 8)
+    dtype = _word_dtype(acc.dtype.itemsize * 8)
+    nbytes = acc.shape[0] * dtype.itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.shape[0] < nbytes + 16:
+        buf = _SCRATCH.buf = np.empty(nbytes + 16, dtype=np.uint8)
+    _keystream_into(key, buf, nbytes)
+    words = buf[:nbytes].view(dtype)
     if sign > 0:
         np.add(acc, words, out=acc)
     else:

@@ -39,6 +39,14 @@ Messages are plain ``dict``s of ``bytes``/``int``/``list[int]``/``numpy`` arrays
 between stages is :meth:`SecAggClient.to_state`, a flat ``dict`` of ``str``,
 ``int``, ``float`` and ``bytes`` that fits a Flower ``ConfigRecord`` as is.
 
+Weighted FedAvg: a client passes its number of examples as ``weight`` (an integer
+bounded by the declared ``max_weight``). It encodes ``(weight / max_weight) * update``
+and appends ``weight`` itself as one more coordinate of the masked vector, so the
+server learns ``sum(w_u * x_u)`` and ``sum(w_u)`` -- only the total weight, never a
+single client's -- and divides. Clipping to ``clip_range`` and quantisation happen
+before masking, and the update is already DP-noised when it gets here, so none of
+this changes the DP guarantee.
+
 What the server learns: the sum of the survivors' encoded updates, their total
 weight, who advertised, who dropped at which stage, and the (public) keys. Nothing
 else about any single update unless ``threshold`` or more clients collude with it.
@@ -408,12 +416,9 @@ class SecAggClient:
         vec = np.asarray(update)
         if vec.dtype.kind not in "fiu":
             raise ValueError(f"update must be a numeric array, got dtype {vec.dtype}")
-        vec = vec.astype(np.float64).ravel()
-        if weight != cfg.max_weight:
-            vec *= weight / cfg.max_weight
         words = cfg.word_dtype
-        y = np.empty(vec.shape[0] + 1, dtype=words)
-        y[:-1] = quantize(vec, cfg.clip_range, cfg.quant_bits, rng=rng, dtype=words)
+        y = np.empty(vec.size + 1, dtype=words)
+        y[:-1] = quantize(vec, cfg.clip_range, cfg.quant_bits, scale=weight / cfg.max_weight, rng=rng, dtype=words)
         y[-1] = weight
         crypto.apply_mask(y, crypto.self_mask_key(self._seed, self._ctx, self.node_id), +1)
         for v in sorted(opened):

@@ -65,30 +65,32 @@ def quantize(
     clip_range: float,
     quant_bits: int,
     *,
+    scale: float = 1.0,
     rng: np.random.Generator | None = None,
     dtype: np.dtype | type = np.uint64,
 ) -> np.ndarray:
-    """Clip to ``[-clip_range, clip_range]`` and stochastically round onto ``[0, 2**quant_bits - 1]``.
+    """Clip ``scale * values`` to ``[-clip_range, clip_range]`` and round stochastically onto ``[0, 2**quant_bits - 1]``.
 
     ``rng`` drives the rounding (pass a seeded generator for reproducibility); the
     rounding noise is not secret, so a non-cryptographic generator is fine.
     Raises ``ValueError`` on NaN or infinite input.
     """
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        bad = int(np.flatnonzero(~np.isfinite(x))[0])
-        raise ValueError(f"update coordinate {bad} is {x[bad]!r}; secure aggregation needs finite values")
-    top = float((1 << quant_bits) - 1)
+    work = np.multiply(np.asarray(values).ravel(), scale, dtype=np.float64)  # private float64 copy
+    if not np.isfinite(work).all():
+        bad = int(np.flatnonzero(~np.isfinite(work))[0])
+        raise ValueError(f"update coordinate {bad} is {work[bad]!r}; secure aggregation needs finite values")
+    top = (1 << quant_bits) - 1
     rng = np.random.default_rng() if rng is None else rng
-    scaled = np.clip(x, -clip_range, clip_range)
-    scaled += clip_range
-    scaled *= top / (2.0 * clip_range)
-    np.clip(scaled, 0.0, top, out=scaled)  # guard the float round-off at the ends
-    low = np.floor(scaled)
-    scaled -= low  # fractional part, in [0, 1)
-    up = rng.random(x.shape[0]) < scaled
-    low += up
-    return low.astype(dtype)
+    np.clip(work, -clip_range, clip_range, out=work)
+    work += clip_range
+    work *= top / (2.0 * clip_range)  # now in [0, top] up to one ulp
+    low = np.floor(work)
+    work -= low  # fractional part, in [0, 1)
+    up = rng.random(work.shape[0]) < work
+    q = low.astype(dtype)
+    q += up
+    np.minimum(q, q.dtype.type(top), out=q)  # the ulp at the top end must not round past it
+    return q
 
 
 def dequantize_sum(
