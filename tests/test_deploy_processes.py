@@ -171,6 +171,10 @@ def test_superlink_command_line_enables_tls_auth_and_no_runtime_installs(deploym
     conns = psutil.Process(deployment.sl.procs[0].pid).net_connections(kind="tcp")
     listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
     assert listening == {("127.0.0.1", deployment.sl.control_port)}
+    # The SuperExec it launched for ServerApps does not install dependencies either.
+    children = [" ".join(c.cmdline()) for c in psutil.Process(deployment.sl.procs[0].pid).children(recursive=True)]
+    assert any("flower-superexec" in c for c in children), children
+    assert not any("--allow-runtime-dependency-installation" in c for c in children), children
 
 
 @pytest.mark.slow
@@ -263,6 +267,8 @@ def test_registered_supernode_connects(deployment):
     assert sn.node_config() == f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}'"
     with _Tracked(sn) as node:
         assert node.wait_ready(READY_TIMEOUT) == deployment.us_east_id
+        children = [" ".join(c.cmdline()) for c in psutil.Process(node.procs[0].pid).children(recursive=True)]
+        assert not any("--allow-runtime-dependency-installation" in c for c in children), children
         nodes = {n["node-id"]: n["status"] for n in list_supernodes(deployment.home, deployment.sl.control_address, deployment.certs.ca_cert)}
         assert nodes[deployment.us_east_id] == "online"
     assert f"Activated node_id={deployment.us_east_id}" in _log(deployment.sl)
