@@ -112,7 +112,16 @@ class FedprivConfig:
     accountant: str
     dp: bool
     num_threads: int
+    secure_aggregation: bool
+    secagg_threshold: int
+    secagg_neighbours: int
+    secagg_clip_range: float
+    secagg_quant_bits: int
+    secagg_timeout: float
+    sim_max_epsilon: float
+    sim_ledger_dir: str
     run_dir: Path
+    job_id: str
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -170,6 +179,13 @@ class FedprivConfig:
         if self.dp and self.noise_multiplier == 0:
             _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a privacy budget epsilon > 0")
         _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
+        _check(self.secagg_threshold == 0 or 2 <= self.secagg_threshold <= self.num_regions, "secagg-threshold",
+               self.secagg_threshold, f"0 (majority) or an integer in [2, {self.num_regions}]")
+        _check(self.secagg_neighbours >= 0, "secagg-neighbours", self.secagg_neighbours, "0 (complete graph) or a neighbour count >= 1")
+        _check(self.secagg_clip_range > 0, "secagg-clip-range", self.secagg_clip_range, "a coordinate bound > 0")
+        _check(4 <= self.secagg_quant_bits <= 32, "secagg-quant-bits", self.secagg_quant_bits, "an integer in [4, 32]")
+        _check(self.secagg_timeout > 0, "secagg-timeout", self.secagg_timeout, "seconds > 0")
+        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon, "0 (no cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
 
 
