@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import DataError
 from privacy.accountant import Entry, noise_for_target
-from task.encoding import EncodedDataset, collate
+from task.features import FeatureDataset, SplitClassifier, collate_features
 from task.model import get_trainable
 
 
@@ -78,10 +78,16 @@ def choose_noise_multiplier(schedule: Schedule, cfg: FedprivConfig) -> float:
 
 
 class LocalTrainer:
-    """One round of local training for one region."""
+    """One round of local training for one region.
 
-    def __init__(self, model: torch.nn.Module, data: EncodedDataset, cfg: FedprivConfig, device: torch.device):
-        self.model = model.to(device)
+    DP-SGD runs on the model's trainable top only, fed with the frozen prefix's
+    (cached) features: mathematically the same model and gradients as running the
+    whole network, at a fraction of the cost.
+    """
+
+    def __init__(self, split: SplitClassifier, data: FeatureDataset, cfg: FedprivConfig, device: torch.device):
+        self.model = split.model.to(device)
+        self.top = split.top
         self.data = data
         self.cfg = cfg
         self.device = device
@@ -89,21 +95,21 @@ class LocalTrainer:
 
     def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "") -> TrainResult:
         torch.manual_seed(seed)
-        self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.top.train()
+        params = [p for p in self.top.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.cfg.learning_rate, momentum=self.cfg.momentum)
-        loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate,
+        loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate_features,
                             generator=torch.Generator().manual_seed(seed))
         if self.cfg.dp:
             return self._train_private(optimizer, loader, history, noise_multiplier, label)
-        losses, correct, seen = self._loop(self.model, optimizer, loader, self.cfg.batch_size, label)
+        losses, correct, seen = self._loop(self.top, optimizer, loader, self.cfg.batch_size, label)
         return self._result(losses, correct, seen, history, 0.0)
 
     def _train_private(self, optimizer, loader, history, noise_multiplier, label) -> TrainResult:
         engine = PrivacyEngine(accountant=self.cfg.accountant)
         engine.accountant.history = list(history)
         module, dp_optimizer, dp_loader = engine.make_private(
-            module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True,
         )
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.cfg.physical_batch_size,
@@ -122,7 +128,7 @@ class LocalTrainer:
                    unit="step", disable=not sys.stderr.isatty(), leave=False)
         while steps < target:
             for batch in loader:
-                batch = batch if isinstance(batch, dict) else collate([])
+                batch = batch if isinstance(batch, dict) and len(batch["labels"]) else collate_features([], self.data.features[0].shape[1])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = module(**batch)
                 out.loss.backward()

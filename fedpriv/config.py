@@ -23,7 +23,7 @@ from fedpriv.errors import ConfigError
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""
 
-TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all", "lora")
+TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
 ACCOUNTANTS = ("rdp", "prv")
 MODELS = ("minilm", "tiny")
 
@@ -100,6 +100,7 @@ class FedprivConfig:
     max_length: int
     model: str
     trainable: str
+    pooling: str
     local_epochs: float
     batch_size: int
     physical_batch_size: int
@@ -168,6 +169,7 @@ class FedprivConfig:
         _check(8 <= self.max_length <= 512, "max-length", self.max_length, "a token count in [8, 512]")
         _check(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
         _check(self.trainable in TRAINABLE_CHOICES, "trainable", self.trainable, f"one of {', '.join(TRAINABLE_CHOICES)}")
+        _check(self.pooling in ("mean", "cls"), "pooling", self.pooling, "'mean' (sentence-transformer style) or 'cls'")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number of epochs > 0")
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
         _check(self.physical_batch_size >= 1, "physical-batch-size", self.physical_batch_size, "an integer >= 1")

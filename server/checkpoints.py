@@ -46,9 +46,12 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, "OrderedDict[str, np.ndarray]
 
 
 def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """``save_pretrained`` + tokenizer. A mean-pooling model ships its modeling file (``auto_map``)."""
     out = Path(run_dir) / FINAL_MODEL_DIR
     model.config.id2label = {0: "negative", 1: "positive"}
     model.config.label2id = {"negative": 0, "positive": 1}
+    if type(model).__name__ == "MeanPoolingBertForSequenceClassification":
+        model.register_for_auto_class("AutoModelForSequenceClassification")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

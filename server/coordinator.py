@@ -24,6 +24,7 @@ from server.checkpoints import export_model, latest_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
 from strategies.private_fedavg import PrivateFedAvg, RunAborted
 from task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
+from task.features import SplitClassifier
 from task.partition import read_partition_stats
 
 
@@ -33,8 +34,9 @@ class Coordinator:
         self.run_dir = Path(cfg.run_dir)
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
-        self.model = build_model(cfg.model, cfg.trainable, cfg.seed)
-        self.evaluator = CentralEvaluator(self.model, self.tokenizer, cfg.data_dir, cfg.max_length, self.device)
+        self.model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
+        self.evaluator = CentralEvaluator(SplitClassifier(self.model, cfg.trainable), self.tokenizer, cfg.data_dir,
+                                          cfg.max_length, self.device)
         self.report = self._new_report(flat_config, run_id)
 
     def _new_report(self, flat_config: dict[str, Any], run_id: str) -> RunReport:
@@ -43,7 +45,7 @@ class Coordinator:
         report.partition = read_partition_stats(self.cfg.data_dir)
         for rec in report.regions.values():
             rec.target_epsilon = self.cfg.target_epsilon if self.cfg.dp and self.cfg.noise_multiplier == 0 else None
-        report.run_info = {"model": self.cfg.model, "trainable": self.cfg.trainable,
+        report.run_info = {"model": self.cfg.model, "trainable": self.cfg.trainable, "pooling": self.cfg.pooling,
                            "trainable_params": count_trainable(self.model), "device": str(self.device),
                            "server_test_examples": self.evaluator.size, "dp": self.cfg.dp}
         return report

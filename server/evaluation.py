@@ -11,21 +11,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from task.encoding import EncodedDataset, encode, evaluate
+from task.encoding import encode
+from task.features import FeatureDataset, SplitClassifier, evaluate_top
 from task.model import set_trainable_values
 from task.partition import load_server_test
 
 
 class CentralEvaluator:
-    def __init__(self, model: torch.nn.Module, tokenizer, data_root: Path, max_length: int, device: torch.device):
-        self.model = model
+    """Evaluates from the frozen prefix's features, computed once for the whole run."""
+
+    def __init__(self, split: SplitClassifier, tokenizer, data_root: Path, max_length: int, device: torch.device):
+        self.split = split
         self.device = device
-        self.data: EncodedDataset = encode(load_server_test(data_root), tokenizer, max_length)
+        encoded = encode(load_server_test(data_root), tokenizer, max_length)
+        self.data: FeatureDataset = split.features(encoded, device)
 
     def __call__(self, values: "dict[str, np.ndarray]") -> tuple[float, float]:
         """(loss, accuracy) of the model with these trainable values."""
-        set_trainable_values(self.model, values)
-        return evaluate(self.model, self.data, self.device)
+        set_trainable_values(self.split.model, values)
+        return evaluate_top(self.split.top, self.data, self.device)
 
     @property
     def size(self) -> int:

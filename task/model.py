@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from transformers.utils import logging as hf_logging
 
 from fedpriv.errors import ConfigError
+from task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
 
 hf_logging.set_verbosity_error()
 
@@ -45,23 +46,36 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(packaged_model_dir())
 
 
-def build_model(model_name: str, trainable: str, seed: int) -> torch.nn.Module:
+def build_model(model_name: str, trainable: str, seed: int, pooling: str = "mean") -> torch.nn.Module:
     """Create the classifier with a deterministic head and the requested trainable parts.
 
     Seeding first matters: the classification head (and, for ``tiny``, everything)
     is freshly initialised, and the server and every region must agree on the
     frozen parameters, which never travel.
     """
+    if pooling not in ("mean", "cls"):
+        raise ConfigError(f"pooling = {pooling!r}: expected 'mean' or 'cls'")
+    cls = MeanPoolingBertForSequenceClassification if pooling == "mean" else BertForSequenceClassification
     torch.manual_seed(seed)
     if model_name == "minilm":
-        model = AutoModelForSequenceClassification.from_pretrained(packaged_model_dir(), num_labels=NUM_LABELS)
+        model = cls.from_pretrained(packaged_model_dir(), num_labels=NUM_LABELS)
     elif model_name == "tiny":
         tok = load_tokenizer()
-        model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, num_labels=NUM_LABELS, **TINY_CONFIG))
+        model = cls(BertConfig(vocab_size=tok.vocab_size, num_labels=NUM_LABELS, **TINY_CONFIG))
     else:
         raise ConfigError(f"model = {model_name!r}: expected 'minilm' or 'tiny'")
     set_trainable(model, trainable)
     return model
+
+
+def is_mean_pooling(model: torch.nn.Module) -> bool:
+    return isinstance(model, MeanPoolingBertForSequenceClassification)
+
+
+def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The classification head: dense+tanh then classifier (the pooler's dense for [CLS] pooling)."""
+    dense = model.pre_classifier if is_mean_pooling(model) else model.bert.pooler.dense
+    return [dense, model.classifier]
 
 
 def set_trainable(model: torch.nn.Module, policy: str) -> None:
@@ -80,7 +94,7 @@ def set_trainable(model: torch.nn.Module, policy: str) -> None:
         chosen = list(layers)[-k:]
     else:
         raise ConfigError(f"trainable = {policy!r}: expected head, top-K or all")
-    modules = chosen + [m for m in (model.bert.pooler, model.classifier) if m is not None]
+    modules = chosen + head_modules(model)
     for module in modules:
         for p in module.parameters():
             p.requires_grad = True
