@@ -123,6 +123,7 @@ class FedprivConfig:
     sim_ledger_dir: str
     run_dir: Path
     job_id: str
+    resume_from: str
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
