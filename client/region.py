@@ -102,7 +102,8 @@ class RegionRuntime:
     def train(self, global_values: dict[str, np.ndarray], server_round: int, job_id: str, attempt_id: str) -> RoundOutcome:
         """Check the budget, train, record the release, and only then hand the update back."""
         schedule = region_schedule(len(self.shard.train), self.cfg)
-        sigma = choose_noise_multiplier(schedule, self.cfg) if self.cfg.dp else 0.0
+        with PrivacyLedger(self.identity.ledger_path) as ledger:
+            sigma = self._noise_multiplier(ledger, schedule, job_id)
         release = Release(run_id=f"{job_id}/{attempt_id}", round=server_round, steps=schedule.steps_per_round,
                           sample_rate=schedule.sample_rate, noise_multiplier=sigma,
                           max_grad_norm=self.cfg.max_grad_norm, delta=self.cfg.delta, accountant=self.cfg.accountant)
@@ -122,6 +123,16 @@ class RegionRuntime:
             lifetime = ledger.epsilon(self.cfg.delta, self.cfg.accountant) if self.cfg.dp else math.inf
         epsilon = epsilon_of(history, self.cfg.delta, self.cfg.accountant) if self.cfg.dp else math.inf
         return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history))
+
+    def _noise_multiplier(self, ledger: PrivacyLedger, schedule, job_id: str) -> float:
+        """σ is fixed for a job: planned once for the whole schedule, then read back from the ledger."""
+        if not self.cfg.dp:
+            return 0.0
+        for release in ledger.releases():
+            if release.run_id.split("/")[0] == job_id and release.sample_rate == schedule.sample_rate \
+                    and release.steps == schedule.steps_per_round:
+                return release.noise_multiplier
+        return choose_noise_multiplier(schedule, self.cfg)
 
     def _cap(self) -> float:
         return self.identity.max_epsilon if self.identity.max_epsilon > 0 else math.inf

