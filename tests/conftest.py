@@ -28,7 +28,7 @@ def synthetic_examples(n: int, seed: int = 0):
     out = []
     for i in range(n):
         label = i % 2
-        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label else NEGATIVE)] * 2
         rng.shuffle(words)
         rating = rng.uniform(0.6, 3.5) * (1 if label else -1)
         out.append(Example(id=f"syn-{i}", text=" ".join(words), label=label, domain=DOMAINS[(i // 2) % 4], rating=rating))
