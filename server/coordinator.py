@@ -23,6 +23,7 @@ from privacy.report import RunReport
 from server.checkpoints import export_model, latest_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
 from strategies.private_fedavg import PrivateFedAvg, RunAborted
+from strategies.secure_fedavg import SecureFedAvg
 from task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
 from task.features import SplitClassifier
 from task.partition import read_partition_stats
@@ -67,10 +68,18 @@ class Coordinator:
     def run(self, grid: Grid) -> RunReport:
         started = time.time()
         initial = get_trainable(self.model)
-        self.strategy = PrivateFedAvg(
+        strategy_cls, secagg_kwargs = PrivateFedAvg, {}
+        if self.cfg.secure_aggregation:  # the coordinator sees only sums of the regions' updates
+            strategy_cls, secagg_kwargs = SecureFedAvg, dict(
+                threshold=self.cfg.secagg_threshold, neighbours=self.cfg.secagg_neighbours,
+                clip_range=self.cfg.secagg_clip_range, quant_bits=self.cfg.secagg_quant_bits,
+                stage_timeout=self.cfg.secagg_timeout)
+        self.strategy = strategy_cls(
             report=self.report, min_train_regions=self.cfg.min_train_regions, connect_timeout=self.cfg.round_timeout,
-            fraction_train=self.cfg.fraction_train, fraction_evaluate=self.cfg.fraction_evaluate,
+            fraction_train=self.cfg.fraction_train, fraction_evaluate=self.cfg.fraction_evaluate, **secagg_kwargs,
         )
+        if self.cfg.secure_aggregation:
+            self.report.secure_aggregation = self.strategy.describe()
         self.report.write()
         try:
             result = self.strategy.start(grid=grid, initial_arrays=to_array_record(initial),

@@ -86,6 +86,24 @@ class PrivateFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.absolute_round(server_round)
         replies = list(replies)
+        ok, trained, refused, failed = self._record_replies(rnd, replies)
+        if len(ok) < self.min_train_regions:
+            log(WARNING, "round %d: %d usable update(s) < min-train-regions %d: global model unchanged",
+                rnd, len(ok), self.min_train_regions)
+            self.report.record_round(rnd, model_updated=False)
+            self.report.write()
+            if not ok and refused and len(refused) + len(failed) == len(replies):
+                raise RunAborted(f"round {rnd}: no region may train any more (privacy budgets exhausted: "
+                                 f"{', '.join(sorted(refused))})")
+            return None, None
+        arrays, metrics = self._aggregate_updates(server_round, ok)
+        self.report.record_round(rnd, model_updated=arrays is not None)
+        if arrays is not None:
+            log(INFO, "round %d: aggregated %d regional update(s): %s", rnd, len(ok), ", ".join(sorted(trained)))
+        return arrays, metrics
+
+    def _record_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], list[str], list[str], list[str]]:
+        """Book every train reply (ε, history, refusals, failures); returns the usable replies in region order."""
         ok: list[Message] = []
         trained, refused, failed = [], [], []
         for msg in replies:
@@ -110,17 +128,10 @@ class PrivateFedAvg(FedAvg):
         ok.sort(key=lambda m: str(m.content["region"]["name"]))
         self.report.record_round(rnd, regions_trained=sorted(trained), regions_refused=sorted(refused),
                                  regions_failed=sorted(failed))
-        if len(ok) < self.min_train_regions:
-            log(WARNING, "round %d: %d usable update(s) < min-train-regions %d: global model unchanged",
-                rnd, len(ok), self.min_train_regions)
-            self.report.record_round(rnd, model_updated=False)
-            self.report.write()
-            if not ok and refused and len(refused) + len(failed) == len(replies):
-                raise RunAborted(f"round {rnd}: no region may train any more (privacy budgets exhausted: "
-                                 f"{', '.join(sorted(refused))})")
-            return None, None
-        self.report.record_round(rnd, model_updated=True)
-        log(INFO, "round %d: aggregated %d regional update(s): %s", rnd, len(ok), ", ".join(sorted(trained)))
+        return ok, trained, refused, failed
+
+    def _aggregate_updates(self, server_round: int, ok: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the usable replies (at least ``min_train_regions``) into the next global model: FedAvg."""
         return super().aggregate_train(server_round, ok)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

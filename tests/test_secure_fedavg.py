@@ -1,0 +1,362 @@
+"""SecureFedAvg + the ClientApp's secagg handlers, in one process, without Flower processes.
+
+A fake Grid hands every message (protobuf round trip included, and each region's
+``context.state`` serialised between messages, as for a fresh process) to the real
+``client.app.app``. Only local training is faked: each region's "trained" values
+are the global values plus a fixed per-(region, round) update, so the expected
+FedAvg result is known exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.region
+from client import secure_aggregation as secagg
+from client.app import app as client_app
+from fedpriv.config import FedprivConfig, resolve_config
+from fedpriv.errors import BudgetExhausted, ConfigError
+from privacy.report import RunReport
+from privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
+from strategies.private_fedavg import PrivateFedAvg
+from strategies.secure_fedavg import SecureFedAvg
+
+SHAPES = {"a.weight": (12, 7), "a.bias": (12,), "b.weight": (3, 12)}
+NODE_BASE = (1 << 63) + 12345  # Flower node ids are unsigned 64-bit; exercise the top half
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _run_config(tmp_path, n, **overrides):
+    regions = ",".join(f"r{i}" for i in range(n))
+    flat, _ = resolve_config({"regions": regions, "run-dir": str(tmp_path), "num-server-rounds": 3, **overrides})
+    return flat
+
+
+def _update(region_index: int, rnd: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([region_index, rnd])
+    return {k: rng.normal(0.0, 0.2, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _examples(region_index: int) -> int:
+    return 100 + 37 * region_index
+
+
+class FakeRegion:
+    """Stands in for RegionRuntime: 'training' adds a fixed update; some regions refuse."""
+
+    refuse: set[str] = set()
+
+    def __init__(self, cfg, identity):
+        self.identity = identity
+
+    def train(self, global_values, server_round, **_):
+        if self.identity.name in FakeRegion.refuse:
+            raise BudgetExhausted("budget spent (test)")
+        delta = _update(self.identity.index, server_round)
+        values = {k: (v + delta[k]).astype(np.float32) for k, v in global_values.items()}
+        result = SimpleNamespace(values=values, num_examples=_examples(self.identity.index), loss=0.5, accuracy=0.5,
+                                 noise_multiplier=1.1, sample_rate=0.1, peak_memory_mb=10.0)
+        history = [(1.1, 0.1, 10 * server_round)]
+        return SimpleNamespace(result=result, epsilon=0.5 * server_round, lifetime_epsilon=0.5 * server_round,
+                               history=history, steps=10 * server_round)
+
+
+class FakeGrid(Grid):
+    """Delivers messages synchronously to the real ClientApp; ``silent`` nodes never reply.
+
+    ``silent`` maps ``(message_type, group_id)`` to node ids; group id "" is a train message
+    (FedAvg sets none), the secagg stages carry the round number.
+    """
+
+    def __init__(self, run_config, n):
+        self.contexts = {NODE_BASE + 977 * i: Context(run_id=7, node_id=NODE_BASE + 977 * i,
+                                                      node_config={"partition-id": i}, state=RecordDict(),
+                                                      run_config=dict(run_config)) for i in range(n)}
+        self.silent: dict[tuple[str, str], set[int]] = {}
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self._outbox: dict[str, Message] = {}
+
+    def node(self, i: int) -> int:
+        return NODE_BASE + 977 * i
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
+            ids.append(mid)
+            wire = message_from_proto(message_to_proto(msg))  # what a real transport does to it
+            self.sent.append(wire)
+            dst = msg.metadata.dst_node_id
+            if dst in self.silent.get((msg.metadata.message_type, msg.metadata.group_id), set()):
+                continue
+            ctx = self.contexts[dst]
+            # A fresh process per message: the state survives only as its serialised form.
+            ctx.state = recorddict_from_proto(recorddict_to_proto(ctx.state))
+            reply = client_app(wire, ctx)
+            reply = message_from_proto(message_to_proto(reply))
+            self.replies.append(reply)
+            self._outbox[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._outbox.pop(m) for m in list(message_ids) if m in self._outbox]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    monkeypatch.setattr(client.region, "RegionRuntime", FakeRegion)
+    FakeRegion.refuse = set()
+    yield
+    FakeRegion.refuse = set()
+
+
+def _initial() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {k: rng.normal(0.0, 1.0, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _record(values) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+def _values(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _strategy(cls, report, cfg: FedprivConfig, **kw):
+    kwargs = dict(report=report, min_train_regions=cfg.min_train_regions, connect_timeout=5.0,
+                  fraction_train=1.0, fraction_evaluate=0.0)
+    if cls is SecureFedAvg:
+        kwargs.update(threshold=cfg.secagg_threshold, neighbours=cfg.secagg_neighbours, clip_range=cfg.secagg_clip_range,
+                      quant_bits=cfg.secagg_quant_bits, stage_timeout=2.0)
+    kwargs.update(kw)
+    return cls(**kwargs)
+
+
+def _run(tmp_path, n, rounds, secure=True, grid_setup=None, **overrides):
+    flat = _run_config(tmp_path, n, **overrides)
+    cfg = FedprivConfig.from_run_config(flat)
+    report = RunReport(tmp_path, flat, cfg.accountant, cfg.delta, list(cfg.regions))
+    grid = FakeGrid(flat, n)
+    if grid_setup:
+        grid_setup(grid)
+    strategy = _strategy(SecureFedAvg if secure else PrivateFedAvg, report, cfg)
+    result = strategy.start(grid=grid, initial_arrays=_record(_initial()), num_rounds=rounds, timeout=5.0)
+    final = _values(result.arrays) if len(result.arrays) else _initial()  # as the Coordinator does
+    return final, report, grid
+
+
+def _expected(rounds_survivors: list[list[int] | None]) -> dict[str, np.ndarray]:
+    """Plain weighted FedAvg (float64) of the fake updates; None = round left the model unchanged."""
+    values = {k: v.astype(np.float64) for k, v in _initial().items()}
+    for rnd, survivors in enumerate(rounds_survivors, start=1):
+        if survivors is None:
+            continue
+        total = sum(_examples(i) for i in survivors)
+        for k in values:
+            values[k] = values[k] + sum(_examples(i) * _update(i, rnd)[k].astype(np.float64) for i in survivors) / total
+    return values
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in SHAPES)
+
+
+# --------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_secure_round_equals_plain_fedavg_within_the_error_bound(tmp_path, fake_training, n):
+    secure, report, grid = _run(tmp_path / "secure", n, rounds=2)
+    plain, _, _ = _run(tmp_path / "plain", n, rounds=2, secure=False, **{"secure-aggregation": False})
+    rounds = report.secure_aggregation["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and not any(r["aborted"] for r in rounds)
+    bound = sum(r["error_bound"] for r in rounds)
+    assert 0 < bound < 1e-4  # 22-bit quantisation over [-8, 8]: a few 1e-6 per round
+    float32_slack = 1e-6  # the plaintext path averages in float32
+    assert _max_diff(secure, plain) <= bound + float32_slack
+    assert _max_diff(secure, _expected([list(range(n))] * 2)) <= bound + float32_slack
+    assert _max_diff(secure, _initial()) > 0.05  # the model did move
+
+    # No reply ever carried weights or an update in the clear.
+    for reply in grid.replies:
+        if reply.metadata.message_type == "train":
+            assert not reply.content.array_records
+        assert "update" not in reply.content
+    masked = [r for r in grid.replies if r.metadata.message_type == secagg.MASKED_INPUT]
+    assert len(masked) == 2 * n and all(r.content["masked"]["masked"].dtype == "uint32" for r in masked)
+    # Bookkeeping is PrivateFedAvg's: every region's ε history is recorded, every round.
+    for name, rec in report.regions.items():
+        assert rec.rounds_participated == [1, 2] and rec.epsilon_by_round == [0.5, 1.0], name
+    assert report.secure_aggregation["enabled"] is True
+    assert rounds[0]["survivors"] == sorted(f"r{i}" for i in range(n)) and rounds[0]["dropped"] == []
+    assert rounds[0]["threshold"] == n // 2 + 1
+    assert rounds[0]["total_weight"] == sum(_examples(i) for i in range(n))
+    assert rounds[0]["clipped_coordinates"] == 0
+    assert [r["secure_aggregation"] for r in report.rounds] == ["secure", "secure"]
+    # Every region's secagg state is gone once a round is done.
+    for ctx in grid.contexts.values():
+        assert not any(k.startswith("fedpriv-secagg") for k in ctx.state)
+
+
+# ---------------------------------------------------------------------- dropouts
+
+
+@pytest.mark.parametrize("first_stage", [secagg.ADVERTISE, secagg.SHARE_KEYS, secagg.MASKED_INPUT])
+def test_dropouts_after_training_and_before_unmask_give_the_survivors_sum(tmp_path, fake_training, first_stage):
+    n = 5  # threshold: majority = 3
+
+    def silence(grid):
+        grid.silent[(first_stage, "1")] = {grid.node(1)}   # trained, then gone before sending a masked input
+        grid.silent[(secagg.UNMASK, "1")] = {grid.node(3)}  # sent its masked input, gone before unmask
+
+    values, report, _ = _run(tmp_path, n, rounds=1, grid_setup=silence)
+    entry = report.secure_aggregation["rounds"][0]
+    assert not entry["aborted"]
+    # r3's masked input is in the sum; r1's update is not.
+    assert entry["survivors"] == ["r0", "r2", "r3", "r4"]
+    assert entry["dropped"] == ["r1"] and entry["dropped_at"]["r1"].startswith(first_stage.split("_", 1)[1])
+    assert set(entry["unmask_unanswered"]) == {"r3"}
+    assert _max_diff(values, _expected([[0, 2, 3, 4]])) <= entry["error_bound"] + 1e-6
+    assert _max_diff(values, _expected([[0, 1, 2, 3, 4]])) > 1e-3  # r1's update really is left out
+    assert report.rounds[0]["model_updated"] is True
+
+
+def test_too_few_survivors_leave_the_model_unchanged_and_the_next_round_works(tmp_path, fake_training):
+    n = 3  # threshold 2
+
+    def silence(grid):
+        grid.silent[(secagg.SHARE_KEYS, "1")] = {grid.node(0), grid.node(2)}
+
+    values, report, _ = _run(tmp_path, n, rounds=2, grid_setup=silence)
+    section = report.secure_aggregation
+    first, second = section["rounds"]
+    assert first["aborted"] and "threshold is 2" in first["reason"] and section["rounds_aborted"] == [1]
+    assert set(first["dropped"]) == {"r0", "r2"}
+    assert not second["aborted"] and second["survivors"] == ["r0", "r1", "r2"]
+    assert report.rounds[0]["model_updated"] is False and report.rounds[1]["model_updated"] is True
+    # Round 1 changed nothing; round 2 applied the full FedAvg of round-2 updates.
+    assert _max_diff(values, _expected([None, [0, 1, 2]])) <= second["error_bound"] + 1e-6
+    # ε was spent in round 1 all the same (the regions trained): the books say so.
+    assert all(rec.rounds_participated == [1, 2] for rec in report.regions.values())
+
+
+def test_explicit_threshold_above_the_trained_regions_aborts_without_messages(tmp_path, fake_training):
+    FakeRegion.refuse = {"r2"}
+    values, report, grid = _run(tmp_path, 3, rounds=1, **{"secagg-threshold": 3})
+    entry = report.secure_aggregation["rounds"][0]
+    assert entry["aborted"] and "secagg-threshold = 3" in entry["reason"]
+    assert not any(m.metadata.message_type.startswith("query.") for m in grid.sent)
+    assert _max_diff(values, _initial()) == 0.0
+
+
+def test_a_single_trained_region_falls_back_to_plain_fedavg(tmp_path, fake_training):
+    FakeRegion.refuse = {"r0"}
+    values, report, grid = _run(tmp_path, 2, rounds=1)
+    section = report.secure_aggregation
+    assert section["rounds_plain"] == [1] and section["rounds"][0]["participants"] == ["r1"]
+    assert [m.metadata.message_type for m in grid.sent] == ["train", "train", secagg.REVEAL]
+    assert _max_diff(values, _expected([[1]])) <= 1e-6
+    assert report.regions["r0"].enforcement[0]["action"] == "refused to train"
+
+
+def test_sparse_secagg_plus_graph(tmp_path, fake_training):
+    values, report, _ = _run(tmp_path, 5, rounds=1, **{"secagg-neighbours": 2})
+    entry = report.secure_aggregation["rounds"][0]
+    assert report.secure_aggregation["protocol"] == "SecAgg+" and entry["threshold"] == 2
+    assert _max_diff(values, _expected([list(range(5))])) <= entry["error_bound"] + 1e-6
+
+
+def test_clipped_coordinates_are_counted_and_reported(tmp_path, fake_training):
+    values, report, _ = _run(tmp_path, 3, rounds=1, **{"secagg-clip-range": 0.05})
+    entry = report.secure_aggregation["rounds"][0]
+    assert entry["clipped_coordinates"] > 0 and entry["coordinates"] == 3 * sum(int(np.prod(s)) for s in SHAPES.values())
+    assert _max_diff(values, _expected([[0, 1, 2]])) > entry["error_bound"]  # clipping bit, visibly
+
+
+# ------------------------------------------------------------------- client side
+
+
+def _kept_state(round_id=4, num_examples=50):
+    state = RecordDict()
+    g = _initial()
+    secagg.keep_update(state, round_id, "r0", g, {k: v + 0.1 for k, v in g.items()}, num_examples, rounding_seed=9)
+    return state
+
+
+def _setup(round_id=4, **kw):
+    cfg = dict(num_clients=3, threshold=2, clip_range=8.0, quant_bits=22, max_weight=100) | kw
+    return ConfigRecord(SecAggServer(SecAggConfig(**cfg), round_id=round_id).setup_message())
+
+
+def test_client_refuses_a_weaker_setup_than_its_run_config():
+    expected = secagg.expected_setup(threshold=3, neighbours=0, clip_range=8.0, quant_bits=22)
+    with pytest.raises(SecAggProtocolError, match="below secagg-threshold = 3"):
+        secagg.advertise(_kept_state(), 11, _setup(), expected)
+    expected = secagg.expected_setup(threshold=0, neighbours=0, clip_range=8.0, quant_bits=22)
+    with pytest.raises(SecAggProtocolError, match="clip_range"):
+        secagg.advertise(_kept_state(), 11, _setup(clip_range=1.0), expected)
+    with pytest.raises(SecAggProtocolError, match="more than the declared max_weight"):
+        secagg.advertise(_kept_state(num_examples=101), 11, _setup(), expected)
+    with pytest.raises(SecAggProtocolError, match="kept update is from round 4"):
+        secagg.advertise(_kept_state(), 11, _setup(round_id=5), expected)
+    assert set(secagg.advertise(_kept_state(), 11, _setup(), expected)) == {"c_pk", "s_pk", "seed_commitment"}
+
+
+def test_update_is_revealed_only_before_keys_were_advertised():
+    state = _kept_state()
+    secagg.advertise(state, 11, _setup(), {})
+    with pytest.raises(SecAggProtocolError, match="needs phase trained"):
+        secagg.reveal(state, ConfigRecord({"round_id": 4}))
+    fresh = _kept_state()
+    update = secagg.reveal(fresh, ConfigRecord({"round_id": 4}))["update"].numpy()
+    np.testing.assert_allclose(update, 0.1, atol=1e-6)
+    assert secagg.STATE_UPDATE not in fresh  # handed over once, then forgotten
+
+
+def test_train_reply_without_secure_aggregation_carries_the_weights(tmp_path, fake_training):
+    _, _, grid = _run(tmp_path, 2, rounds=1, secure=False, **{"secure-aggregation": False})
+    train = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert len(train) == 2 and all("arrays" in r.content for r in train)
+
+
+def test_strategy_rejects_inconsistent_settings(tmp_path):
+    flat = _run_config(tmp_path, 3)
+    cfg = FedprivConfig.from_run_config(flat)
+    report = RunReport(tmp_path, flat, cfg.accountant, cfg.delta, list(cfg.regions))
+    with pytest.raises(ConfigError, match="secagg-threshold = 4"):
+        _strategy(SecureFedAvg, report, cfg, threshold=4, neighbours=2)
+    with pytest.raises(ConfigError, match="secagg-threshold = 1"):
+        _strategy(SecureFedAvg, report, cfg, threshold=1)
