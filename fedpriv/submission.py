@@ -61,7 +61,8 @@ class FlowerRunClient:
         return {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([flwr_executable(), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None) -> int:
         """Submit the app with a full run config (written as TOML, so any string value is safe)."""
@@ -70,7 +71,10 @@ class FlowerRunClient:
         args = ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
-        proc = self._flwr(*args)
+        try:
+            proc = self._flwr(*args, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise FedprivError(f"submitting the run to the SuperLink at {self.address} did not finish within 300s") from None
         payload = _json_tail(proc.stdout)
         if not payload.get("success") or "run-id" not in payload:
             message = payload.get("error-message") or proc.stderr.strip() or proc.stdout.strip()
@@ -78,40 +82,80 @@ class FlowerRunClient:
         return int(payload["run-id"])
 
     def status(self, run_id: int) -> RunOutcome:
-        proc = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            proc = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        except subprocess.TimeoutExpired:
+            return RunOutcome(run_id, "unknown", "`flwr ls` did not answer within 60s")
         payload = _json_tail(proc.stdout)
         runs = payload.get("runs") or []
         if not payload.get("success") or not runs:
             return RunOutcome(run_id, "unknown", _last_line(payload.get("error-message", proc.stderr)))
         return RunOutcome(run_id, str(runs[0].get("status")), str(runs[0].get("status-details", "")))
 
-    def wait(self, run_id: int, stream: bool = True, poll_s: float = 2.0, timeout_s: float | None = None) -> RunOutcome:
-        """Stream the run's logs until it finishes; Ctrl-C stops the run on the SuperLink too."""
+    def wait(self, run_id: int, stream: bool = True, poll_s: float = 5.0, timeout_s: float | None = None,
+             unreachable_s: float = 90.0) -> RunOutcome:
+        """Stream the run's logs until it finishes; Ctrl-C stops the run on the SuperLink too.
+
+        Returns ``finished:timeout`` (after stopping the run) once ``timeout_s`` has passed, and
+        status ``unknown`` when the SuperLink has not answered for ``unreachable_s`` (it died).
+        """
         log_proc = None
         if stream:
-            log_proc = subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], env=self.env,
-                                        stdout=sys.stdout, stderr=subprocess.STDOUT, start_new_session=True)
+            log_proc = subprocess.Popen([flwr_executable(), "log", str(run_id), CONNECTION, "--stream"], env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         started = time.monotonic()
+        last_answer = started
         try:
             while True:
                 outcome = self.status(run_id)
                 if outcome.status.startswith("finished"):
                     time.sleep(poll_s)  # let the log stream print the run's last lines
                     return outcome
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                now = time.monotonic()
+                if outcome.status != "unknown":
+                    last_answer = now
+                elif now - last_answer > unreachable_s:
+                    return RunOutcome(run_id, "unknown", f"the SuperLink at {self.address} stopped answering "
+                                                         f"({outcome.details})")
+                if timeout_s is not None and now - started > timeout_s:
                     self.stop(run_id)
-                    return RunOutcome(run_id, "finished:timeout", f"no result after {timeout_s:.0f}s")
+                    return RunOutcome(run_id, "finished:timeout", f"no result after {timeout_s:.0f}s (--timeout)")
                 time.sleep(poll_s)
         except KeyboardInterrupt:
             self.stop(run_id)
             raise
         finally:
-            if log_proc is not None and log_proc.poll() is None:
-                os.killpg(log_proc.pid, signal.SIGTERM)
-                log_proc.wait(timeout=10)
+            if log_proc is not None:
+                _stop_group(log_proc)
 
     def stop(self, run_id: int) -> None:
-        self._flwr("stop", str(run_id), CONNECTION, timeout=60)
+        try:
+            self._flwr("stop", str(run_id), CONNECTION, timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def flwr_executable() -> str:
+    """The ``flwr`` CLI next to this interpreter (the venv), else the one on PATH."""
+    local = Path(sys.executable).parent / "flwr"
+    return str(local) if local.is_file() and os.access(local, os.X_OK) else "flwr"
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a child started with ``start_new_session=True`` and everything in its group."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _toml_value(value: Any) -> str:

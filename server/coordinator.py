@@ -3,6 +3,14 @@
 :class:`Coordinator` is what the ServerApp runs. It owns the run's
 :class:`~privacy.report.RunReport` and writes it after every round, so a crash or
 a lost region never loses what was already learned and spent.
+
+Faults: every round is bounded by ``round-timeout``; a region that does not answer
+(its process died, its SuperNode is gone) is recorded as failed for that round
+(:class:`server.faults.WatchedGrid`) and the round goes on with the others, as
+long as ``min-train-regions`` updates arrive. A coordinator that dies is continued
+by a new one with ``resume-from`` = its run dir (``fedpriv run --resume``): the
+last completed round's checkpoint, the report so far, and only the remaining
+rounds (:mod:`server.resume`). One coordinator at a time writes a run dir.
 """
 
 from __future__ import annotations
@@ -19,9 +27,13 @@ from flwr.serverapp import Grid
 from client.device import select_device
 from client.trainer import peak_memory_mb
 from fedpriv.config import FedprivConfig
+from fedpriv.errors import FedprivError
 from privacy.report import RunReport
 from server.checkpoints import export_model, latest_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
+from server.faults import WatchedGrid
+from server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
+                           restore_report, total_wall_time)
 from strategies.private_fedavg import PrivateFedAvg, RunAborted
 from strategies.secure_fedavg import SecureFedAvg
 from task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
@@ -33,12 +45,30 @@ class Coordinator:
     def __init__(self, cfg: FedprivConfig, flat_config: dict[str, Any], run_id: str = ""):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.run_dir_lock = lock_run_dir(self.run_dir, timeout=min(cfg.round_timeout, 120.0))
+        self.resume_point: ResumePoint | None = None
+        if cfg.resume_from:
+            if Path(cfg.resume_from).resolve() != self.run_dir.resolve():
+                raise FedprivError(f"resume-from {cfg.resume_from} is not this run's run-dir {self.run_dir}: "
+                                   "a resumed run continues in its own directory")
+            self.resume_point = find_resume_point(cfg.resume_from)
+            if self.resume_point.job_id != cfg.job_id:
+                raise FedprivError(f"resume-from {cfg.resume_from}: it belongs to job {self.resume_point.job_id!r}, "
+                                   f"this run is job {cfg.job_id!r}")
+        self.start_round = self.resume_point.completed_round if self.resume_point else 0
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
         self.model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
         self.evaluator = CentralEvaluator(SplitClassifier(self.model, cfg.trainable), self.tokenizer, cfg.data_dir,
                                           cfg.max_length, self.device)
         self.report = self._new_report(flat_config, run_id)
+        if self.resume_point is not None:
+            restore_report(self.report, self.resume_point.report, self.start_round)
+            discard_later_checkpoints(self.resume_point)
+            log(INFO, "resuming job %s from %s after round %d of %d", cfg.job_id, cfg.resume_from,
+                self.start_round, cfg.num_server_rounds)
+        self.segment = note_segment(self.report, run_id, self.start_round + 1, self.resume_point is not None)
+        self.started = time.time()
 
     def _new_report(self, flat_config: dict[str, Any], run_id: str) -> RunReport:
         report = RunReport(self.run_dir, flat_config, self.cfg.accountant, self.cfg.delta, list(self.cfg.regions))
@@ -60,14 +90,30 @@ class Coordinator:
             save_checkpoint(self.run_dir, absolute, values)
         if server_round > 0 or self.strategy.round_offset == 0:
             self.report.record_round(absolute, accuracy=accuracy, loss=loss)
+        self._note_lost_regions(absolute)
+        self.segment.update(last_round=absolute, wall_time_s=round(time.time() - self.started, 1))
         self.report.write()
         log(INFO, "round %d: global model on %d held-out posts: accuracy %.4f, loss %.4f",
             absolute, self.evaluator.size, accuracy, loss)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     def run(self, grid: Grid) -> RunReport:
-        started = time.time()
+        try:
+            return self._run(grid)
+        except BaseException as exc:  # a crash or a stop must still leave an honest report behind
+            if self.report.status == "running":
+                why = ("the run was stopped or its ServerApp shut down" if isinstance(exc, (SystemExit, KeyboardInterrupt))
+                       else f"{type(exc).__name__}: {exc}")
+                self.report.status = f"interrupted: {why}"[:300]
+                self.report.write()
+            raise
+        finally:
+            self.run_dir_lock.release()
+
+    def _run(self, grid: Grid) -> RunReport:
         initial = get_trainable(self.model)
+        if self.resume_point is not None and self.resume_point.values is not None:
+            initial = self.resume_point.values
         strategy_cls, secagg_kwargs = PrivateFedAvg, {}
         if self.cfg.secure_aggregation:  # the coordinator sees only sums of the regions' updates
             strategy_cls, secagg_kwargs = SecureFedAvg, dict(
@@ -80,11 +126,14 @@ class Coordinator:
         )
         if self.cfg.secure_aggregation:
             self.report.secure_aggregation = self.strategy.describe()
+        self.strategy.round_offset = self.start_round
+        pin_absolute_rounds(self.strategy)
+        self.grid = WatchedGrid(grid, self.cfg.regions, lookup=self.strategy.node_regions.get)
         self.report.write()
         try:
-            result = self.strategy.start(grid=grid, initial_arrays=to_array_record(initial),
-                                         num_rounds=self.cfg.num_server_rounds, timeout=self.cfg.round_timeout,
-                                         evaluate_fn=self.evaluate_round)
+            result = self.strategy.start(grid=self.grid, initial_arrays=to_array_record(initial),
+                                         num_rounds=self.cfg.num_server_rounds - self.start_round,
+                                         timeout=self.cfg.round_timeout, evaluate_fn=self.evaluate_round)
             self.report.status = "completed"
             final = from_array_record(result.arrays) if len(result.arrays) else initial
         except RunAborted as exc:
@@ -93,12 +142,45 @@ class Coordinator:
             log(INFO, "run stopped: %s", exc)
         set_trainable_values(self.model, final)
         export_model(self.run_dir, self.model, self.tokenizer)
-        self.report.run_info.update(wall_time_s=round(time.time() - started, 1),
+        self.segment.update(wall_time_s=round(time.time() - self.started, 1))
+        self.report.run_info.update(wall_time_s=total_wall_time(self.report),
                                     coordinator_peak_memory_mb=round(peak_memory_mb(), 1),
                                     region_peak_memory_mb=max((r.peak_memory_mb or 0 for r in self.report.regions.values()), default=0))
         self.report.write()
         return self.report
 
+    def _note_lost_regions(self, absolute: int) -> None:
+        """Regions lost in this round (no answer within round-timeout, SuperNode gone), for the report."""
+        lost = sorted({region for region, _ in self.grid.lost}) if hasattr(self, "grid") else []
+        if lost:
+            self.report.record_round(absolute, regions_lost=lost)
+            self.grid.lost.clear()
+
     def _last_values(self, initial):
         found = latest_checkpoint(self.run_dir)
         return found[1] if found else initial
+
+
+def pin_absolute_rounds(strategy) -> None:
+    """Send absolute round numbers to the regions, also after a resume.
+
+    Flower's ``FedAvg.configure_train/evaluate`` write ``config["server-round"]`` with
+    the round *of this ServerApp process* (1, 2, ... again after a resume), overwriting
+    what a subclass set before calling it. Regions key their ledger releases and seed
+    their Poisson sampling and noise by that number, so a resumed round must not reuse
+    an earlier round's number. This sets it on the outgoing messages; it is a no-op
+    where the strategy already sent the absolute round.
+    """
+    key = getattr(strategy, "configrecord_key", "config")
+    for name in ("configure_train", "configure_evaluate"):
+        original = getattr(strategy, name)
+
+        def configure(server_round, arrays, config, grid, _original=original):
+            messages = list(_original(server_round, arrays, config, grid))
+            absolute = server_round + int(getattr(strategy, "round_offset", 0))
+            for msg in messages:
+                if msg.has_content() and key in msg.content and "server-round" in msg.content[key]:
+                    msg.content[key]["server-round"] = absolute
+            return messages
+
+        setattr(strategy, name, configure)

@@ -1,0 +1,159 @@
+"""Lost regions become visible: a Grid wrapper that names every region that did not answer.
+
+Flower's ``Grid.send_and_receive`` returns only the replies that arrived before the
+round's timeout; a region whose process died is either simply absent, or - once
+its SuperNode has missed its heartbeats - answered for by the SuperLink with a
+``NODE_UNAVAILABLE`` error sent *from the SuperLink's node id*. Either way the
+strategy cannot tell which region was lost. :class:`WatchedGrid` wraps the Grid
+for train/evaluate messages and turns both cases into an error reply from the
+lost node that reads ``"<region>|<reason>"`` - the format fedpriv ClientApps use
+for their own errors - so :class:`~strategies.private_fedavg.PrivateFedAvg`
+records the failed region, per round, in the report.
+
+It also rides out *transient* SuperLink errors while waiting for replies (an HTTP
+5xx such as SQLite's "database is locked" on a loaded coordinator, a dropped
+connection): Flower's own ``send_and_receive`` lets one failed poll kill the
+ServerApp, and with it the run. Pushing is not retried (a push that failed may
+have been stored); polls are, with back-off, up to ``MAX_POLL_FAILURES`` in a row.
+
+Region names come from the SuperLink's node registry (``fedpriv register`` gives
+each SuperNode key its region name), else from earlier replies, else
+``node-<id>``. Messages of other types (e.g. a secure-aggregation stage) pass
+through untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import WARNING
+from typing import Callable, Iterable
+
+from flwr.app import Error, Message, MessageType
+from flwr.common.logger import log
+
+LOST = 4100  # error code of a synthesized reply: no answer within the round timeout
+UNREACHABLE = 4101  # the SuperLink reported the region's SuperNode offline
+WATCHED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
+POLL_S = 3.0  # as Flower's Grid.send_and_receive
+MAX_POLL_FAILURES = 10  # consecutive transient failures (~2 min with back-off) before giving up
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A SuperLink hiccup worth retrying: HTTP 5xx, or the connection failed/timed out."""
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - flwr depends on httpx
+        return False
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response is not None and exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+class WatchedGrid:
+    """Delegates everything to ``grid``; completes ``send_and_receive`` with named errors for lost regions."""
+
+    def __init__(self, grid, regions: Iterable[str], lookup: Callable[[int], str | None] | None = None):
+        self._grid = grid
+        self._regions = set(regions)
+        self._lookup = lookup
+        self.node_names: dict[int, str] = {}
+        self.lost: list[tuple[str, str]] = []  # (region, reason), in the order seen
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def refresh_names(self) -> None:
+        """Learn node id -> region from the SuperLink's registry (names given by `fedpriv register`)."""
+        try:
+            nodes = list(self._grid.get_nodes())
+        except Exception:  # noqa: BLE001 - simulation grids may not list names; names are a nicety
+            return
+        for node in nodes:
+            name = str(getattr(node, "name", "") or "")
+            if name in self._regions:
+                self.node_names[int(node.node_id)] = name
+
+    def region_of(self, node_id: int) -> str:
+        if node_id in self.node_names:
+            return self.node_names[node_id]
+        if self._lookup is not None:
+            found = self._lookup(node_id)
+            if found:
+                return found
+        return f"node-{node_id}"
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._retry(lambda: list(self._grid.get_node_ids()), "listing nodes")
+
+    def _retry(self, call: Callable, what: str):
+        failures = 0
+        while True:
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - only transient ones are retried
+                failures += 1
+                if not is_transient(exc) or failures > MAX_POLL_FAILURES:
+                    raise
+                log(WARNING, "SuperLink error while %s (%s); retrying (%d/%d)", what, _last_line(str(exc)),
+                    failures, MAX_POLL_FAILURES)
+                time.sleep(min(POLL_S * failures, 15.0))
+
+    def _send_and_receive(self, sent: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's push-then-poll loop, with transient poll failures retried."""
+        if not hasattr(self._grid, "push_messages") or not hasattr(self._grid, "pull_messages"):
+            return list(self._grid.send_and_receive(sent, timeout=timeout))
+        pending = {mid for mid in self._grid.push_messages(sent) if mid}
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Message] = []
+        while pending and (end is None or time.monotonic() < end):
+            got = list(self._retry(lambda: list(self._grid.pull_messages(pending)), "waiting for replies"))
+            out.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(POLL_S)
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        if not any(m.metadata.message_type in WATCHED_TYPES for m in sent):
+            return self._send_and_receive(sent, timeout)
+        self.refresh_names()
+        started = time.monotonic()
+        replies = self._send_and_receive(sent, timeout)
+        by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
+        out: list[Message] = []
+        answered: set[str] = set()
+        for reply in replies:
+            original = by_id.get(reply.metadata.reply_to_message_id)
+            if original is not None:
+                answered.add(original.metadata.message_id)
+            if original is None or not reply.has_error():
+                out.append(reply)
+                continue
+            region = self.region_of(original.metadata.dst_node_id)
+            reason = str(reply.error.reason or "")
+            if reply.metadata.src_node_id != original.metadata.dst_node_id:  # answered by the SuperLink itself
+                out.append(self._lost(original, region, UNREACHABLE,
+                                      f"its SuperNode stopped answering (missed heartbeats): {_last_line(reason)}"))
+            elif "|" in reason.split("\n", 1)[0] and not reason.startswith("Traceback"):
+                out.append(reply)  # already "<region>|<reason>" from a fedpriv ClientApp
+            else:  # the ClientApp crashed: keep the last line of its traceback
+                out.append(Message(Error(code=int(reply.error.code), reason=f"{region}|{_last_line(reason)}"),
+                                   reply_to=original))
+        waited = time.monotonic() - started
+        for original in sent:
+            if original.metadata.message_id and original.metadata.message_id not in answered:
+                region = self.region_of(original.metadata.dst_node_id)
+                out.append(self._lost(original, region, LOST,
+                                      f"no reply within round-timeout ({waited:.0f}s): its process died or is too slow"))
+        return out
+
+    def _lost(self, original: Message, region: str, code: int, reason: str) -> Message:
+        self.lost.append((region, reason))
+        log(WARNING, "region %s lost in this round: %s", region, reason)
+        return Message(Error(code=code, reason=f"{region}|{reason}"), reply_to=original)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no reason given")[:300]
