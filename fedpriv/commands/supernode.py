@@ -27,13 +27,19 @@ class SuperNodeCommand:
             help=f"local ClientApp IO port on 127.0.0.1 (default {CLIENTAPPIO_PORT}); each SuperNode on one machine needs its own",
         )
         p.add_argument("--log", default=None, metavar="FILE", help="also append all SuperNode output to FILE")
+        p.add_argument("--max-epsilon", type=float, default=0.0, metavar="EPS",
+                       help="this region's lifetime privacy budget over all runs (0 = no cap); "
+                            "the region refuses to train a round that would exceed it")
+        p.add_argument("--ledger", default=None, metavar="FILE",
+                       help="the region's privacy ledger (default: privacy_ledger.sqlite next to its data)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.deploy.processes import SuperNodeProcess
         from fedpriv.errors import FedprivError
 
-        sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True)
+        sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True,
+                              max_epsilon=args.max_epsilon, ledger_path=args.ledger)
         old = install_stop_handlers()
         try:
             sn.start()

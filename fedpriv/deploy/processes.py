@@ -518,8 +518,14 @@ class SuperNodeProcess(_Group):
         echo: bool = False,
         max_retries: int | None = None,
         flwr_home: str | os.PathLike | None = None,
+        max_epsilon: float = 0.0,
+        ledger_path: str | os.PathLike | None = None,
     ) -> None:
+        if max_epsilon < 0:
+            raise FedprivError(f"--max-epsilon {max_epsilon}: expected 0 (no cap) or a privacy budget > 0")
         self.region = region
+        self.max_epsilon = float(max_epsilon)
+        self.ledger_path = Path(ledger_path).expanduser().absolute() if ledger_path else None
         self.flwr_home = Path(flwr_home).expanduser().absolute() if flwr_home else None
         self.data_dir_arg = data_dir
         self.data_dir: Path | None = None
@@ -537,8 +543,12 @@ class SuperNodeProcess(_Group):
         return self.certs.region_key(self.region)
 
     def node_config(self) -> str:
+        """Region identity and the region's *own* budget settings: the coordinator cannot change these."""
         assert self.data_dir is not None
-        return f"region='{self.region}' data-path='{self.data_dir}'"
+        config = f"region='{self.region}' data-path='{self.data_dir}' max-epsilon={self.max_epsilon}"
+        if self.ledger_path is not None:
+            config += f" ledger-path='{self.ledger_path}'"
+        return config
 
     def command(self) -> list[str]:
         if self.data_dir is None:
