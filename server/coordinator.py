@@ -127,7 +127,6 @@ class Coordinator:
         if self.cfg.secure_aggregation:
             self.report.secure_aggregation = self.strategy.describe()
         self.strategy.round_offset = self.start_round
-        pin_absolute_rounds(self.strategy)
         self.grid = WatchedGrid(grid, self.cfg.regions, lookup=self.strategy.node_regions.get)
         self.report.write()
         try:
@@ -159,28 +158,3 @@ class Coordinator:
     def _last_values(self, initial):
         found = latest_checkpoint(self.run_dir)
         return found[1] if found else initial
-
-
-def pin_absolute_rounds(strategy) -> None:
-    """Send absolute round numbers to the regions, also after a resume.
-
-    Flower's ``FedAvg.configure_train/evaluate`` write ``config["server-round"]`` with
-    the round *of this ServerApp process* (1, 2, ... again after a resume), overwriting
-    what a subclass set before calling it. Regions key their ledger releases and seed
-    their Poisson sampling and noise by that number, so a resumed round must not reuse
-    an earlier round's number. This sets it on the outgoing messages; it is a no-op
-    where the strategy already sent the absolute round.
-    """
-    key = getattr(strategy, "configrecord_key", "config")
-    for name in ("configure_train", "configure_evaluate"):
-        original = getattr(strategy, name)
-
-        def configure(server_round, arrays, config, grid, _original=original):
-            messages = list(_original(server_round, arrays, config, grid))
-            absolute = server_round + int(getattr(strategy, "round_offset", 0))
-            for msg in messages:
-                if msg.has_content() and key in msg.content and "server-round" in msg.content[key]:
-                    msg.content[key]["server-round"] = absolute
-            return messages
-
-        setattr(strategy, name, configure)

@@ -66,13 +66,21 @@ class PrivateFedAvg(FedAvg):
     # -- sending -----------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._wait_for_regions(grid)
-        config["server-round"] = self.absolute_round(server_round)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._with_absolute_round(super().configure_train(server_round, arrays, config, grid), server_round)
         return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        config["server-round"] = self.absolute_round(server_round)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._with_absolute_round(super().configure_evaluate(server_round, arrays, config, grid), server_round)
+
+    def _with_absolute_round(self, messages: Iterable[Message], server_round: int) -> list[Message]:
+        """Regions key ledger releases and seed noise by ``server-round``: after a resume it must
+        continue (3, 4, ...), not restart at 1. FedAvg writes this process's round number into the
+        config, so the absolute one is set on the outgoing messages, after FedAvg built them."""
+        messages = list(messages)
+        for msg in messages:
+            if msg.has_content() and self.configrecord_key in msg.content:
+                msg.content[self.configrecord_key]["server-round"] = self.absolute_round(server_round)
+        return messages
 
     def _wait_for_regions(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.connect_timeout

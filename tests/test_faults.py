@@ -163,7 +163,6 @@ def test_a_resumed_coordinator_sends_absolute_round_numbers(tmp_path, monkeypatc
     from flwr.supercore.task_identity import TaskIdentity
 
     from privacy.report import RunReport
-    from server.coordinator import pin_absolute_rounds
     from strategies.private_fedavg import PrivateFedAvg
 
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
@@ -171,7 +170,6 @@ def test_a_resumed_coordinator_sends_absolute_round_numbers(tmp_path, monkeypatc
     report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east", "eu-west", "ap-south"])
     strategy = PrivateFedAvg(report=report, min_train_regions=1, connect_timeout=1)
     strategy.round_offset = 2
-    pin_absolute_rounds(strategy)
     grid = _FakeGrid()
     for configure in (strategy.configure_train, strategy.configure_evaluate):
         messages = list(configure(1, ArrayRecord(), ConfigRecord(), grid))
