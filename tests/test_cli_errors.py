@@ -58,4 +58,4 @@ def test_region_too_small_for_the_batch_size(tmp_path):
 
 def test_report_of_a_directory_without_a_report(tmp_path):
     proc = run_cli("report", str(tmp_path))
-    assert_one_line_error(proc, "privacy_report.json does not exist")
+    assert_one_line_error(proc, "privacy_report.json")
