@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from privacy import plots
-from privacy.plots import _num, _regions, _rounds, final_accuracy, max_region_epsilon, region_final_epsilon
+from privacy.plots import (_num, _regions, _rounds, epsilon_value, final_accuracy, max_region_epsilon,
+                           region_final_epsilon)
 
 __all__ = ["SCHEMA_VERSION", "render_html", "tpr_bound"]
 
@@ -160,11 +161,20 @@ def _guarantee(report: Mapping[str, Any]) -> str:
                    "noise (ε = ∞): the updates it sent, and every model built from them, may reveal its "
                    "training records. Nothing below limits that.</div>")
     per_region = ", ".join(f"{_e(name)} ε = {_fmt(region_final_epsilon(r), '.2f')}" for name, r in sorted(regions.items()))
-    lifetime = ", ".join(f"{_e(name)} ε = {_fmt(r.get('lifetime_epsilon'), '.2f')}" for name, r in sorted(regions.items())
-                         if _num(r.get("lifetime_epsilon")) is not None)
+    lifetime = ", ".join(f"{_e(name)} ε = {_fmt(epsilon_value(r.get('lifetime_epsilon')), '.2f')}"
+                         for name, r in sorted(regions.items()) if epsilon_value(r.get("lifetime_epsilon")) is not None)
+    finite = [region_final_epsilon(r) for r in regions.values()]
+    nothing = config.get("dp") is False or (bool(finite) and all(v is not None and math.isinf(v) for v in finite))
     out.append('<div class="box"><h3 style="margin-top:0">What is guaranteed</h3>')
+    if nothing:
+        out.append(
+            f"<p><b>No differential-privacy guarantee.</b> DP was off in this run (ε = ∞ for every region): "
+            f"nothing bounds what the released updates or the final model reveal about any "
+            f"{_e(unit)}.</p>"
+        )
     out.append(
-        f"<p>Each region's data is protected by <b>record-level (ε, δ)-differential privacy</b>, where the unit "
+        ("<p>With DP on, each" if nothing else "<p>Each")
+        + f" region's data is protected by <b>record-level (ε, δ)-differential privacy</b>, where the unit "
         f"of privacy is <b>{_e(unit)}</b>. For each region, everything that left the region in this run — the "
         f"model updates it sent — would have been almost equally likely had any single such record been left out "
         f"of (or added to) that region's data: the probability of any outcome changes by at most a factor "
@@ -189,8 +199,10 @@ def _guarantee(report: Mapping[str, Any]) -> str:
             "<p><b>Secure aggregation</b> was on" + (f" ({', '.join(extra)})" if extra else "")
             + ": in each round the coordinator learns only the <i>sum</i> of the regions' updates, never one "
             "region's update on its own. This protects each region's update from the coordinator during the run. "
-            "It does not lower ε: ε is computed as if every update were published in the clear, so the "
-            "guarantee above holds even if secure aggregation were broken.</p>"
+            + ("Without DP it is the only protection there is: the summed updates and the final model still "
+               "reveal what the regions' data taught them.</p>" if nothing else
+               "It does not lower ε: ε is computed as if every update were published in the clear, so the "
+               "guarantee above holds even if secure aggregation were broken.</p>")
         )
     else:
         out.append(
@@ -200,7 +212,7 @@ def _guarantee(report: Mapping[str, Any]) -> str:
     out.append("</div>")
     over = []
     for name, r in sorted(regions.items()):
-        spent = [v for v in (region_final_epsilon(r), _num(r.get("lifetime_epsilon"))) if v is not None]
+        spent = [v for v in (region_final_epsilon(r), epsilon_value(r.get("lifetime_epsilon"))) if v is not None]
         eps, cap = (max(spent) if spent else None), _num(r.get("max_epsilon"))
         if eps is not None and cap is not None and eps > cap:
             over.append(f"{_e(name)} (ε = {_fmt(eps, '.3f')} &gt; max ε = {_fmt(cap, 'g')})")
@@ -232,7 +244,7 @@ def _region_table(report: Mapping[str, Any]) -> str:
     regions = _regions(report)
     if not regions:
         return "<h3>Regions</h3><p class=\"muted\">No per-region data in this report.</p>"
-    has_lifetime = any(_num(r.get("lifetime_epsilon")) is not None for r in regions.values())
+    has_lifetime = any(epsilon_value(r.get("lifetime_epsilon")) is not None for r in regions.values())
     rows = []
     for name, r in sorted(regions.items()):
         steps = r.get("steps_by_round") or []
@@ -246,7 +258,7 @@ def _region_table(report: Mapping[str, Any]) -> str:
             _fmt(r.get("max_grad_norm"), "g"),
             _fmt(r.get("num_examples"), "d"),
             f"<b>{_fmt(region_final_epsilon(r), '.3f')}</b>",
-            *([_fmt(r.get("lifetime_epsilon"), ".3f")] if has_lifetime else []),
+            *([_fmt(epsilon_value(r.get("lifetime_epsilon")), ".3f")] if has_lifetime else []),
             _fmt(r.get("target_epsilon"), "g"),
             _fmt(r.get("max_epsilon"), "g"),
             _fmt(r.get("budget_left"), ".3f"),
@@ -305,28 +317,93 @@ def _partition_table(report: Mapping[str, Any]) -> str:
             + _table(["region", "train", "test", "positive fraction", "domains"], rows, left=(0, 4)))
 
 
+_AUDIT_VERDICTS = {
+    "consistent": ("", "Consistent with the guarantee: no reported operating point is above the (ε, δ) bound."),
+    "within sampling error": ("warn", "A reported operating point is above the (ε, δ) bound, but within sampling "
+                              "error (95% Clopper–Pearson): more examples would tell."),
+    "violated": ("bad", "The attack beats the (ε, δ) bound beyond sampling error (95% Clopper–Pearson): "
+                 "the reported ε is too small — check the accounting before trusting this run's guarantee."),
+    "no bound": ("bad", "There is no finite ε to compare with: DP was off, so nothing limits this attack."),
+}
+
+
+def _bound_cell(value: Any, eps: float | None) -> str:
+    v = _num(value)
+    if eps is None or v is None:
+        return "—"
+    if math.isinf(eps):
+        return "no bound (ε = ∞)"
+    if v >= 0.995:
+        return f"≈ 1: no constraint at ε = {eps:.2f}"
+    return f"{v:.3f}"
+
+
 def _audit(report: Mapping[str, Any]) -> str:
     audit = report.get("audit")
     if not isinstance(audit, Mapping) or not audit:
         return ""
-    eps, delta = max_region_epsilon(report), _num(report.get("delta")) or 0.0
-    rows = [["AUC", _fmt(audit.get("auc"), ".3f"), "0.5 is chance"]]
-    for key, fpr in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_10pct_fpr", 0.10)):
-        bound = "" if eps is None else f"(ε, δ)-DP allows at most {tpr_bound(fpr, eps, delta):.3f} (largest region ε)"
-        rows.append([f"TPR at {fpr:.0%} FPR", _fmt(audit.get(key), ".3f"), bound])
-    rows.append(["members / non-members", f"{_fmt(audit.get('members'), 'd')} / {_fmt(audit.get('non_members'), 'd')}", ""])
-    known = {"auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr", "members", "non_members"}
-    for key in sorted(set(audit) - known):
-        value = audit[key]
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            rows.append([_e(key), _fmt(value, ".4g") if _num(value) is not None else _e(value), ""])
-    return (
-        "<h3>Membership-inference audit</h3>"
-        + _table(["metric", "value", "note"], rows, left=(0, 2))
-        + "<p class=\"muted\">The audit measures how well one particular attack tells training members from "
-        "non-members of the final model. It is evidence, not proof: an attack near chance is consistent with the "
-        "ε above but does not certify it; an attack beating the (ε, δ) bound would point to a bug.</p>"
+    eps = epsilon_value(audit.get("epsilon")) if "epsilon" in audit else max_region_epsilon(report)
+    delta = _num(audit.get("delta")) or _num(report.get("delta")) or 0.0
+
+    def bound(key: str, fpr: float | None) -> Any:
+        if key in audit:
+            return audit.get(key)
+        if eps is None:
+            return None
+        if fpr is None:
+            return 1.0 if math.isinf(eps) else min(1.0, math.expm1(eps) + delta)
+        return tpr_bound(fpr, eps, delta)
+
+    rows = [
+        ["AUC", _fmt(audit.get("auc"), ".3f"), "—", "0.5"],
+        ["TPR at 1% FPR", _fmt(audit.get("tpr_at_1pct_fpr"), ".3f"),
+         _bound_cell(bound("tpr_bound_at_1pct_fpr", 0.01), eps), "0.01"],
+        ["TPR at 10% FPR", _fmt(audit.get("tpr_at_10pct_fpr"), ".3f"),
+         _bound_cell(bound("tpr_bound_at_10pct_fpr", 0.10), eps), "0.10"],
+    ]
+    if "advantage" in audit:
+        rows.append(["advantage max(TPR − FPR)", _fmt(audit.get("advantage"), ".3f"),
+                     _bound_cell(bound("advantage_bound", None), eps), "0"])
+    eps_txt = "—" if eps is None else ("∞" if math.isinf(eps) else f"{eps:.3f}")
+    out = ["<h3>Membership-inference audit</h3>",
+           f"<p>{_e(audit.get('attack') or 'Loss-threshold membership inference')}: score = −loss of the final "
+           f"model on each example; a low loss suggests “trained on it”.</p>",
+           _table(["metric", "attack", f"(ε, δ)-DP allows at most (ε = {eps_txt}, δ = {_fmt(delta, 'g')})",
+                   "chance"], rows, left=(0,))]
+    facts = [f"{_fmt(audit.get('members'), 'd')} members"]
+    by_region = audit.get("members_by_region")
+    if isinstance(by_region, Mapping) and by_region:
+        facts[0] += " (" + ", ".join(f"{_e(k)} {_fmt(v, 'd')}" for k, v in sorted(by_region.items())) + ")"
+    facts[0] += f" vs {_fmt(audit.get('non_members'), 'd')} held-out non-members"
+    if audit.get("matched_on"):
+        facts[0] += f", matched on {_e(audit.get('matched_on'))}"
+    if audit.get("model_round") is not None:
+        facts.append(f"model of round {_fmt(audit.get('model_round'), 'd')}")
+    if _num(audit.get("member_loss")) is not None and _num(audit.get("non_member_loss")) is not None:
+        facts.append(f"mean loss {_fmt(audit.get('member_loss'), '.4f')} (members) vs "
+                     f"{_fmt(audit.get('non_member_loss'), '.4f')} (non-members)")
+    if _num(audit.get("member_accuracy")) is not None and _num(audit.get("non_member_accuracy")) is not None:
+        facts.append(f"accuracy {_fmt(audit.get('member_accuracy'), '.3f')} vs {_fmt(audit.get('non_member_accuracy'), '.3f')}")
+    out.append(f"<p>{'; '.join(facts)}.</p>")
+    verdict = audit.get("bound_check")
+    if verdict in _AUDIT_VERDICTS:
+        cls, text = _AUDIT_VERDICTS[verdict]
+        out.append(f'<div class="box{" " + cls if cls else ""}">{_e(text)}</div>')
+    out.append(
+        "<p class=\"muted\">The bound: against (ε, δ)-DP, any membership test has TPR ≤ e<sup>ε</sup>·FPR + δ. "
+        "At ε of a few or more it allows a strong attack in principle; the audit measures what one simple attack "
+        "actually achieves. It is evidence, not proof: an attack near chance is consistent with ε but does not "
+        "certify it; an attack beating the bound beyond sampling error points to a bug in the accounting.</p>"
     )
+    shown = {"auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr", "advantage", "members", "non_members", "members_by_region",
+             "positive_fraction", "model_round", "member_loss", "non_member_loss", "member_accuracy",
+             "non_member_accuracy", "bound_check", "matched_on", "attack", "epsilon", "delta", "tpr_bound_at_1pct_fpr",
+             "tpr_bound_at_10pct_fpr", "advantage_bound"}
+    rest = [[_e(k), _e(_plain(v))] for k, v in sorted(audit.items()) if k not in shown]
+    if rest:
+        out.append("<details><summary>More audit details</summary>" + _table(["key", "value"], rest, left=(0, 1))
+                   + "</details>")
+    return "\n".join(out)
 
 
 def _details(report: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = [
+    "epsilon_value",
     "final_accuracy",
     "max_region_epsilon",
     "plot_accuracy",
@@ -47,6 +48,12 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+def epsilon_value(x: Any) -> float | None:
+    """An ε from a report: a negative value is the "DP off" sentinel regions send (ε = ∞)."""
+    v = _num(x)
+    return math.inf if v is not None and v < 0 else v
+
+
 def _regions(report: Report) -> dict[str, Mapping[str, Any]]:
     regions = report.get("regions") or {}
     return {str(k): (v if isinstance(v, Mapping) else {}) for k, v in regions.items()} if isinstance(regions, Mapping) else {}
@@ -63,7 +70,7 @@ def region_epsilon_series(region: Mapping[str, Any]) -> tuple[list[float], list[
     ``epsilon_by_round[i]`` belongs to ``rounds_participated[i]`` when both have the same
     length; otherwise rounds are numbered 1, 2, ...
     """
-    eps = [_num(e) for e in (region.get("epsilon_by_round") or [])]
+    eps = [epsilon_value(e) for e in (region.get("epsilon_by_round") or [])]
     rounds = list(region.get("rounds_participated") or [])
     if len(rounds) != len(eps) or not all(_num(r) is not None for r in rounds):
         rounds = list(range(1, len(eps) + 1))
@@ -81,7 +88,7 @@ def region_budget(region: Mapping[str, Any]) -> tuple[float | None, str]:
 
 
 def region_final_epsilon(region: Mapping[str, Any]) -> float | None:
-    v = _num(region.get("epsilon"))
+    v = epsilon_value(region.get("epsilon"))
     if v is None:
         _, eps = region_epsilon_series(region)
         v = eps[-1] if eps else None
@@ -134,49 +141,69 @@ def _round_ticks(ax, xs: Iterable[float]) -> None:
         ax.set_xticklabels([f"{x:g}" for x in xs])
 
 
-def plot_epsilon(report: Report, out_png: Dest) -> None:
-    """Cumulative ε per region vs round, with each region's budget as a dashed line.
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h"]
 
-    Rounds where a region's training was refused by budget enforcement are marked ×;
-    a region's ε across all runs (``lifetime_epsilon``, from its ledger) is marked ★
-    at its last round when it exceeds this run's ε.
+
+def plot_epsilon(report: Report, out_png: Dest) -> None:
+    """Cumulative ε per region vs round, with the regions' budgets as dashed lines.
+
+    Regions with identical curves stay visible (each has its own marker and size). A budget
+    shared by every region is drawn once. Rounds where a region's training was refused by
+    budget enforcement are marked ×; a region's ε across all runs (``lifetime_epsilon``, from
+    its ledger) is marked ★ at its last round when it exceeds this run's ε. Regions that
+    trained without DP (ε = ∞) are named in a note instead of plotted.
     """
     fig, ax = _figure()
-    regions = _regions(report)
+    regions = sorted(_regions(report).items())
+    budgets = {region_budget(r) for _, r in regions}
+    shared_budget = next(iter(budgets)) if len(budgets) == 1 and len(regions) > 1 else None
     all_x: list[float] = []
-    plotted = 0
-    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for i, (name, region) in enumerate(sorted(regions.items())):
-        color = cycle[i % len(cycle)]
+    top = 0.0
+    plotted, no_dp = 0, []
+    n = len(regions)
+    for i, (name, region) in enumerate(regions):
+        color, marker = _COLORS[i % len(_COLORS)], _MARKERS[i % len(_MARKERS)]
         xs, ys = region_epsilon_series(region)
         finite = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if ys and not finite:
+            no_dp.append(name)
         if finite:
-            ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", color=color, label=name)
+            size = 9 - 4 * i / max(1, n - 1) if n > 1 else 6  # earlier regions drawn larger: overlaps stay visible
+            ax.plot([p[0] for p in finite], [p[1] for p in finite], marker=marker, markersize=size,
+                    linewidth=2.2 - 1.2 * i / max(1, n - 1) if n > 1 else 1.6, color=color, label=name, zorder=2 + i)
             all_x += [p[0] for p in finite]
+            top = max(top, max(p[1] for p in finite))
             plotted += 1
-        lifetime = _num(region.get("lifetime_epsilon"))
-        if lifetime is not None and math.isfinite(lifetime) and finite and lifetime > finite[-1][1] + 1e-12:
-            ax.scatter([finite[-1][0]], [lifetime], marker="*", s=120, color=color, zorder=3,
+        lifetime = epsilon_value(region.get("lifetime_epsilon"))
+        if lifetime is not None and math.isfinite(lifetime) and finite and lifetime > finite[-1][1] + 1e-9:
+            ax.scatter([finite[-1][0]], [lifetime], marker="*", s=120, color=color, zorder=10,
                        label=f"{name} all runs (ledger)")
+            top = max(top, lifetime)
         budget, label = region_budget(region)
-        if budget is not None:
-            ax.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8,
-                       label=f"{name} {label} = {budget:g}")
+        if budget is not None and shared_budget is None:
+            ax.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8, label=f"{name} {label} = {budget:g}")
+            top = max(top, budget)
         refused = [
             _num(e.get("round")) for e in (region.get("enforcement") or [])
             if isinstance(e, Mapping) and str(e.get("action", "")).lower() == "refused"
         ]
         refused = [r for r in refused if r is not None]
         if refused and budget is not None:
-            ax.scatter(refused, [budget] * len(refused), marker="x", s=60, color=color, zorder=3,
+            ax.scatter(refused, [budget] * len(refused), marker="x", s=60, color=color, zorder=10,
                        label=f"{name} refused")
             all_x += refused
+    if shared_budget is not None and shared_budget[0] is not None:
+        ax.axhline(shared_budget[0], color="#555", linestyle="--", linewidth=1.2,
+                   label=f"{shared_budget[1]} = {shared_budget[0]:g} (every region)")
+        top = max(top, shared_budget[0])
     if plotted == 0:
-        _empty(ax, "no per-round ε in this report")
+        _empty(ax, "DP was off: no finite ε (ε = ∞), no privacy guarantee" if no_dp
+               else "no per-round ε in this report")
     else:
-        ax.set_xlabel("round")
+        ax.set_xlabel("round" + (f"\nno DP (ε = ∞), not plotted: {', '.join(no_dp)}" if no_dp else ""))
         ax.set_ylabel(f"cumulative ε (δ = {report.get('delta', '?')})")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)  # headroom: a budget line must not sit on the frame
         _round_ticks(ax, all_x)
         ax.legend(fontsize=7, loc="best")
     ax.set_title(f"Privacy spent per region — {report.get('run_id', '')}".rstrip(" —"), fontsize=10)
@@ -204,29 +231,50 @@ def plot_accuracy(report: Report, out_png: Dest) -> None:
 def plot_accuracy_vs_epsilon(reports: Iterable[Report], out_png: Dest) -> None:
     """One point per run: final global accuracy vs the largest final ε over its regions.
 
-    Runs without a finite ε (DP off) or without accuracy are listed in a note, not plotted.
+    Runs trained without DP (ε = ∞) are drawn in a separate "∞ (no DP)" column at the right,
+    as the non-private baseline; runs without an accuracy or an ε are listed in a note.
     """
     fig, ax = _figure()
-    points, skipped = [], []
+    points, no_dp, skipped = [], [], []
     for report in reports:
         eps, acc = max_region_epsilon(report), final_accuracy(report)
         name = str(report.get("run_id", "?"))
-        if eps is None or acc is None or not math.isfinite(eps):
+        if eps is None or acc is None:
             skipped.append(name)
-        else:
+        elif math.isfinite(eps):
             points.append((eps, acc, name))
-    if not points:
-        _empty(ax, "no run with both a finite ε and an accuracy")
+        else:
+            no_dp.append((acc, name))
+    if not points and not no_dp:
+        _empty(ax, "no run with both an ε and an accuracy")
     else:
+        right = max((p[0] for p in points), default=0.0) or 1.0
+        x_inf = right * 1.3
+        xmax = (x_inf if no_dp else right) * 1.15
         for eps, acc, name in points:
             ax.scatter([eps], [acc], s=40, color="#1f77b4", zorder=3)
-            ax.annotate(name, (eps, acc), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        ax.set_xlim(0, max(p[0] for p in points) * 1.2)
+            _label(ax, name, eps, acc, xmax)
+        for acc, name in no_dp:
+            ax.scatter([x_inf], [acc], s=50, marker="D", color="#c23030", zorder=3)
+            _label(ax, name, x_inf, acc, xmax)
+        ax.set_xlim(0, xmax)
+        if no_dp:
+            ticks = [t for t in ax.get_xticks() if 0 <= t <= right * 1.05]
+            ax.set_xticks(ticks + [x_inf])
+            ax.set_xticklabels([f"{t:g}" for t in ticks] + ["∞ (no DP)"])
+            ax.axvline((right + x_inf) / 2, color="#999", linestyle=":", linewidth=1)
         ax.margins(y=0.15)
         ax.set_ylabel("final global accuracy")
-    xlabel = "max region ε (final)" if points else ""
+    xlabel = "max region ε (final)" if points or no_dp else ""
     if skipped:
-        xlabel += ("\n" if xlabel else "") + f"not shown (no finite ε or no accuracy): {', '.join(skipped)}"
+        xlabel += ("\n" if xlabel else "") + f"not shown (no ε or no accuracy): {', '.join(skipped)}"
     ax.set_xlabel(xlabel)
     ax.set_title("Accuracy vs privacy (one point per run)", fontsize=10)
     _save(fig, out_png)
+
+
+def _label(ax, text: str, x: float, y: float, xmax: float) -> None:
+    """Annotate a point, towards the inside of the axes so long run ids are not cut off."""
+    left = x > 0.55 * xmax
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(-6 if left else 6, 4), fontsize=7,
+                ha="right" if left else "left")

@@ -1,25 +1,168 @@
-"""``fedpriv report``: re-render a run's privacy report from its JSON."""
+"""``fedpriv report``: render run reports from ``privacy_report.json`` — Markdown, HTML and PNG plots.
+
+For each RUN_DIR: ``privacy_report.md``, a self-contained ``privacy_report.html`` (CSS inline,
+plots embedded) and ``epsilon.png`` / ``accuracy.png``. With several RUN_DIRs also a
+``comparison.html`` (all runs on one page) and ``accuracy_vs_epsilon.png``, in ``--out`` or else
+in the first RUN_DIR. With ``--out`` nothing is written into the run directories: one run's
+files go straight into ``--out``, several runs' into ``--out/<run dir name>/``.
+
+Every input is checked before anything is written; a bad one (missing directory, no report,
+unreadable JSON, another schema_version) is a one-line error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 from pathlib import Path
+from typing import Any, Callable
 
 from fedpriv.cli import command
+from fedpriv.errors import FedprivError
+
+HTML_NAME = "privacy_report.html"
+EPSILON_PNG = "epsilon.png"
+ACCURACY_PNG = "accuracy.png"
+COMPARISON_HTML = "comparison.html"
+ACC_VS_EPS_PNG = "accuracy_vs_epsilon.png"
+
+# Top-level keys every schema_version-1 report has, and their JSON types.
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "status": (str,), "created": (str,), "accountant": (str,), "delta": (int, float),
+    "regions": (dict,), "rounds": (list,),
+}
 
 
-@command("report", "Re-render privacy_report.md (and HTML/plots where available) from privacy_report.json.")
+@command("report", "Render privacy_report.json as Markdown, a self-contained HTML page and PNG plots.")
 class ReportCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+        p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                       help="run directories written by `fedpriv simulate` or `fedpriv run`")
+        p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="write everything here instead of into the run directories; with several runs "
+                            "each run's files go to DIR/<run dir name>/ (default: each run directory, and the "
+                            "comparison into the first)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from privacy.report import MD_NAME, load_report, render_markdown
-
-        for run_dir in args.run_dirs:
-            data = load_report(run_dir)
-            (run_dir / MD_NAME).write_text(render_markdown(data))
-            print(f"wrote {run_dir / MD_NAME}")
+        reports = [(run_dir, load_run(run_dir)) for run_dir in args.run_dirs]  # check all before writing any
+        for path in render_reports(reports, args.out):
+            print(f"wrote {path}")
         return 0
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """``RUN_DIR/privacy_report.json``, checked well enough to render; every problem is a one-line error."""
+    from privacy.report import JSON_NAME, SCHEMA_VERSION
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FedprivError(f"{run_dir} does not exist: expected a run directory written by `fedpriv simulate` or `fedpriv run`")
+    if not run_dir.is_dir():
+        raise FedprivError(f"{run_dir} is not a directory: expected a run directory written by `fedpriv simulate` or `fedpriv run`")
+    path = run_dir / JSON_NAME
+    if not path.is_file():
+        raise FedprivError(f"{run_dir} is not a run directory: it has no {JSON_NAME} "
+                           "(expected one written by `fedpriv simulate` or `fedpriv run`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FedprivError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise FedprivError(f"{path} is not UTF-8 text: expected the JSON report fedpriv writes") from None
+    except OSError as exc:
+        raise FedprivError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise FedprivError(f"{path} holds a JSON {type(data).__name__}, expected an object (a fedpriv privacy report)")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise FedprivError(f"{path} has schema_version {version!r}, expected {SCHEMA_VERSION}"
+                           + (" (written by a newer fedpriv: upgrade to render it)"
+                              if isinstance(version, int) and version > SCHEMA_VERSION else ""))
+    for key, types in _REQUIRED.items():
+        if key not in data:
+            raise FedprivError(f"{path} lacks key {key!r}: not a complete schema_version {SCHEMA_VERSION} report")
+        value = data[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise FedprivError(f"{path}: {key!r} is a {type(value).__name__}, expected a "
+                               f"{' or '.join(t.__name__ for t in types)}")
+    for name, region in data["regions"].items():
+        if not isinstance(region, dict):
+            raise FedprivError(f"{path}: regions[{name!r}] is a {type(region).__name__}, expected an object")
+    for i, rnd in enumerate(data["rounds"]):
+        if not isinstance(rnd, dict) or isinstance(rnd.get("round"), bool) or not isinstance(rnd.get("round"), int):
+            raise FedprivError(f"{path}: rounds[{i}] is not an object with an integer 'round'")
+    return data
+
+
+def render_reports(reports: list[tuple[Path, dict[str, Any]]], out: Path | None = None) -> list[Path]:
+    """Write every output for ``reports`` (pairs of run dir and loaded report); returns the paths written."""
+    from privacy import plots
+    from privacy.html_report import render_html
+    from privacy.report import MD_NAME, render_markdown
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise FedprivError(f"--out {out} is a file: expected a directory (it is created if missing)")
+    targets = _targets([run_dir for run_dir, _ in reports], out)
+    written: list[Path] = []
+    for (run_dir, data), target in zip(reports, targets):
+        what = f"{run_dir / 'privacy_report.json'}"
+        target.mkdir(parents=True, exist_ok=True)
+        written.append(_write_text(target / MD_NAME, _render(what, lambda: render_markdown(data))))
+        written.append(_render(what, lambda: render_html([data], target / HTML_NAME)))
+        written.append(_write_png(target / EPSILON_PNG, what, lambda buf: plots.plot_epsilon(data, buf)))
+        written.append(_write_png(target / ACCURACY_PNG, what, lambda buf: plots.plot_accuracy(data, buf)))
+    if len(reports) > 1:
+        where = out if out is not None else reports[0][0]
+        datas = [data for _, data in reports]
+        what = ", ".join(str(run_dir) for run_dir, _ in reports)
+        written.append(_render(what, lambda: render_html(datas, where / COMPARISON_HTML)))
+        written.append(_write_png(where / ACC_VS_EPS_PNG, what, lambda buf: plots.plot_accuracy_vs_epsilon(datas, buf)))
+    return written
+
+
+def _targets(run_dirs: list[Path], out: Path | None) -> list[Path]:
+    if out is None:
+        return list(run_dirs)
+    if len(run_dirs) == 1:
+        return [out]
+    names: list[str] = []
+    for run_dir in run_dirs:
+        base = Path(os.path.abspath(run_dir)).name or "run"
+        name, n = base, 2
+        while name in names:  # two run dirs with the same name (different parents)
+            name, n = f"{base}-{n}", n + 1
+        names.append(name)
+    return [out / name for name in names]
+
+
+def _render(what: str, fn: Callable[[], Any]) -> Any:
+    """Run a renderer; a report whose fields have unexpected types is a user error, not a crash."""
+    try:
+        return fn()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise FedprivError(f"cannot render {what}: {detail} (expected a schema_version 1 report)") from None
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_png(path: Path, what: str, plot: Callable[[io.BytesIO], None]) -> Path:
+    buf = io.BytesIO()
+    _render(what, lambda: plot(buf))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["load_run", "render_reports"]

@@ -1,0 +1,40 @@
+"""``fedpriv audit``: a membership-inference attack on a run's final model, added to its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedpriv.cli import command
+
+
+@command("audit", "Run a loss-threshold membership-inference attack on a run's final model and add it to the report.")
+class AuditCommand:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by `fedpriv simulate` or `fedpriv run`")
+        p.add_argument("--max-examples", type=int, default=1000, metavar="N",
+                       help="members sampled across the regions' training data, and as many held-out non-members "
+                            "(default: %(default)s)")
+        p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+        p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                       help="shard root holding regions/<region>/train.jsonl and server/test.jsonl "
+                            "(default: the run's data-dir)")
+        p.add_argument("--json", action="store_true", help="print the audit as JSON instead of a table")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from fedpriv.commands.report import load_run
+        from privacy.audit import audit_run, format_audit, save_audit
+
+        report = load_run(args.run_dir)
+        audit = audit_run(args.run_dir, max_examples=args.max_examples, seed=args.seed, data_dir=args.data_dir,
+                          report=report)
+        path = save_audit(args.run_dir, audit)
+        if args.json:
+            print(json.dumps(audit, indent=2))
+        else:
+            print(format_audit(audit))
+            print(f"\nadded to {path} (key \"audit\") and {args.run_dir / 'privacy_report.md'}")
+        return 0

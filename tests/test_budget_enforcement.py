@@ -1,0 +1,177 @@
+"""Budget enforcement in a region's own process: the ledger decides, before training, whether a round may run.
+
+Uses :class:`client.region.RegionRuntime` directly (no Flower) with the tiny model and a small
+synthetic shard, in deployment mode: the node config names the region, its data and its cap.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client import region as region_mod
+from client.region import RegionRuntime, identify_region
+from client.trainer import choose_noise_multiplier, region_schedule
+from fedpriv.config import resolve_config
+from fedpriv.errors import BudgetExhausted
+from privacy.ledger import PrivacyLedger
+from task.data import Example
+from task.model import get_trainable
+from task.partition import PartitionSpec, partition_corpus, write_shards
+
+REGIONS = ("us-east", "eu-west")
+DELTA = 1e-5
+WORDS = ["good", "bad", "great", "awful", "the", "movie", "food", "day", "really", "was", "it", "service"]
+
+
+def synthetic_corpus(n: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    domains = ["tweets", "amazon", "movies", "nyt"]
+    return [Example(id=f"e{i}", text=" ".join(rng.choice(WORDS) for _ in range(6)), label=i % 2,
+                    domain=domains[i % 4], rating=(1.5 if i % 2 else -1.5)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    spec = PartitionSpec(regions=REGIONS, seed=0, dirichlet_alpha=100.0, domain_skew=0.0,
+                         max_examples_per_region=64, max_server_examples=32)
+    partition = partition_corpus(synthetic_corpus(400), spec)
+    assert all(len(s.train) == 64 for s in partition.regions.values())
+    return write_shards(partition, root)
+
+
+def make_config(tmp_path, shard_root, **overrides):
+    """Tiny model, 64 examples, batch 32: 2 DP-SGD steps per round at q = 1/2, σ fixed at 1.0 (no planner search)."""
+    base = {"noise-multiplier": 1.0, "model": "tiny", "trainable": "all", "regions": ",".join(REGIONS), "num-server-rounds": 3,
+            "batch-size": 32, "physical-batch-size": 32, "local-epochs": 1.0, "target-epsilon": 3.0,
+            "delta": DELTA, "accountant": "rdp", "num-threads": 1,
+            "data-dir": str(shard_root), "run-dir": str(tmp_path / "run")}
+    return resolve_config({**base, **overrides})[1]
+
+
+def node(shard_root, tmp_path, **extra):
+    """A SuperNode's node config for us-east, with its own ledger under tmp_path."""
+    return {"region": "us-east", "data-path": str(shard_root), "ledger-path": str(tmp_path / "us-east.sqlite"), **extra}
+
+
+def round_entry(cfg) -> tuple[float, float, int]:
+    """(σ, q, steps) of one round of us-east under ``cfg``: what the region will plan."""
+    schedule = region_schedule(64, cfg)
+    return (choose_noise_multiplier(schedule, cfg), schedule.sample_rate, schedule.steps_per_round)
+
+
+def fresh_epsilon(history) -> float:
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=DELTA)
+
+
+def ledger_rows(path):
+    with PrivacyLedger(path) as ledger:
+        return ledger.releases()
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Count LocalTrainer.train calls (the real one still runs)."""
+    calls = []
+    real = region_mod.LocalTrainer.train
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("label"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(region_mod.LocalTrainer, "train", counting)
+    return calls
+
+
+def test_cap_below_one_round_never_trains(tmp_path, shard_root, train_calls):
+    cfg = make_config(tmp_path, shard_root)
+    one_round = fresh_epsilon([round_entry(cfg)])
+    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": one_round / 2}), cfg)
+    assert identity.max_epsilon == pytest.approx(one_round / 2)
+    runtime = RegionRuntime(cfg, identity)
+    values = get_trainable(runtime.split.model)
+    for attempt in ("a1", "a2"):  # a retry is refused just the same
+        with pytest.raises(BudgetExhausted) as info:
+            runtime.train(values, 1, job_id="job-1", attempt_id=attempt)
+        assert "Refused" in str(info.value) and "above the budget" in str(info.value)
+    assert train_calls == []  # refused before any local training
+    assert ledger_rows(identity.ledger_path) == []
+    # the model the region holds was never touched
+    assert all((get_trainable(runtime.split.model)[k] == v).all() for k, v in values.items())
+
+
+def test_region_near_its_cap_stops_exactly_before_exceeding_it(tmp_path, shard_root, train_calls):
+    cfg = make_config(tmp_path, shard_root)
+    entry = round_entry(cfg)
+    eps = [fresh_epsilon([entry] * k) for k in (1, 2, 3)]
+    assert eps[0] < eps[1] < eps[2]
+    cap = eps[1] * (1 + 1e-9)  # round 2 lands on the cap; round 3 would go above it
+    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": cap}), cfg)
+    runtime = RegionRuntime(cfg, identity)
+    values = get_trainable(runtime.split.model)
+    for rnd in (1, 2):
+        outcome = runtime.train(values, rnd, job_id="job-1", attempt_id="a1")
+        values = outcome.result.values
+        assert outcome.epsilon == pytest.approx(eps[rnd - 1], rel=1e-9)
+        assert outcome.lifetime_epsilon <= cap
+    assert len(train_calls) == 2
+    with pytest.raises(BudgetExhausted) as info:
+        runtime.train(values, 3, job_id="job-1", attempt_id="a1")
+    message = str(info.value)
+    assert "round 3" in message and "above the budget" in message
+    assert f"{eps[2]:.4g}" in message  # names the ε the round would have reached
+    assert len(train_calls) == 2  # round 3 never trained
+    rows = ledger_rows(identity.ledger_path)
+    assert [(r.run_id, r.round) for r in rows] == [("job-1/a1", 1), ("job-1/a1", 2)]
+    with PrivacyLedger(identity.ledger_path) as ledger:
+        assert ledger.epsilon(DELTA) <= cap
+    # the budget is about the data, not the run: another job on the same data is refused too
+    with pytest.raises(BudgetExhausted):
+        RegionRuntime(cfg, identity).train(get_trainable(runtime.split.model), 1, job_id="job-2", attempt_id="b1")
+    assert len(ledger_rows(identity.ledger_path)) == 2
+
+
+def test_restarted_region_continues_its_history(tmp_path, shard_root):
+    cfg = make_config(tmp_path, shard_root)
+    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": 50.0}), cfg)
+    first = RegionRuntime(cfg, identity)
+    values = get_trainable(first.split.model)
+    for rnd in (1, 2):
+        values = first.train(values, rnd, job_id="job-1", attempt_id="a1").result.values
+    del first
+    restarted = RegionRuntime(cfg, identify_region(node(shard_root, tmp_path, **{"max-epsilon": 50.0}), cfg))
+    outcome = restarted.train(values, 3, job_id="job-1", attempt_id="a1")
+    releases = [r.history_entry for r in ledger_rows(identity.ledger_path)]
+    assert len(releases) == 3 and len(outcome.history) == 3
+    assert outcome.epsilon == pytest.approx(fresh_epsilon(releases), rel=1e-9)
+    assert outcome.lifetime_epsilon == pytest.approx(fresh_epsilon(releases), rel=1e-9)
+    assert outcome.epsilon > fresh_epsilon(releases[:2])
+    assert outcome.steps == sum(steps for _, _, steps in releases)
+
+
+def test_cap_comes_only_from_node_config(tmp_path, shard_root, train_calls):
+    cfg = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1e-3})
+    one_round = fresh_epsilon([round_entry(cfg)])
+    # a deployment node without its own cap: the run config's simulated cap does not apply
+    identity = identify_region(node(shard_root, tmp_path), cfg)
+    assert identity.max_epsilon == 0.0
+    runtime = RegionRuntime(cfg, identity)
+    outcome = runtime.train(get_trainable(runtime.split.model), 1, job_id="job-1", attempt_id="a1")
+    assert outcome.epsilon == pytest.approx(one_round, rel=1e-9) and one_round > 1e-3
+    # nor can a generous run config raise a node's own cap
+    generous = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1000.0})
+    capped = identify_region(node(shard_root, tmp_path / "other", **{"max-epsilon": one_round / 2}), generous)
+    assert capped.max_epsilon == pytest.approx(one_round / 2)
+    with pytest.raises(BudgetExhausted):
+        RegionRuntime(generous, capped).train(get_trainable(runtime.split.model), 1, job_id="job-9", attempt_id="z")
+    assert len(train_calls) == 1
+    # in a simulation (no region in the node config) the simulated cap is what applies
+    simulated = identify_region({"partition-id": 0}, cfg)
+    assert simulated.name == "us-east" and simulated.max_epsilon == pytest.approx(1e-3)
+    assert not math.isinf(simulated.max_epsilon)
