@@ -14,9 +14,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fedpriv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from task.partition import PartitionSpec
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""

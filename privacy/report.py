@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.errors import FedprivError
-from privacy.accountant import Entry, epsilon_of
+from privacy.accountant import Entry
 
 SCHEMA_VERSION = 1
 JSON_NAME = "privacy_report.json"
@@ -140,11 +140,6 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise FedprivError(f"{path} has schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     return data
-
-
-def recompute_epsilon(region: dict[str, Any], delta: float, accountant: str) -> float:
-    """Independent check: ε from the region's recorded history with a fresh accountant."""
-    return epsilon_of([tuple(h) for h in region.get("history", [])], delta, accountant)  # type: ignore[misc]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""Turning posts into model inputs, and evaluating a model on them.
+"""Turning posts into model inputs.
 
 Texts are tokenised once, unpadded; each batch is padded only to its own longest
 post (social-media posts are short, so this is ~2x cheaper than padding to
@@ -49,22 +49,3 @@ def collate(batch: Sequence[tuple[list[int], int]], pad_id: int = 0) -> dict[str
     position_ids = torch.arange(length, dtype=torch.long).unsqueeze(0).expand(len(batch), -1).contiguous()
     labels = torch.tensor([label for _, label in batch], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "labels": labels}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: EncodedDataset, device: torch.device, batch_size: int = 128) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy; sorts by length so padding costs little."""
-    if len(data) == 0:
-        return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([data[i] for i in order[start : start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        total_loss += float(out.loss) * len(batch["labels"])
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-    model.train(was_training)
-    return total_loss / len(data), correct / len(data)
