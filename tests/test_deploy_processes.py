@@ -264,7 +264,7 @@ def test_registered_supernode_connects(deployment):
         log_file=deployment.root / "sn-us-east.log", flwr_home=deployment.apps_home / "us-east",
     )
     assert "--auth-supernode-private-key" in sn.command() and "--root-certificates" in sn.command()
-    assert sn.node_config() == f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}'"
+    assert sn.node_config() == f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}' max-epsilon=0.0"
     with _Tracked(sn) as node:
         assert node.wait_ready(READY_TIMEOUT) == deployment.us_east_id
         children = [" ".join(c.cmdline()) for c in psutil.Process(node.procs[0].pid).children(recursive=True)]
