@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import DataError
-from privacy.accountant import Entry, noise_for_target
+from privacy.accountant import Entry
+from privacy.noise import noise_multiplier_for
 from task.features import FeatureDataset, SplitClassifier, collate_features
 from task.model import get_trainable
 
@@ -74,7 +75,7 @@ def choose_noise_multiplier(schedule: Schedule, cfg: FedprivConfig) -> float:
     """Given σ if set, else the σ that spends ``target-epsilon`` over the whole planned schedule."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    return noise_for_target(cfg.target_epsilon, cfg.delta, schedule.sample_rate, schedule.total_steps, cfg.accountant)
+    return noise_multiplier_for(cfg.target_epsilon, cfg.delta, schedule.total_steps, schedule.sample_rate, cfg.accountant)
 
 
 class LocalTrainer:

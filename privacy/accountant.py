@@ -57,11 +57,3 @@ def epsilon_of(history: Iterable[Entry], delta: float, mechanism: str = "rdp") -
         accountant = create_accountant(mechanism)
         accountant.history = history
         return float(accountant.get_epsilon(delta=delta))
-
-
-def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, total_steps: int, mechanism: str = "rdp") -> float:
-    """σ such that the *whole planned schedule* (all rounds x local steps) stays within ε."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=total_steps, accountant=mechanism))

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 from fedpriv.errors import ConfigError
+from privacy.noise import noise_multiplier_for
 
 __all__ = [
     "ACCOUNTANTS",
@@ -146,39 +147,6 @@ def _quiet():
         # very large σ probed by the noise search); the bound is valid, only looser.
         warnings.filterwarnings("ignore", message="Optimal order is the")
         yield
-
-
-def noise_multiplier_for(
-    target_epsilon: float,
-    delta: float,
-    total_steps: int,
-    sample_rate: float,
-    accountant: str = "rdp",
-    epsilon_tolerance: float = 0.01,
-) -> float:
-    """σ such that ``total_steps`` steps at ``sample_rate`` spend at most ``target_epsilon`` (Opacus)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        with _quiet():
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=total_steps,
-                    accountant=accountant,
-                    epsilon_tolerance=epsilon_tolerance,
-                )
-            )
-    except ValueError as exc:
-        if "too low" in str(exc):
-            raise ConfigError(
-                f"target-epsilon = {target_epsilon!r}: too small to reach at delta = {delta!r} over {total_steps} "
-                f"steps at sample rate {sample_rate:.4g} even with noise multiplier 1e6; expected a larger "
-                "target-epsilon, fewer steps, or a smaller batch"
-            ) from None
-        raise
 
 
 def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
