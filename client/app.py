@@ -58,8 +58,8 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples,
         "train-loss": result.loss,
         "train-accuracy": result.accuracy,
-        "epsilon": outcome.epsilon if cfg.dp else -1.0,
-        "lifetime-epsilon": outcome.lifetime_epsilon if cfg.dp else -1.0,
+        "dp": int(cfg.dp),  # without DP there is no ε to send (it is ∞): the report records null
+        **({"epsilon": outcome.epsilon, "lifetime-epsilon": outcome.lifetime_epsilon} if cfg.dp else {}),
         "max-epsilon": identity.max_epsilon,
         "delta": cfg.delta,
         "steps": outcome.steps,

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 from privacy import plots
 from privacy.plots import (_num, _regions, _rounds, epsilon_value, final_accuracy, max_region_epsilon,
                            region_final_epsilon)
+from privacy.report import secure_aggregation_rounds
 
 __all__ = ["SCHEMA_VERSION", "render_html", "tpr_bound"]
 
@@ -195,10 +196,16 @@ def _guarantee(report: Mapping[str, Any]) -> str:
             extra.append(f"secret-sharing threshold {_e(sa.get('threshold'))}")
         if sa.get("quant_bits") is not None:
             extra.append(f"updates quantised to {_e(sa.get('quant_bits'))} bits")
+        by_mode = secure_aggregation_rounds(dict(report))
+        rounds = lambda key: ", ".join(str(r) for r in by_mode[key])  # noqa: E731
         out.append(
             "<p><b>Secure aggregation</b> was on" + (f" ({', '.join(extra)})" if extra else "")
-            + ": in each round the coordinator learns only the <i>sum</i> of the regions' updates, never one "
-            "region's update on its own. This protects each region's update from the coordinator during the run. "
+            + (f": in round(s) {rounds('secure')} the coordinator learned only the <i>sum</i> of the regions' updates, "
+               "never one region's update on its own. " if by_mode["secure"] else ", but no round was securely aggregated. ")
+            + (f"<b>In round(s) {rounds('plain')} only one region trained, so the round fell back to plain FedAvg and "
+               "the coordinator saw that region's update</b> (still DP-noised). " if by_mode["plain"] else "")
+            + (f"Round(s) {rounds('aborted')} aborted: nothing was unmasked and the global model did not change. "
+               if by_mode["aborted"] else "")
             + ("Without DP it is the only protection there is: the summed updates and the final model still "
                "reveal what the regions' data taught them.</p>" if nothing else
                "It does not lower ε: ε is computed as if every update were published in the clear, so the "

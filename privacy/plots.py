@@ -49,14 +49,25 @@ def _num(x: Any) -> float | None:
 
 
 def epsilon_value(x: Any) -> float | None:
-    """An ε from a report: a negative value is the "DP off" sentinel regions send (ε = ∞)."""
+    """An ε from a report (∞ for DP off: see :func:`_regions`; older reports used -1 as that sentinel)."""
     v = _num(x)
     return math.inf if v is not None and v < 0 else v
 
 
 def _regions(report: Report) -> dict[str, Mapping[str, Any]]:
+    """The report's regions; a region with ``dp: false`` gets ε = ∞ everywhere (the JSON stores null)."""
     regions = report.get("regions") or {}
-    return {str(k): (v if isinstance(v, Mapping) else {}) for k, v in regions.items()} if isinstance(regions, Mapping) else {}
+    if not isinstance(regions, Mapping):
+        return {}
+    return {str(k): (_with_infinite_epsilon(v) if isinstance(v, Mapping) and v.get("dp") is False
+                     else v if isinstance(v, Mapping) else {}) for k, v in regions.items()}
+
+
+def _with_infinite_epsilon(region: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(region)
+    out["epsilon_by_round"] = [math.inf for _ in region.get("epsilon_by_round") or []]
+    out["epsilon"] = out["lifetime_epsilon"] = math.inf
+    return out
 
 
 def _rounds(report: Report) -> list[Mapping[str, Any]]:

@@ -28,7 +28,8 @@ MD_NAME = "privacy_report.md"
 class RegionRecord:
     """What the coordinator learned about one region's privacy spending."""
 
-    epsilon_by_round: list[float] = field(default_factory=list)
+    dp: bool = True  # False: the region trained without DP noise (every ε is then ∞, recorded as null)
+    epsilon_by_round: list[float | None] = field(default_factory=list)
     steps_by_round: list[int] = field(default_factory=list)
     rounds_participated: list[int] = field(default_factory=list)
     history: list[Entry] = field(default_factory=list)
@@ -68,7 +69,8 @@ class RunReport:
         if server_round in rec.rounds_participated:  # a retried round is recorded once
             return
         rec.rounds_participated.append(server_round)
-        rec.epsilon_by_round.append(float(metrics["epsilon"]))
+        rec.dp = is_private(metrics)
+        rec.epsilon_by_round.append(float(metrics["epsilon"]) if rec.dp else None)
         rec.steps_by_round.append(int(metrics["steps"]))
         rec.history = [tuple(h) for h in history]  # type: ignore[misc]
         rec.noise_multiplier = float(metrics["noise-multiplier"])
@@ -76,7 +78,7 @@ class RunReport:
         rec.max_grad_norm = float(metrics["max-grad-norm"])
         rec.num_examples = int(metrics["num-examples"])
         rec.peak_memory_mb = max(rec.peak_memory_mb or 0.0, float(metrics.get("peak-memory-mb", 0.0)))
-        if "lifetime-epsilon" in metrics:
+        if rec.dp and "lifetime-epsilon" in metrics:
             rec.lifetime_epsilon = float(metrics["lifetime-epsilon"])
         if metrics.get("max-epsilon", 0) > 0:
             rec.max_epsilon = float(metrics["max-epsilon"])
@@ -99,10 +101,11 @@ class RunReport:
         for name, rec in self.regions.items():
             d = {k: v for k, v in rec.__dict__.items() if k != "history"}
             d["history"] = [list(h) for h in rec.history]
-            d["epsilon"] = rec.epsilon_by_round[-1] if rec.epsilon_by_round else 0.0
+            d["epsilon"] = (rec.epsilon_by_round[-1] if rec.epsilon_by_round else 0.0) if rec.dp else None
             d["target_epsilon"] = rec.target_epsilon
             budget = rec.max_epsilon or rec.target_epsilon
-            d["budget_left"] = None if budget is None else round(budget - (rec.lifetime_epsilon or d["epsilon"]), 6)
+            spent = rec.lifetime_epsilon if rec.lifetime_epsilon is not None else d["epsilon"]
+            d["budget_left"] = None if budget is None or spent is None else round(budget - spent, 6)
             regions[name] = d
         return {
             "schema_version": SCHEMA_VERSION,
@@ -142,82 +145,194 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def is_private(metrics: dict[str, Any]) -> bool:
+    """Whether a region's training reply came from a DP run (``dp`` flag; older clients sent ε = -1 instead)."""
+    if not metrics.get("dp", 1):
+        return False
+    return "epsilon" in metrics and float(metrics["epsilon"]) >= 0
+
+
+def epsilon_text(region: dict[str, Any], key: str = "epsilon", digits: int = 3) -> str:
+    """A region's ε for people: ``∞ (DP off)`` for a non-private region, ``–`` when unknown."""
+    if region.get("dp") is False:
+        return "∞ (DP off)"
+    return _fmt(region.get(key), digits)
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return "∞" if math.isinf(x) else f"{x:.{digits}f}"
     return str(x)
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    return ", ".join(str(r) for r in rounds)
+
+
+# -- secure aggregation: what the coordinator saw, round by round -----------------------------------------
+
+
+def secure_aggregation_rounds(data: dict[str, Any]) -> dict[str, list[int]]:
+    """Trained rounds split by how they were aggregated: ``secure``, ``plain`` (1 region: in the clear), ``aborted``."""
+    section = data.get("secure_aggregation") or {}
+    entries = {int(e["round"]): e for e in section.get("rounds", []) if isinstance(e, dict) and "round" in e}
+    out: dict[str, list[int]] = {"secure": [], "plain": [], "aborted": []}
+    for rnd, e in sorted(entries.items()):
+        out["aborted" if e.get("aborted") else ("plain" if e.get("mode") == "plain" else "secure")].append(rnd)
+    return out
+
+
+def coordinator_view(data: dict[str, Any]) -> str:
+    """One honest paragraph on what the coordinator saw of the regions' updates in this run."""
+    section = data.get("secure_aggregation") or {}
+    if not section.get("enabled"):
+        return ("Secure aggregation was **off**: the coordinator saw each region's (DP-noised, clipped) update "
+                "individually. The ε above still holds, because the noise is added inside each region.")
+    by_mode = secure_aggregation_rounds(data)
+    text = "Secure aggregation was **on**"
+    if by_mode["secure"]:
+        text += (f": in round(s) {_rounds_text(by_mode['secure'])} the coordinator learned only the **sum** of the "
+                 "participating regions' updates, never one region's update.")
+    else:
+        text += ", but no round was securely aggregated."
+    if by_mode["plain"]:
+        text += (f" In round(s) {_rounds_text(by_mode['plain'])} only one region trained, so there was no sum to hide "
+                 "in: those rounds fell back to plain FedAvg and **the coordinator saw that region's update** "
+                 "(still DP-noised).")
+    if by_mode["aborted"]:
+        text += (f" Round(s) {_rounds_text(by_mode['aborted'])} aborted (too few regions survived the protocol): "
+                 "nothing was unmasked and the global model did not change.")
+    return text + (" Secure aggregation does not lower ε: ε is computed as if every update were published.")
+
+
+def _secure_aggregation_table(data: dict[str, Any]) -> list[str]:
+    section = data.get("secure_aggregation") or {}
+    entries = [e for e in section.get("rounds", []) if isinstance(e, dict)]
+    if not section.get("enabled") or not entries:
+        return []
+    lines = ["", "## Secure aggregation, round by round", "",
+             f"Protocol {section.get('protocol', 'SecAgg')}, threshold {section.get('threshold')}, neighbours "
+             f"{section.get('neighbours')}, {section.get('quant_bits')}-bit quantisation of updates clipped to "
+             f"±{section.get('clip_range')}.", "",
+             "| round | aggregation | trained | survived | dropped (stage) | threshold | error bound | seconds | note |",
+             "|---:|---|---|---|---|---:|---:|---:|---|"]
+    for e in sorted(entries, key=lambda e: int(e.get("round", 0))):
+        mode = "aborted" if e.get("aborted") else ("plain (in the clear)" if e.get("mode") == "plain" else "secure")
+        dropped = "; ".join(f"{k} ({v})" for k, v in (e.get("dropped_at") or {}).items()) or "–"
+        lines.append(
+            f"| {e.get('round')} | {mode} | {', '.join(e.get('participants', [])) or '–'} | "
+            f"{', '.join(e.get('survivors', [])) or '–'} | {dropped} | {_fmt(e.get('threshold'))} | "
+            f"{'–' if e.get('error_bound') is None else format(e['error_bound'], '.2g')} | "
+            f"{_fmt(e.get('seconds'), 1)} | {e.get('reason', '')} |")
+    return lines
+
+
+# -- Markdown ----------------------------------------------------------------------------------------------
 
 
 def render_markdown(data: dict[str, Any]) -> str:
     """A page a privacy officer can read and hand on."""
-    delta, acct = data["delta"], data["accountant"]
-    secagg = data.get("secure_aggregation", {})
-    lines = [
-        f"# fedpriv privacy-budget report — run {data.get('run_id') or '(unnamed)'}",
-        "",
-        f"Status: **{data['status']}** · created {data['created']} · accountant **{acct.upper()}** · δ = {delta:g}",
-        "",
-        "## What the guarantee means",
-        "",
-        f"Each region's released model updates are **record-level ({'ε'}, δ)-differentially private** with respect to "
+    sections = (_header, _guarantee, _region_table, _round_table, _secure_aggregation_table, _audit, _partition,
+                _run_info)
+    return "\n".join(line for section in sections for line in section(data)) + "\n"
+
+
+def _header(data: dict[str, Any]) -> list[str]:
+    return [f"# fedpriv privacy-budget report — run {data.get('run_id') or '(unnamed)'}", "",
+            f"Status: **{data['status']}** · created {data['created']} · accountant **{data['accountant'].upper()}** · "
+            f"δ = {data['delta']:g}"]
+
+
+def _guarantee(data: dict[str, Any]) -> list[str]:
+    delta, acct = data["delta"], data["accountant"].upper()
+    off = [name for name, r in data["regions"].items() if r.get("dp") is False]
+    lines = ["", "## What the guarantee means", ""]
+    if off:
+        lines += [f"**No differential privacy for {', '.join(off)}**: DP was off (`dp = false`), so ε = ∞ — nothing "
+                  "bounds what those regions' updates, or any model built from them, reveal about their posts.", ""]
+    lines += [
+        f"Each DP region's released model updates are **record-level (ε, δ)-differentially private** with respect to "
         f"that region's own users: adding or removing any one post changes the probability of anything the region "
         f"released by at most a factor e^ε (plus δ = {delta:g}). ε below is cumulative over all rounds of this run, "
-        f"computed by the {acct.upper()} accountant over the region's whole DP-SGD history (Poisson sampling, Gaussian noise, "
+        f"computed by the {acct} accountant over the region's whole DP-SGD history (Poisson sampling, Gaussian noise, "
         f"per-example clipping). The final global model inherits each region's guarantee (post-processing).",
         "",
-        ("Secure aggregation was **on**: the coordinator saw only the sum of the regions' updates, never one region's update. "
-         if secagg.get("enabled") else "Secure aggregation was **off**: the coordinator saw each region's (DP-noised) update. ")
-        + "Not protected: which regions took part in each round, their plaintext training metrics, and anything the final "
-          "model reveals within its ε.",
-        "",
-        "## Per region",
-        "",
-        "| region | examples | noise σ | sample rate | clip C | steps | ε (this run) | budget | budget left | enforcement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        coordinator_view(data) + " Not protected: which regions took part in each round, their plaintext training "
+        "metrics, and anything the final model reveals within its ε.",
     ]
+    return lines
+
+
+def _region_table(data: dict[str, Any]) -> list[str]:
+    lines = ["", "## Per region", "",
+             "| region | examples | noise σ | sample rate | clip C | steps | ε (this run) | ε (lifetime, ledger) | "
+             "budget | budget left | enforcement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in data["regions"].items():
         budget = r.get("max_epsilon") or r.get("target_epsilon")
-        enforcement = "; ".join(f"round {e['round']}: {e['action']} ({e['reason']})" for e in r.get("enforcement", [])) or "none needed"
+        enforcement = "; ".join(f"round {e['round']}: {e['action']} ({e['reason']})"
+                                for e in r.get("enforcement", [])) or "none needed"
         steps = r["steps_by_round"][-1] if r.get("steps_by_round") else 0
         lines.append(
-            f"| {name} | {_fmt(r.get('num_examples'))} | {_fmt(r.get('noise_multiplier'))} | {_fmt(r.get('sample_rate'), 4)} | "
-            f"{_fmt(r.get('max_grad_norm'))} | {steps} | {_fmt(r.get('epsilon'))} | {_fmt(budget)} | {_fmt(r.get('budget_left'))} | {enforcement} |")
-    lines += ["", "## ε after each round (cumulative)", ""]
+            f"| {name} | {_fmt(r.get('num_examples'))} | {_fmt(r.get('noise_multiplier'))} | "
+            f"{_fmt(r.get('sample_rate'), 4)} | {_fmt(r.get('max_grad_norm'))} | {steps} | {epsilon_text(r)} | "
+            f"{epsilon_text(r, 'lifetime_epsilon')} | {_fmt(budget)} | {_fmt(r.get('budget_left'))} | {enforcement} |")
+    return lines
+
+
+def _round_table(data: dict[str, Any]) -> list[str]:
     names = list(data["regions"])
-    max_round = max((r["round"] for r in data["rounds"]), default=0)
-    lines.append("| round | " + " | ".join(names) + " | global accuracy | global loss |")
-    lines.append("|---:|" + "---:|" * len(names) + "---:|---:|")
-    for rnd in range(1, max_round + 1):
+    by_mode = {rnd: mode for mode, rounds in secure_aggregation_rounds(data).items() for rnd in rounds}
+    secagg_on = bool((data.get("secure_aggregation") or {}).get("enabled"))
+    lines = ["", "## ε after each round (cumulative)", "",
+             "| round | " + " | ".join(names) + " | aggregation | global accuracy | global loss |",
+             "|---:|" + "---:|" * len(names) + "---|---:|---:|"]
+    for rnd in range(1, max((r["round"] for r in data["rounds"]), default=0) + 1):
         cells = []
         for name in names:
             r = data["regions"][name]
             rounds = r.get("rounds_participated", [])
-            cells.append(_fmt(r["epsilon_by_round"][rounds.index(rnd)]) if rnd in rounds else "–")
+            cells.append(("∞" if r.get("dp") is False else _fmt(r["epsilon_by_round"][rounds.index(rnd)]))
+                         if rnd in rounds else "–")
         g = next((x for x in data["rounds"] if x["round"] == rnd), {})
-        lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {_fmt(g.get('accuracy'))} | {_fmt(g.get('loss'))} |")
+        how = by_mode.get(rnd, "–") if secagg_on else "plain"
+        lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {how} | {_fmt(g.get('accuracy'))} | {_fmt(g.get('loss'))} |")
     base = next((x for x in data["rounds"] if x["round"] == 0), None)
     if base:
         lines += ["", f"Global model before training: accuracy {_fmt(base.get('accuracy'))}, loss {_fmt(base.get('loss'))}."]
-    if data.get("audit"):
-        a = data["audit"]
-        lines += ["", "## Empirical audit (loss-threshold membership inference)", "",
-                  f"AUC {_fmt(a.get('auc'))}, TPR at 1% FPR {_fmt(a.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR "
-                  f"{_fmt(a.get('tpr_at_10pct_fpr'))} ({a.get('members')} members vs {a.get('non_members')} non-members). "
-                  "An AUC near 0.5 means the attack cannot tell training posts from unseen ones."]
-    if data.get("partition"):
-        lines += ["", "## Data partition", "", "| region | train | test | positive fraction | domains |", "|---|---:|---:|---:|---|"]
-        for name, p in data["partition"].items():
-            if name == "server":
-                continue
+    return lines
+
+
+def _audit(data: dict[str, Any]) -> list[str]:
+    a = data.get("audit")
+    if not a:
+        return []
+    return ["", "## Empirical audit (loss-threshold membership inference)", "",
+            f"AUC {_fmt(a.get('auc'))}, TPR at 1% FPR {_fmt(a.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR "
+            f"{_fmt(a.get('tpr_at_10pct_fpr'))} ({a.get('members')} members vs {a.get('non_members')} non-members). "
+            "An AUC near 0.5 means the attack cannot tell training posts from unseen ones."]
+
+
+def _partition(data: dict[str, Any]) -> list[str]:
+    part = data.get("partition")
+    if not part:
+        return []
+    lines = ["", "## Data partition", "", "| region | train | test | positive fraction | domains |",
+             "|---|---:|---:|---:|---|"]
+    for name, p in part.items():
+        if name != "server":
             lines.append(f"| {name} | {p.get('train')} | {p.get('test')} | {_fmt(p.get('positive_fraction'))} | "
                          + ", ".join(f"{k} {v}" for k, v in p.get("domains", {}).items()) + " |")
-        if "server" in data["partition"]:
-            lines.append(f"\nServer held-out test set (never trained on): {data['partition']['server'].get('test')} posts.")
-    if data.get("run_info"):
-        lines += ["", "## Run", ""] + [f"- {k}: {_fmt(v)}" for k, v in data["run_info"].items()]
-    return "\n".join(lines) + "\n"
+    if "server" in part:
+        lines.append(f"\nServer held-out test set (never trained on): {part['server'].get('test')} posts.")
+    return lines
+
+
+def _run_info(data: dict[str, Any]) -> list[str]:
+    info = data.get("run_info")
+    return ["", "## Run", ""] + [f"- {k}: {_fmt(v)}" for k, v in info.items()] if info else []
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -165,7 +165,9 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
         rec = report.regions.setdefault(name, RegionRecord())
         keep = [i for i, rnd in enumerate(saved.get("rounds_participated", [])) if int(rnd) <= upto_round]
         rec.rounds_participated = [int(saved["rounds_participated"][i]) for i in keep]
-        rec.epsilon_by_round = [float(saved["epsilon_by_round"][i]) for i in keep]
+        eps = [saved["epsilon_by_round"][i] for i in keep]
+        rec.dp = saved.get("dp", True) is not False and not any(e is not None and float(e) < 0 for e in eps)
+        rec.epsilon_by_round = [float(e) if rec.dp and e is not None else None for e in eps]
         rec.steps_by_round = [int(saved["steps_by_round"][i]) for i in keep]
         rec.enforcement = [dict(e) for e in saved.get("enforcement", []) if int(e.get("round", 0)) <= upto_round]
         history = [(float(h[0]), float(h[1]), int(h[2])) for h in saved.get("history", [])]
@@ -174,7 +176,7 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
         rec.history = history  # type: ignore[assignment]
         rec.local_accuracy_by_round = list(saved.get("local_accuracy_by_round", []))
         for attr in ("noise_multiplier", "sample_rate", "max_grad_norm", "num_examples", "max_epsilon",
-                     "lifetime_epsilon", "peak_memory_mb"):
+                     *(("lifetime_epsilon",) if rec.dp else ()), "peak_memory_mb"):
             if saved.get(attr) is not None:
                 setattr(rec, attr, saved[attr])
         if "target_epsilon" in saved:

@@ -331,9 +331,8 @@ def resume_command(plan: RunPlan) -> str:
 
 def finish(plan: RunPlan, outcome, wall_s: float) -> int:
     """Print where the report is and a short summary; 0 only if Flower and the report both say completed."""
+    from privacy.report import MD_NAME, epsilon_text  # light: no torch
     from server.resume import JSON_NAME
-
-    MD_NAME = "privacy_report.md"  # == privacy.report.MD_NAME (not imported: it loads torch)
 
     report: dict[str, Any] = {}
     try:
@@ -349,7 +348,7 @@ def finish(plan: RunPlan, outcome, wall_s: float) -> int:
           + (f" ({outcome.details})" if outcome.details and outcome.details != "N/A" else "")
           + f"; report status {status}; {wall_s:.0f}s", flush=True)
     if report:
-        eps = ", ".join(f"{name} {r.get('epsilon', 0.0):.3f}" for name, r in report.get("regions", {}).items())
+        eps = ", ".join(f"{name} {epsilon_text(r)}" for name, r in report.get("regions", {}).items())
         print(f"  rounds completed: {last.get('round', 0)} of {plan.flat['num-server-rounds']}"
               + (f"; global accuracy {last['accuracy']:.4f}" if isinstance(last.get("accuracy"), float) else ""), flush=True)
         print(f"  ε per region (δ = {report.get('delta')}): {eps}", flush=True)

@@ -1,0 +1,133 @@
+"""The privacy report says what happened: no fake ε for DP-off runs, no "only the sum" for rounds in the clear."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from privacy.plots import max_region_epsilon, region_epsilon_series
+from privacy.report import RunReport, load_report, render_markdown
+from server.resume import restore_report
+
+HISTORY = [(1.1, 0.05, 20)]
+
+
+def _metrics(dp: bool, epsilon: float = 1.25, **extra) -> dict:
+    m = {"dp": int(dp), "num-examples": 400, "steps": 20, "noise-multiplier": 1.1 if dp else 0.0,
+         "sample-rate": 0.05, "max-grad-norm": 1.0, "max-epsilon": 0.0, **extra}
+    if dp:
+        m.update({"epsilon": epsilon, "lifetime-epsilon": epsilon})
+    return m
+
+
+def _strict_json(path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name} in the report")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_dp_off_region_is_recorded_as_not_private_not_as_a_negative_epsilon(tmp_path):
+    report = RunReport(tmp_path, {"dp": False}, "rdp", 1e-5, ["us-east", "eu-west"])
+    for rnd in (1, 2):
+        report.record_training("us-east", rnd, _metrics(False), [])
+        report.record_training("eu-west", rnd, _metrics(True, epsilon=0.5 * rnd), HISTORY)
+    report.record_round(1, accuracy=0.7)
+    report.record_round(2, accuracy=0.8)
+    data = _strict_json(report.write())
+
+    off, on = data["regions"]["us-east"], data["regions"]["eu-west"]
+    assert off["dp"] is False and off["epsilon"] is None and off["epsilon_by_round"] == [None, None]
+    assert off["budget_left"] is None and off["lifetime_epsilon"] is None
+    assert on["dp"] is True and on["epsilon_by_round"] == [0.5, 1.0] and on["epsilon"] == 1.0
+
+    md = (tmp_path / "privacy_report.md").read_text()
+    assert "-1.000" not in md
+    assert "No differential privacy for us-east" in md
+    assert "| us-east | 400 | 0.000 | 0.0500 | 1.000 | 20 | ∞ (DP off) |" in md
+    assert "| 2 | ∞ | 1.000 |" in md
+    assert max_region_epsilon(data) == math.inf
+    assert region_epsilon_series(off) == ([], [])  # the plots use _regions(): see the next assertion
+    from privacy.plots import _regions
+
+    assert _regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
+
+
+def test_reports_from_older_clients_that_sent_minus_one_are_read_as_dp_off(tmp_path):
+    report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east"])
+    legacy = {k: v for k, v in _metrics(True).items() if k != "dp"}
+    legacy.update({"epsilon": -1.0, "lifetime-epsilon": -1.0})
+    report.record_training("us-east", 1, legacy, [])
+    region = _strict_json(report.write())["regions"]["us-east"]
+    assert region["dp"] is False and region["epsilon"] is None
+
+
+def test_resume_keeps_a_dp_off_region_dp_off(tmp_path):
+    first = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east"])
+    first.record_training("us-east", 1, _metrics(False), [])
+    first.record_round(1, accuracy=0.6)
+    first.write()
+    resumed = RunReport(tmp_path / "again", {}, "rdp", 1e-5, ["us-east"])
+    restore_report(resumed, load_report(tmp_path), upto_round=1)
+    region = _strict_json(resumed.write())["regions"]["us-east"]
+    assert region["dp"] is False and region["epsilon_by_round"] == [None]
+
+
+def _secagg_report(tmp_path) -> dict:
+    report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east", "eu-west", "ap-south"])
+    report.secure_aggregation = {
+        "enabled": True, "protocol": "SecAgg", "threshold": "majority", "neighbours": "complete",
+        "quant_bits": 22, "clip_range": 8.0, "stage_timeout_s": 300.0,
+        "rounds": [
+            {"round": 1, "mode": "secure", "participants": ["ap-south", "eu-west", "us-east"], "threshold": 2,
+             "aborted": False, "survivors": ["ap-south", "eu-west", "us-east"], "dropped": [], "dropped_at": {},
+             "error_bound": 3.1e-6, "seconds": 0.8},
+            {"round": 2, "mode": "plain", "participants": ["eu-west"],
+             "reason": "only 1 region trained; a sum of one update hides nothing"},
+            {"round": 3, "mode": "secure", "participants": ["eu-west", "us-east"], "threshold": 2, "aborted": True,
+             "reason": "only 1 of 2 regions survived", "dropped_at": {"us-east": "shares: no reply"}, "seconds": 5.0},
+        ],
+        "rounds_plain": [2], "rounds_aborted": [3],
+    }
+    for rnd in (1, 2, 3):
+        report.record_training("eu-west", rnd, _metrics(True, epsilon=rnd / 2), HISTORY)
+        report.record_round(rnd, accuracy=0.7)
+    report.write()
+    return load_report(tmp_path)
+
+
+def test_markdown_does_not_claim_only_the_sum_for_rounds_that_fell_back_to_plain_fedavg(tmp_path):
+    md = render_markdown(_secagg_report(tmp_path))
+    assert "in round(s) 1 the coordinator learned only the **sum**" in md
+    assert "In round(s) 2 only one region trained" in md and "the coordinator saw that region's update" in md
+    assert "Round(s) 3 aborted" in md
+    assert "| 2 | plain (in the clear) | eu-west |" in md
+    assert "| 3 | aborted | eu-west, us-east | – | us-east (shares: no reply) |" in md
+    assert "| 1 | – | 0.500 | – | secure | 0.700 |" in md
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_secure_aggregation_off_or_all_secure_is_stated_plainly(tmp_path, enabled):
+    report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east"])
+    if enabled:
+        report.secure_aggregation = {"enabled": True, "rounds": [
+            {"round": 1, "mode": "secure", "participants": ["us-east", "eu-west"], "aborted": False}]}
+    report.record_training("us-east", 1, _metrics(True), HISTORY)
+    report.record_round(1, accuracy=0.7)
+    report.write()
+    md = (tmp_path / "privacy_report.md").read_text()
+    if enabled:
+        assert "only the **sum**" in md and "fell back" not in md and "aborted" not in md
+    else:
+        assert "Secure aggregation was **off**" in md and "only the **sum**" not in md
+
+
+def test_html_page_names_the_rounds_the_coordinator_saw_in_the_clear(tmp_path):
+    from privacy.html_report import render_html
+
+    page = render_html(_secagg_report(tmp_path), tmp_path / "report.html").read_text()
+    assert "in round(s) 1 the coordinator learned only the <i>sum</i>" in page
+    assert "In round(s) 2 only one region trained" in page and "Round(s) 3 aborted" in page
+    assert "in each round the coordinator" not in page
