@@ -82,7 +82,7 @@ class RegionRuntime:
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
         self.shard = load_region(identity.data_root, identity.name)
-        self.split = SplitClassifier(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling), cfg.trainable)
+        self.split = SplitClassifier(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank), cfg.trainable)
 
     def round_seed(self, server_round: int) -> int:
         """Distinct, reproducible randomness per (run seed, region, round)."""

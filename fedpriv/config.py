@@ -104,6 +104,7 @@ class FedprivConfig:
     model: str
     trainable: str
     pooling: str
+    lora_rank: int
     local_epochs: float
     batch_size: int
     physical_batch_size: int
@@ -174,6 +175,9 @@ class FedprivConfig:
         _check(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
         _check(self.trainable in TRAINABLE_CHOICES, "trainable", self.trainable, f"one of {', '.join(TRAINABLE_CHOICES)}")
         _check(self.pooling in ("mean", "cls"), "pooling", self.pooling, "'mean' (sentence-transformer style) or 'cls'")
+        _check(self.lora_rank >= 0, "lora-rank", self.lora_rank, "0 (no LoRA) or an adapter rank >= 1")
+        _check(self.lora_rank == 0 or self.trainable != "head", "lora-rank", self.lora_rank,
+               "0 with trainable = 'head' (LoRA adapts encoder layers: use trainable = top-K or all)")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number of epochs > 0")
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
         _check(self.physical_batch_size >= 1, "physical-batch-size", self.physical_batch_size, "an integer >= 1")

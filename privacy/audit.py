@@ -245,7 +245,7 @@ def load_final_model(run_dir: Path, cfg):
     found = latest_checkpoint(run_dir)
     if found is not None:
         server_round, values = found
-        model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
+        model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank)
         try:
             set_trainable_values(model, values)
         except ValueError as exc:

@@ -9,6 +9,7 @@ loads it with no fedpriv code.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -46,7 +47,15 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, "OrderedDict[str, np.ndarray]
 
 
 def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
-    """``save_pretrained`` + tokenizer. A mean-pooling model ships its modeling file (``auto_map``)."""
+    """``save_pretrained`` + tokenizer. A mean-pooling model ships its modeling file (``auto_map``).
+
+    LoRA adapters are folded into their base weights first (on a copy), so the exported
+    model is an ordinary checkpoint that loads without ``peft``.
+    """
+    from task.lora import is_lora, merge_lora
+
+    if is_lora(model):
+        model = merge_lora(copy.deepcopy(model))
     out = Path(run_dir) / FINAL_MODEL_DIR
     model.config.id2label = {0: "negative", 1: "positive"}
     model.config.label2id = {"negative": 0, "positive": 1}

@@ -58,7 +58,7 @@ class Coordinator:
         self.start_round = self.resume_point.completed_round if self.resume_point else 0
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
-        self.model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
+        self.model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank)
         self.evaluator = CentralEvaluator(SplitClassifier(self.model, cfg.trainable), self.tokenizer, cfg.data_dir,
                                           cfg.max_length, self.device)
         self.report = self._new_report(flat_config, run_id)
@@ -76,7 +76,7 @@ class Coordinator:
         report.partition = read_partition_stats(self.cfg.data_dir)
         for rec in report.regions.values():
             rec.target_epsilon = self.cfg.target_epsilon if self.cfg.dp and self.cfg.noise_multiplier == 0 else None
-        report.run_info = {"model": self.cfg.model, "trainable": self.cfg.trainable, "pooling": self.cfg.pooling,
+        report.run_info = {"model": self.cfg.model, "trainable": self.cfg.trainable, "pooling": self.cfg.pooling, "lora_rank": self.cfg.lora_rank,
                            "trainable_params": count_trainable(self.model), "device": str(self.device),
                            "server_test_examples": self.evaluator.size, "dp": self.cfg.dp}
         return report

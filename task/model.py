@@ -46,12 +46,13 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(packaged_model_dir())
 
 
-def build_model(model_name: str, trainable: str, seed: int, pooling: str = "mean") -> torch.nn.Module:
+def build_model(model_name: str, trainable: str, seed: int, pooling: str = "mean", lora_rank: int = 0) -> torch.nn.Module:
     """Create the classifier with a deterministic head and the requested trainable parts.
 
     Seeding first matters: the classification head (and, for ``tiny``, everything)
     is freshly initialised, and the server and every region must agree on the
-    frozen parameters, which never travel.
+    frozen parameters, which never travel. ``lora_rank > 0`` freezes the trainable
+    encoder layers too and trains rank-r adapters in them instead (``task/lora.py``).
     """
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling = {pooling!r}: expected 'mean' or 'cls'")
@@ -65,6 +66,10 @@ def build_model(model_name: str, trainable: str, seed: int, pooling: str = "mean
     else:
         raise ConfigError(f"model = {model_name!r}: expected 'minilm' or 'tiny'")
     set_trainable(model, trainable)
+    if lora_rank:
+        from task.lora import apply_lora
+
+        apply_lora(model, trainable, lora_rank, seed=seed)
     return model
 
 
