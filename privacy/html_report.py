@@ -145,6 +145,23 @@ def _run_section(report: Mapping[str, Any], index: int) -> str:
     return "\n".join(p for p in out if p)
 
 
+def _secure_aggregation_rounds_html(report: Mapping[str, Any]) -> str:
+    """Which rounds hid each region's update behind the sum, and which did not (one region, or aborted)."""
+    by_mode = secure_aggregation_rounds(dict(report))
+    if by_mode is None:  # a report without per-round records
+        return (": the coordinator learns only the <i>sum</i> of the regions' updates in a securely aggregated round "
+                "(this report does not say round by round how each round was aggregated). ")
+    listed = {key: ", ".join(str(r) for r in rounds) for key, rounds in by_mode.items()}
+    text = (f": in round(s) {listed['secure']} the coordinator learned only the <i>sum</i> of the regions' updates, "
+            "never one region's update on its own. " if by_mode["secure"] else ", but no round was securely aggregated. ")
+    if by_mode["plain"]:
+        text += (f"<b>In round(s) {listed['plain']} only one region trained, so the round fell back to plain FedAvg "
+                 "and the coordinator saw that region's update</b> (still DP-noised). ")
+    if by_mode["aborted"]:
+        text += f"Round(s) {listed['aborted']} aborted: nothing was unmasked and the global model did not change. "
+    return text
+
+
 def _guarantee(report: Mapping[str, Any]) -> str:
     regions = _regions(report)
     unit = str(report.get("unit_of_privacy") or "one training record of one region")
@@ -196,16 +213,9 @@ def _guarantee(report: Mapping[str, Any]) -> str:
             extra.append(f"secret-sharing threshold {_e(sa.get('threshold'))}")
         if sa.get("quant_bits") is not None:
             extra.append(f"updates quantised to {_e(sa.get('quant_bits'))} bits")
-        by_mode = secure_aggregation_rounds(dict(report))
-        rounds = lambda key: ", ".join(str(r) for r in by_mode[key])  # noqa: E731
         out.append(
             "<p><b>Secure aggregation</b> was on" + (f" ({', '.join(extra)})" if extra else "")
-            + (f": in round(s) {rounds('secure')} the coordinator learned only the <i>sum</i> of the regions' updates, "
-               "never one region's update on its own. " if by_mode["secure"] else ", but no round was securely aggregated. ")
-            + (f"<b>In round(s) {rounds('plain')} only one region trained, so the round fell back to plain FedAvg and "
-               "the coordinator saw that region's update</b> (still DP-noised). " if by_mode["plain"] else "")
-            + (f"Round(s) {rounds('aborted')} aborted: nothing was unmasked and the global model did not change. "
-               if by_mode["aborted"] else "")
+            + _secure_aggregation_rounds_html(report)
             + ("Without DP it is the only protection there is: the summed updates and the final model still "
                "reveal what the regions' data taught them.</p>" if nothing else
                "It does not lower ε: ε is computed as if every update were published in the clear, so the "

@@ -174,9 +174,14 @@ def _rounds_text(rounds: list[int]) -> str:
 # -- secure aggregation: what the coordinator saw, round by round -----------------------------------------
 
 
-def secure_aggregation_rounds(data: dict[str, Any]) -> dict[str, list[int]]:
-    """Trained rounds split by how they were aggregated: ``secure``, ``plain`` (1 region: in the clear), ``aborted``."""
+def secure_aggregation_rounds(data: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Trained rounds split by how they were aggregated: ``secure``, ``plain`` (1 region: in the clear), ``aborted``.
+
+    None when the report does not say (no per-round record, as in hand-written or pre-release reports).
+    """
     section = data.get("secure_aggregation") or {}
+    if not isinstance(section.get("rounds"), list):
+        return None
     entries = {int(e["round"]): e for e in section.get("rounds", []) if isinstance(e, dict) and "round" in e}
     out: dict[str, list[int]] = {"secure": [], "plain": [], "aborted": []}
     for rnd, e in sorted(entries.items()):
@@ -192,16 +197,19 @@ def coordinator_view(data: dict[str, Any]) -> str:
                 "individually. The ε above still holds, because the noise is added inside each region.")
     by_mode = secure_aggregation_rounds(data)
     text = "Secure aggregation was **on**"
-    if by_mode["secure"]:
+    if by_mode is None:
+        text += (": the coordinator learns only the **sum** of the regions' updates in a securely aggregated round "
+                 "(this report does not record round by round how each round was aggregated).")
+    elif by_mode["secure"]:
         text += (f": in round(s) {_rounds_text(by_mode['secure'])} the coordinator learned only the **sum** of the "
                  "participating regions' updates, never one region's update.")
     else:
         text += ", but no round was securely aggregated."
-    if by_mode["plain"]:
+    if by_mode and by_mode["plain"]:
         text += (f" In round(s) {_rounds_text(by_mode['plain'])} only one region trained, so there was no sum to hide "
                  "in: those rounds fell back to plain FedAvg and **the coordinator saw that region's update** "
                  "(still DP-noised).")
-    if by_mode["aborted"]:
+    if by_mode and by_mode["aborted"]:
         text += (f" Round(s) {_rounds_text(by_mode['aborted'])} aborted (too few regions survived the protocol): "
                  "nothing was unmasked and the global model did not change.")
     return text + (" Secure aggregation does not lower ε: ε is computed as if every update were published.")
@@ -284,7 +292,7 @@ def _region_table(data: dict[str, Any]) -> list[str]:
 
 def _round_table(data: dict[str, Any]) -> list[str]:
     names = list(data["regions"])
-    by_mode = {rnd: mode for mode, rounds in secure_aggregation_rounds(data).items() for rnd in rounds}
+    by_mode = {rnd: mode for mode, rounds in (secure_aggregation_rounds(data) or {}).items() for rnd in rounds}
     secagg_on = bool((data.get("secure_aggregation") or {}).get("enabled"))
     lines = ["", "## ε after each round (cumulative)", "",
              "| round | " + " | ".join(names) + " | aggregation | global accuracy | global loss |",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 from html.parser import HTMLParser
 
@@ -24,7 +23,9 @@ def make_report(run_id="run-1", eps_scale=1.0, accuracy=(0.66, 0.71, 0.74)) -> d
         "accountant": "rdp",
         "delta": 1e-5,
         "unit_of_privacy": "one record (post) of one region",
-        "secure_aggregation": {"enabled": True, "threshold": 2, "quant_bits": 20},
+        "secure_aggregation": {"enabled": True, "threshold": 2, "quant_bits": 20, "rounds": [
+            {"round": r, "mode": "secure", "participants": ["ap-south", "eu-west", "us-east"], "aborted": False}
+            for r in (1, 2, 3)], "rounds_plain": [], "rounds_aborted": []},
         "config": {"num-server-rounds": 3, "target-epsilon": 8.0, "batch-size": 256, "regions": "us-east,eu-west,ap-south"},
         "regions": {
             "us-east": {"epsilon_by_round": [1.2 * eps_scale, 1.9 * eps_scale, 2.4 * eps_scale],
@@ -106,7 +107,7 @@ def test_render_single_report(tmp_path):
     assert page.external == []  # self-contained
     # the guarantee in plain words
     for phrase in ("record-level (ε, δ)-differential privacy", "one record (post) of one region", "RDP",
-                   "coordinator learns only the", "What this does not protect", "plaintext", "Participation",
+                   "coordinator learned only the", "What this does not protect", "plaintext", "Participation",
                    "Membership-inference audit"):
         assert phrase in text, phrase
     assert "1e-05" in text
