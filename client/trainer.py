@@ -107,21 +107,32 @@ class LocalTrainer:
         return self._result(losses, correct, seen, history, 0.0)
 
     def _train_private(self, optimizer, loader, history, noise_multiplier, label) -> TrainResult:
+        """Opacus DP-SGD. ``grad-sample-mode = ghost``: per-sample gradient *norms* only, then a second
+        backward on the clipped loss (same clipping, noise and accounting as ``hooks``, which materialise every
+        per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py)."""
         engine = PrivacyEngine(accountant=self.cfg.accountant)
         engine.accountant.history = list(history)
-        module, dp_optimizer, dp_loader = engine.make_private(
-            module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True,
-        )
+        kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                      max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True)
+        criterion = None
+        if self.cfg.grad_sample_mode == "ghost":
+            module, dp_optimizer, criterion, dp_loader = engine.make_private(
+                **kwargs, criterion=torch.nn.CrossEntropyLoss(), grad_sample_mode="ghost")
+        else:
+            module, dp_optimizer, dp_loader = engine.make_private(**kwargs)
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.cfg.physical_batch_size,
                                 optimizer=dp_optimizer) as memory_safe_loader:
-            losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, self.cfg.physical_batch_size, label)
+            losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, self.cfg.physical_batch_size,
+                                               label, criterion)
         result = self._result(losses, correct, seen, list(engine.accountant.history), noise_multiplier)
         module._close()  # remove Opacus hooks: the plain model goes back to the caller
         return result
 
-    def _loop(self, module, optimizer, loader, physical: int, label: str) -> tuple[list[float], int, int]:
-        """Iterate until ``steps_per_round`` logical steps have been taken (epochs may be fractional)."""
+    def _loop(self, module, optimizer, loader, physical: int, label: str, criterion=None) -> tuple[list[float], int, int]:
+        """Iterate until ``steps_per_round`` logical steps have been taken (epochs may be fractional).
+
+        ``criterion``: Opacus' ghost-clipping loss wrapper (its ``backward`` runs both passes); else the
+        model's own loss."""
         target = self.schedule.steps_per_round
         losses: list[float] = []
         correct = seen = steps = 0
@@ -132,11 +143,12 @@ class LocalTrainer:
                 batch = batch if isinstance(batch, dict) and len(batch["labels"]) else collate_features([], self.data.features[0].shape[1])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = module(**batch)
-                out.loss.backward()
+                loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if len(batch["labels"]):
-                    losses.append(float(out.loss.detach()))
+                    losses.append(float(loss.detach()))
                     correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
                     seen += len(batch["labels"])
                 if not getattr(optimizer, "_is_last_step_skipped", False) or not self.cfg.dp:

@@ -26,6 +26,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
 ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
 MODELS = ("minilm", "tiny")
 
 
@@ -115,6 +116,7 @@ class FedprivConfig:
     noise_multiplier: float
     delta: float
     accountant: str
+    grad_sample_mode: str
     dp: bool
     num_threads: int
     secure_aggregation: bool
@@ -189,6 +191,8 @@ class FedprivConfig:
         if self.dp and self.noise_multiplier == 0:
             _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a privacy budget epsilon > 0")
         _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
+        _check(self.grad_sample_mode in GRAD_SAMPLE_MODES, "grad-sample-mode", self.grad_sample_mode,
+               f"one of {', '.join(GRAD_SAMPLE_MODES)}")
         _check(self.secagg_threshold == 0 or 2 <= self.secagg_threshold <= self.num_regions, "secagg-threshold",
                self.secagg_threshold, f"0 (majority) or an integer in [2, {self.num_regions}]")
         _check(self.secagg_neighbours >= 0, "secagg-neighbours", self.secagg_neighbours, "0 (complete graph) or a neighbour count >= 1")

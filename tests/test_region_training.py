@@ -123,3 +123,28 @@ def test_gaussian_noise_is_present_with_the_configured_scale():
     noise = (d1 - d2) / math.sqrt(2)  # difference of two independent noise draws
     expected_std = 2.0 * 0.01 / len(data)  # lr · σ · C / batch
     assert noise.std().item() == pytest.approx(expected_std, rel=0.1)
+
+
+def test_ghost_clipping_takes_the_same_dp_step_as_per_sample_hooks():
+    """grad-sample-mode only changes how per-sample norms are computed, not the update or the accounting."""
+    from client.trainer import LocalTrainer
+
+    rng = np.random.default_rng(0)
+    n, dim = 96, build_model("tiny", "head", seed=0, pooling="mean").config.hidden_size
+    data = FeatureDataset([rng.standard_normal((1, dim)).astype(np.float16) * 4 for _ in range(n)],
+                          [int(x) for x in rng.integers(0, 2, n)])
+    results = {}
+    for mode in ("hooks", "ghost"):
+        _, cfg = resolve_config({**TINY, "trainable": "head", "grad-sample-mode": mode, "batch-size": 32,
+                                 "physical-batch-size": 16, "max-grad-norm": 0.01, "local-epochs": 2.0})
+        split = SplitClassifier(build_model("tiny", "head", seed=0, pooling="mean"), "head")
+        for module in split.top.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        results[mode] = LocalTrainer(split, data, cfg, torch.device("cpu")).train([], noise_multiplier=0.0, seed=3)
+    hooks, ghost = results["hooks"], results["ghost"]
+    assert hooks.history == ghost.history and hooks.steps == ghost.steps == 6
+    start = get_trainable(SplitClassifier(build_model("tiny", "head", seed=0, pooling="mean"), "head").model)
+    assert any(np.abs(hooks.values[k] - start[k]).max() > 1e-4 for k in start)  # it trained
+    for key in hooks.values:
+        np.testing.assert_allclose(ghost.values[key], hooks.values[key], atol=1e-6, err_msg=key)
