@@ -1,0 +1,599 @@
+#!/usr/bin/env python
+"""Utility vs privacy on the real data: held-out accuracy of centralized, federated and DP federated training.
+
+The default data split (the default run config's partition: 3 regions, the server's
+held-out set split off first), fedpriv's default model (all-MiniLM-L6-v2, mean
+pooling, ``trainable = head`` on cached frozen features). Rows:
+
+* non-private **centralized**: all regions' training posts pooled, same model and
+  trainable policy (and, if affordable, a stronger ``trainable = top-2`` baseline);
+* non-private **federated**: FedAvg over the 3 regions;
+* **DP federated** at epsilon = 1, 3, 8 (delta = 1e-5): each region's noise multiplier
+  chosen for its own schedule by ``client.trainer.choose_noise_multiplier`` (Opacus'
+  ``get_noise_multiplier`` over all rounds x local steps, as the ClientApp does),
+  cross-checked with ``privacy.planner.plan_schedule``;
+* the current ``pyproject.toml`` defaults at epsilon = 8, and one real ``Simulation``
+  (Flower, SuperLink, Ray, secure aggregation as configured) to confirm epsilon = 8.
+
+Honest tuning: hyper-parameters are chosen on a *validation* set -- the union of the
+regions' local test posts (``local-test-fraction``) -- and only the chosen settings
+are then evaluated on the server's held-out set, which no region trains on and no
+choice looks at. (Tuning itself is not privacy-accounted, as is usual in the DP
+literature; a deployment would fix the settings from a public proxy.)
+
+Two implementations of a local round, one result: the hyper-parameter sweep uses a
+fast in-process round on stacked head features (Poisson sampling at Opacus' rate
+``1/ceil(N/B)``, per-post clipping from closed-form per-post gradient norms of the
+two Linear layers, Gaussian noise, Opacus' expected batch size; bit-for-bit the
+DP-SGD step of Opacus up to float rounding, see ``bench/dp_cost.py``), because
+Opacus' per-sample hooks are 5-20x slower on this head. Every reported number
+comes from :class:`client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
+``PrivacyEngine``, ``BatchMemoryManager``) -- with FedAvg weighted by examples,
+repeated over ``--seeds`` seeds (different sampling/noise/dropout; the model
+initialisation and the data split are the run config's).
+
+Usage: ``python bench/utility.py`` (writes bench/results/utility.md; 1-3 h on 2
+shared cores, most of it the sweep and the frozen-feature pass, which is cached) or
+``python bench/utility.py --quick`` (a few hundred posts, a tiny grid, prints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, fmt_s, machine_line, markdown_table, set_threads, write_result  # noqa: E402
+
+EPSILONS = (8.0, 3.0, 1.0)
+DELTA = 1e-5
+
+
+# =============================================================== data
+
+
+@dataclass
+class Data:
+    regions: list[str]
+    train: dict  # region -> FeatureDataset
+    val: object  # FeatureDataset: union of the regions' local test posts
+    test: object  # FeatureDataset: the server's held-out posts
+    root: Path
+    policy: str
+
+
+def _subset(fd, n: int | None):
+    from task.features import FeatureDataset
+
+    if not n or n >= len(fd):
+        return fd
+    return FeatureDataset(fd.features[:n], fd.labels[:n])
+
+
+def load_data(policy: str, limit: int | None, log) -> Data:
+    """Frozen-prefix features of the default split (cached like the regions cache them)."""
+    import torch
+
+    from fedpriv.config import resolve_config
+    from simulations.runner import prepare_shards
+    from task.encoding import encode
+    from task.features import FeatureDataset, SplitClassifier, cache_key
+    from task.model import build_model, load_tokenizer
+    from task.partition import load_region, load_server_test, region_dir
+
+    _, cfg = resolve_config({"trainable": policy})
+    root = prepare_shards(cfg, cfg.data_dir)
+    tokenizer = load_tokenizer()
+    split = SplitClassifier(build_model(cfg.model, policy, cfg.seed, cfg.pooling), policy)
+    device = torch.device("cpu")
+
+    def feats(examples, shard_file: Path):
+        if limit:
+            examples = examples[:limit]
+        data = encode(examples, tokenizer, cfg.max_length)
+        if limit:
+            return split.features(data, device)  # a subset: do not cache
+        key = cache_key(cfg.model, policy, cfg.pooling, cfg.max_length, cfg.seed, shard_file)
+        return split.features(data, device, (shard_file.parent / ".fedpriv-cache", key))
+
+    t0 = time.perf_counter()
+    train, val_parts = {}, []
+    for name in cfg.regions:
+        shard = load_region(root, name)
+        base = region_dir(root, name)
+        train[name] = feats(shard.train, base / "train.jsonl")
+        val_parts.append(feats(shard.test, base / "test.jsonl"))
+        log(f"features: region {name}: {len(train[name])} train, {len(val_parts[-1])} local test")
+    test = feats(load_server_test(root), root / "server" / "test.jsonl")
+    val = FeatureDataset([f for p in val_parts for f in p.features], [y for p in val_parts for y in p.labels])
+    log(f"features ({policy}): {len(test)} server held-out posts; {time.perf_counter() - t0:.0f}s")
+    return Data(list(cfg.regions), train, val, test, root, policy)
+
+
+# =============================================================== training
+
+
+def config(overrides: dict):
+    from fedpriv.config import resolve_config
+
+    return resolve_config({"secure-aggregation": False, **overrides})[1]
+
+
+def round_seed(cfg, rep: int, index: int, server_round: int) -> int:
+    """RegionRuntime.round_seed for rep 0; other reps draw fresh sampling/noise/dropout."""
+    import numpy as np
+
+    parts = [cfg.seed, index, server_round] if rep == 0 else [cfg.seed, 10_000 + rep, index, server_round]
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+_SIGMA_CACHE: dict[tuple, float] = {}
+_MODELS: dict[tuple, tuple] = {}
+
+
+def sigmas(cfg, data: Data) -> dict[str, float]:
+    """Each region's noise multiplier, exactly as the ClientApp chooses it (cached: the search is slow)."""
+    from client.trainer import choose_noise_multiplier, region_schedule
+
+    if not cfg.dp:
+        return {r: 0.0 for r in data.regions}
+    out = {}
+    for r in data.regions:
+        s = region_schedule(len(data.train[r]), cfg)
+        key = (s, cfg.target_epsilon, cfg.delta, cfg.accountant, cfg.noise_multiplier)
+        if key not in _SIGMA_CACHE:
+            _SIGMA_CACHE[key] = choose_noise_multiplier(s, cfg)
+        out[r] = _SIGMA_CACHE[key]
+    return out
+
+
+class FastHead:
+    """The sweep's local round for ``trainable = head`` on stacked features (same maths as LocalTrainer)."""
+
+    def __init__(self, data: Data):
+        import torch
+
+        stack = lambda fd: (torch.from_numpy(__import__("numpy").stack([f[0] for f in fd.features]).astype("float32")),  # noqa: E731
+                            torch.tensor(fd.labels, dtype=torch.long))
+        self.train = {r: stack(fd) for r, fd in data.train.items()}
+        xs, ys = zip(*self.train.values())
+        self.train["pooled"] = (torch.cat(xs), torch.cat(ys))  # centralized = one region with everyone's posts
+
+    def local_round(self, top, region: str, cfg, sigma: float, seed: int) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        from client.trainer import region_schedule
+
+        x, y = self.train[region]
+        n = len(y)
+        schedule = region_schedule(n, cfg)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        top.train()
+        params = [top.dense.weight, top.dense.bias, top.classifier.weight, top.classifier.bias]
+        opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+        if not cfg.dp:
+            steps, order, pos = 0, torch.randperm(n, generator=gen), 0
+            while steps < schedule.steps_per_round:
+                if pos >= n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos:pos + cfg.batch_size]
+                pos += cfg.batch_size
+                loss = top(hidden=x[idx, None], attention_mask=None, labels=y[idx]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+            return
+        q = schedule.sample_rate
+        expected = int(n * q)  # Opacus' expected batch size for Poisson sampling
+        clip = cfg.max_grad_norm
+        for _ in range(schedule.steps_per_round):
+            mask = torch.rand(n, generator=gen) < q
+            a1, labels = x[mask], y[mask]
+            grads = [torch.zeros_like(p) for p in params]
+            if len(labels):
+                z1 = F.linear(a1, top.dense.weight, top.dense.bias)
+                a2 = top.dropout(torch.tanh(z1))
+                z2 = F.linear(a2, top.classifier.weight, top.classifier.bias)
+                g1, g2 = torch.autograd.grad(F.cross_entropy(z2, labels, reduction="sum"), [z1, z2])
+                with torch.no_grad():
+                    norms = (g1.square().sum(1) * (a1.square().sum(1) + 1)
+                             + g2.square().sum(1) * (a2.square().sum(1) + 1)).sqrt()
+                    c = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+                    g1, g2 = g1 * c, g2 * c
+                    grads = [g1.T @ a1, g1.sum(0), g2.T @ a2.detach(), g2.sum(0)]
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.grad = (g + torch.normal(0.0, sigma * clip, size=g.shape, generator=gen)) / expected
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class RunResult:
+    val_acc: list[float]  # after each round / epoch
+    test_acc: list[float]
+    test_loss: list[float]
+    epsilon: dict[str, float] = field(default_factory=dict)
+    sigma: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None = None,
+              eval_test: bool = True, pooled: bool = False) -> RunResult:
+    """FedAvg over the regions (or, ``pooled``, one 'region' holding everyone's posts = centralized).
+
+    ``fast`` = the sweep's round; otherwise LocalTrainer, the ClientApp's code path.
+    """
+    import numpy as np
+    import torch
+
+    from client.trainer import LocalTrainer
+    from privacy.accountant import epsilon_of
+    from task.features import FeatureDataset, SplitClassifier, evaluate_top
+    from task.model import build_model, get_trainable, set_trainable_values
+
+    cfg = config({"trainable": data.policy, **overrides})
+    if pooled:
+        train = {"pooled": FeatureDataset([f for r in data.regions for f in data.train[r].features],
+                                          [y for r in data.regions for y in data.train[r].labels])}
+    else:
+        train = data.train
+    names = list(train)
+    sig = {r: 0.0 for r in names} if not cfg.dp else \
+        sigmas(cfg, Data(names, train, data.val, data.test, data.root, data.policy))
+    key = (cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
+    if key not in _MODELS:  # build once; every run starts from the same (seeded) initial values
+        m = build_model(*key)
+        _MODELS[key] = (m, SplitClassifier(m, cfg.trainable), get_trainable(m))
+    model, split, initial = _MODELS[key]
+    set_trainable_values(model, initial)
+    device = torch.device("cpu")
+    global_values = initial
+    history: dict[str, list] = {r: [] for r in names}
+    out = RunResult([], [], [], sigma=sig)
+    t0 = time.perf_counter()
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        updates = []
+        for index, region in enumerate(names):
+            set_trainable_values(model, global_values)
+            seed = round_seed(cfg, rep, index, rnd)
+            if fast is not None:
+                fast.local_round(split.top, region, cfg, sig[region], seed)
+                values = get_trainable(model)
+                if cfg.dp:
+                    from client.trainer import region_schedule
+
+                    s = region_schedule(len(train[region]), cfg)
+                    history[region] = history[region] + [(sig[region], s.sample_rate, s.steps_per_round)]
+            else:
+                result = LocalTrainer(split, train[region], cfg, device).train(history[region], sig[region], seed=seed,
+                                                                               label=region)
+                values, history[region] = result.values, result.history
+            updates.append((values, len(train[region])))
+        total = sum(n for _, n in updates)
+        global_values = {k: sum(v[k].astype(np.float64) * (n / total) for v, n in updates).astype(np.float32)
+                         for k in updates[0][0]}
+        set_trainable_values(model, global_values)
+        out.val_acc.append(evaluate_top(split.top, data.val, device)[1])
+        if eval_test:
+            loss, acc = evaluate_top(split.top, data.test, device)
+            out.test_acc.append(acc)
+            out.test_loss.append(loss)
+    out.seconds = time.perf_counter() - t0
+    if cfg.dp:
+        out.epsilon = {r: epsilon_of(history[r], cfg.delta, cfg.accountant) for r in names}
+    return out
+
+
+# =============================================================== the study
+
+
+def hp_text(o: dict) -> str:
+    keys = ("batch-size", "learning-rate", "momentum", "local-epochs", "num-server-rounds", "max-grad-norm")
+    short = {"batch-size": "B", "learning-rate": "lr", "momentum": "mom", "local-epochs": "E",
+             "num-server-rounds": "R", "max-grad-norm": "C"}
+    return ", ".join(f"{short[k]}={o[k]:g}" for k in keys if k in o)
+
+
+def mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.2f}"
+    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few hundred posts per region, tiny grid, 1 seed")
+    parser.add_argument("--seeds", type=int, default=None, help="repetitions of each reported run (default 3)")
+    parser.add_argument("--no-simulation", action="store_true", help="skip the real Simulation at epsilon = 8")
+    parser.add_argument("--top2-epochs", type=int, default=None,
+                        help="epochs of the stronger centralized top-2 baseline (default 3; 0 = skip)")
+    parser.add_argument("--no-trainer", action="store_true",
+                        help="skip the LocalTrainer (Opacus) confirmation of each reported row")
+    parser.add_argument("--small-grid", action="store_true",
+                        help="a 12-setting DP grid per epsilon and 3 finalists (about a third of the full sweep)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the Markdown here (default bench/results/utility.md; nothing for --quick)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Optimal order is the")  # Opacus RDP, noise search at large sigma
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    quick = args.quick
+    seeds = args.seeds or (1 if quick else 3)
+    top2_epochs = args.top2_epochs if args.top2_epochs is not None else (0 if quick else 3)
+    out_path = args.out if args.out is not None else (None if quick else RESULTS / "utility.md")
+    limit = 64 if quick else None
+    started = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - started:7.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    data = load_data("head", limit, log)
+    fast = FastHead(data)
+    from fedpriv.config import load_app_defaults
+
+    defaults = load_app_defaults()
+    current = {k: defaults[k] for k in ("batch-size", "learning-rate", "momentum", "local-epochs",
+                                        "num-server-rounds", "max-grad-norm")}
+    if quick:
+        current["batch-size"] = min(current["batch-size"], 32)
+
+    # ---------------------------------------------------------- 1. non-private centralized (pooled), head
+    sweep_rows = []
+    central_grid = [dict(b=b, lr=lr) for b in ((16,) if quick else (64, 256)) for lr in ((0.5,) if quick else (0.05, 0.2, 0.5, 1.0))]
+    max_epochs = 2 if quick else 12
+    best_c = None
+    for g in central_grid:
+        o = {"dp": False, "batch-size": g["b"], "physical-batch-size": g["b"], "learning-rate": g["lr"],
+             "momentum": 0.9, "local-epochs": 1.0, "num-server-rounds": max_epochs}
+        r = federated(data, o, fast=fast, eval_test=False, pooled=True)
+        ep = max(range(len(r.val_acc)), key=lambda i: r.val_acc[i]) + 1
+        sweep_rows.append(("centralized", "-", hp_text({**o, "num-server-rounds": ep}), f"{100 * r.val_acc[ep - 1]:.2f}"))
+        log(f"central {hp_text(o)}: best val {100 * r.val_acc[ep - 1]:.2f} at epoch {ep}")
+        if best_c is None or r.val_acc[ep - 1] > best_c[0]:
+            best_c = (r.val_acc[ep - 1], {**o, "num-server-rounds": ep})
+    central_hp = best_c[1]
+
+    # ---------------------------------------------------------- 2. non-private federated, head
+    fed_grid = [dict(b=b, lr=lr, e=e) for b in ((16,) if quick else (64, 256)) for lr in ((0.5,) if quick else (0.2, 0.5, 1.0))
+                for e in ((1.0,) if quick else (1.0, 2.0))]
+    max_rounds = 2 if quick else 10
+    best_f = None
+    for g in fed_grid:
+        o = {"dp": False, "batch-size": g["b"], "physical-batch-size": g["b"], "learning-rate": g["lr"],
+             "momentum": 0.9, "local-epochs": g["e"], "num-server-rounds": max_rounds}
+        r = federated(data, o, fast=fast, eval_test=False)
+        rd = max(range(len(r.val_acc)), key=lambda i: r.val_acc[i]) + 1
+        sweep_rows.append(("federated", "-", hp_text({**o, "num-server-rounds": rd}), f"{100 * r.val_acc[rd - 1]:.2f}"))
+        log(f"federated {hp_text(o)}: best val {100 * r.val_acc[rd - 1]:.2f} at round {rd}")
+        if best_f is None or r.val_acc[rd - 1] > best_f[0]:
+            best_f = (r.val_acc[rd - 1], {**o, "num-server-rounds": rd})
+    fed_hp = best_f[1]
+
+    # ---------------------------------------------------------- 3. DP federated: sweep per epsilon
+    if quick:
+        dp_grid = [dict(b=b, lr=lr, e=1.0, r=2) for b in (16, 32) for lr in (1.0,)]
+    elif args.small_grid:
+        dp_grid = [dict(b=b, lr=lr, e=e, r=r) for b in (256, 1024) for e, r in ((1.0, 4), (2.0, 8))
+                   for lr in (1.0, 2.0, 4.0)]
+    else:
+        dp_grid = [dict(b=b, lr=lr, e=e, r=r) for b in (256, 512, 1024) for e, r in ((1.0, 4), (2.0, 4), (4.0, 4), (2.0, 8))
+                   for lr in (0.5, 1.0, 2.0, 4.0)]
+    best_dp: dict[float, tuple[float, dict]] = {}
+    finalists_n = 2 if quick else (3 if args.small_grid else 6)
+    dp_sweep: dict[float, list] = {}
+    for eps in EPSILONS:
+        for g in dp_grid:
+            o = {"dp": True, "target-epsilon": eps, "delta": DELTA, "noise-multiplier": 0.0, "batch-size": g["b"],
+                 "physical-batch-size": min(g["b"], 256), "learning-rate": g["lr"], "momentum": 0.9,
+                 "local-epochs": g["e"], "num-server-rounds": g["r"], "max-grad-norm": 1.0}
+            if min(len(d) for d in data.train.values()) < g["b"]:
+                continue
+            r = federated(data, o, fast=fast, eval_test=False)
+            dp_sweep.setdefault(eps, []).append((r.val_acc[-1], o, r))
+            log(f"DP eps={eps:g} {hp_text(o)}: val {100 * r.val_acc[-1]:.2f} "
+                f"(sigma {', '.join(f'{s:.2f}' for s in r.sigma.values())})")
+            if eps not in best_dp or r.val_acc[-1] > best_dp[eps][0]:
+                best_dp[eps] = (r.val_acc[-1], o)
+        # momentum 0 for the single-seed winner (momentum interacts with noise)
+        o = {**best_dp[eps][1], "momentum": 0.0}
+        r = federated(data, o, fast=fast, eval_test=False)
+        dp_sweep[eps].append((r.val_acc[-1], o, r))
+        log(f"DP eps={eps:g} {hp_text(o)}: val {100 * r.val_acc[-1]:.2f}")
+        # stage 2: one seed is noisy (validation sd ~1 point); re-run the best few with more seeds, pick the best mean
+        finalists = sorted(dp_sweep[eps], key=lambda t: -t[0])[:finalists_n]
+        scored = []
+        for v, o, _ in finalists:
+            vals = [v] + [federated(data, o, rep=rep, fast=fast, eval_test=False).val_acc[-1] for rep in range(1, 3)]
+            scored.append((statistics.mean(vals), o, vals))
+            log(f"DP eps={eps:g} finalist {hp_text(o)}: val {', '.join(f'{100 * x:.2f}' for x in vals)}")
+        best_dp[eps] = max(scored, key=lambda t: t[0])[:2]
+        for mean_v, o, vals in sorted(scored, key=lambda t: -t[0]):
+            sweep_rows.append(("DP federated", f"{eps:g}", hp_text(o),
+                               f"{100 * mean_v:.2f} (3 seeds: {', '.join(f'{100 * x:.1f}' for x in vals)})"))
+
+    # ---------------------------------------------------------- 4. reported runs: several seeds + LocalTrainer
+    from privacy.planner import plan_schedule
+    from client.trainer import region_schedule
+
+    def report_run(label: str, o: dict, pooled: bool = False) -> dict:
+        runs = [federated(data, o, rep=rep, pooled=pooled, fast=fast) for rep in range(seeds)]
+        real = federated(data, o, rep=0, pooled=pooled) if not args.no_trainer else None
+        row = {"label": label, "hp": o, "test": [r.test_acc[-1] for r in runs], "val": [r.val_acc[-1] for r in runs],
+               "trainer_test": real.test_acc[-1] if real else None,
+               "eps": max(real.epsilon.values()) if real and real.epsilon else (
+                   max(runs[0].epsilon.values()) if runs[0].epsilon else None),
+               "sigma": runs[0].sigma, "seconds": real.seconds if real else statistics.mean(r.seconds for r in runs)}
+        if o.get("dp"):
+            cfg = config({"trainable": data.policy, **o})
+            checks = []
+            for region in data.regions:
+                s = region_schedule(len(data.train[region]), cfg)
+                plan = plan_schedule(cfg.target_epsilon, cfg.delta, cfg.num_server_rounds, s.steps_per_round,
+                                     s.sample_rate, cfg.accountant)
+                checks.append((plan.noise_multiplier, plan.per_round[-1].epsilon_pld))
+            row["planner"] = checks
+        log(f"REPORT {label}: test {mean_sd(row['test'])} (LocalTrainer {row['trainer_test']}) val {mean_sd(row['val'])} "
+            f"eps {row['eps']} ({row['seconds']:.0f}s per LocalTrainer run)")
+        return row
+
+    rows = [report_run("non-private centralized (head)", central_hp, pooled=True),
+            report_run("non-private federated (head)", fed_hp)]
+    for eps in EPSILONS:
+        rows.append(report_run(f"DP federated, epsilon = {eps:g} (tuned)", best_dp[eps][1]))
+    default_o = {"dp": True, "target-epsilon": 8.0, "delta": DELTA, "noise-multiplier": 0.0,
+                 "physical-batch-size": min(current["batch-size"], 256), **current}
+    rows.append(report_run("DP federated, epsilon = 8, current pyproject defaults", default_o))
+
+    # ---------------------------------------------------------- 5. stronger centralized baseline: top-2
+    top2_row = None
+    if top2_epochs:
+        try:
+            data2 = load_data("top-2", limit, log)
+            best2 = None
+            for lr in (0.02, 0.05):
+                o = {"dp": False, "batch-size": 32, "physical-batch-size": 32, "learning-rate": lr, "momentum": 0.9,
+                     "local-epochs": 1.0, "num-server-rounds": top2_epochs}
+                r = federated(data2, o, pooled=True)
+                ep = max(range(len(r.val_acc)), key=lambda i: r.val_acc[i])
+                log(f"central top-2 {hp_text(o)}: val {[round(100 * v, 2) for v in r.val_acc]} "
+                    f"test {[round(100 * v, 2) for v in r.test_acc]} ({r.seconds:.0f}s)")
+                if best2 is None or r.val_acc[ep] > best2[0]:
+                    best2 = (r.val_acc[ep], {**o, "num-server-rounds": ep + 1}, r.test_acc[ep], r.seconds)
+            top2_row = {"label": "non-private centralized (top-2, stronger baseline)", "hp": best2[1],
+                        "test": [best2[2]], "val": [best2[0]], "trainer_test": best2[2], "eps": None, "sigma": {},
+                        "seconds": best2[3]}
+        except Exception as exc:  # noqa: BLE001 - optional baseline
+            log(f"top-2 baseline failed: {exc}")
+
+    # ---------------------------------------------------------- 6. one real Simulation at epsilon = 8
+    sim_row = None
+    if not args.no_simulation and not quick:
+        sim_row = run_simulation(best_dp[8.0][1], log)
+
+    # ---------------------------------------------------------- tables
+    central = statistics.mean(rows[0]["test"])
+    table_rows = []
+    for row in rows + ([top2_row] if top2_row else []):
+        gap = statistics.mean(row["test"]) - central
+        sig = ", ".join(f"{s:.2f}" for s in row["sigma"].values()) if row.get("eps") else "-"
+        table_rows.append((row["label"], f"{row['eps']:.2f}" if row.get("eps") else "∞",
+                           f"**{mean_sd(row['test'])}**",
+                           f"{100 * row['trainer_test']:.2f}" if row.get("trainer_test") is not None else "-",
+                           f"{100 * gap:+.2f}", mean_sd(row["val"]), sig, hp_text(row["hp"]), fmt_s(row["seconds"])))
+    if sim_row:
+        gap = sim_row["accuracy"] - central if sim_row.get("accuracy") is not None else float("nan")
+        table_rows.append(("real Simulation (Flower + Ray), epsilon = 8 (tuned)",
+                           f"{sim_row['eps']:.2f}" if sim_row.get("eps") else "-",
+                           "-", f"**{100 * sim_row['accuracy']:.2f}**" if sim_row.get("accuracy") is not None
+                           else sim_row.get("status"), f"{100 * gap:+.2f}", "-", sim_row.get("sigma", "-"), hp_text(best_dp[8.0][1]) +
+                           f"; secure aggregation {sim_row.get('secagg')}", fmt_s(sim_row.get("wall_s"))))
+    table = markdown_table(("setting", "epsilon (max over regions)", f"held-out accuracy % ({seeds} seeds)",
+                            "held-out accuracy % (LocalTrainer / real run)", "vs centralized (pts)",
+                            "validation accuracy %", "sigma per region", "hyper-parameters", "time per run"),
+                           table_rows)
+    sweep = markdown_table(("setting", "epsilon", "hyper-parameters", "validation accuracy %"), sweep_rows)
+
+    goals = []
+    for eps, limit_pts in ((8.0, 2.0), (3.0, 4.0)):
+        row = next(r for r in rows if r["label"].startswith(f"DP federated, epsilon = {eps:g} (tuned)"))
+        gap = 100 * (central - statistics.mean(row["test"]))
+        goals.append(f"- epsilon = {eps:g}: {gap:.2f} points below non-private centralized (goal: within {limit_pts:g}) "
+                     f"-> **{'met' if gap <= limit_pts else 'not met'}**")
+    checks = []
+    for row in rows:
+        if row.get("planner"):
+            checks.append(f"- {row['label']}: planner sigma " + ", ".join(f"{p[0]:.3f}" for p in row["planner"])
+                          + " (trainer: " + ", ".join(f"{s:.3f}" for s in row["sigma"].values()) + "); PLD epsilon "
+                          + ", ".join(f"{p[1]:.2f}" for p in row["planner"]))
+    n_train = {r: len(d) for r, d in data.train.items()}
+    body = "\n".join([
+        "Generated by `python bench/utility.py`; do not edit by hand.",
+        "",
+        f"Machine: {machine_line([f'{args.threads} torch threads'])}. Total run time {(time.time() - started) / 60:.0f} min.",
+        "",
+        f"Default split (partition of the default run config): regions "
+        + ", ".join(f"{r} {n:,}" for r, n in n_train.items()) + f" training posts; validation = the regions' local test "
+        f"posts ({len(data.val):,}); held-out = the server's test set ({len(data.test):,} posts, never trained on, never "
+        f"used for a choice). Model all-MiniLM-L6-v2, mean pooling, `trainable = head` (cached frozen features), "
+        f"max-length 64, seed 42 (model init and split), SGD; DP: Opacus RDP accountant, delta = {DELTA:g}, clipping "
+        f"norm C, sigma per region from its own schedule; FedAvg weighted by examples. Accuracy: mean ± sd over "
+        f"{seeds} seed(s) (sampling, noise, dropout) of the fast in-process round, and the same run (seed 0 = the "
+        f"ClientApp's round seeds) through `client.trainer.LocalTrainer` (Opacus `PrivacyEngine`, per-sample hooks, "
+        f"`BatchMemoryManager`), the ClientApp's code path; 'time per run' is the LocalTrainer run's. 'vs centralized' "
+        f"compares the seed means.",
+        "",
+        table,
+        "",
+        "## Goals",
+        "",
+        *goals,
+        "",
+        "## Noise: trainer vs planner",
+        "",
+        *checks,
+        "",
+        "## Hyper-parameter sweep (validation accuracy)",
+        "",
+        f"Fast in-process rounds (see the docstring). Non-private rows: every setting, with its best epoch/round "
+        f"count. DP rows: {len(dp_grid)} settings per epsilon (batch {sorted({g['b'] for g in dp_grid})}, "
+        f"(local epochs, rounds) in {sorted({(g['e'], g['r']) for g in dp_grid})}, learning rate "
+        f"{sorted({g['lr'] for g in dp_grid})}, momentum 0.9; then momentum 0 for the best) ran with one seed; the "
+        f"best {finalists_n} re-ran with 2 more seeds and the best 3-seed mean was chosen -- these finalists are listed.",
+        "",
+        sweep,
+    ])
+    write_result("utility", "Utility vs privacy on the ICWSM-2014 data", body, out_path)
+    return 0
+
+
+def run_simulation(o: dict, log) -> dict:
+    """Confirm one point with the real thing: Simulation(...) with the default preset."""
+    import json
+    import tempfile
+
+    from simulations.runner import Simulation
+
+    run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-bench-utility-"))
+    overrides = {k: v for k, v in o.items() if k not in ("delta",)}
+    out = {}
+    for secagg in (True, False):
+        try:
+            t0 = time.time()
+            res = Simulation({**overrides, "secure-aggregation": secagg, "fraction-evaluate": 0.0},
+                             preset="default", run_dir=run_dir / ("secagg" if secagg else "plain")).run(stream=False)
+            out = {"status": res.outcome.status, "wall_s": time.time() - t0, "secagg": "on" if secagg else "off"}
+            report = json.loads((res.run_dir / "privacy_report.json").read_text())
+            rounds = [r for r in report["rounds"] if r.get("round", 0) > 0]
+            out["accuracy"] = rounds[-1].get("accuracy") if rounds else None
+            eps = [reg.get("epsilon") for reg in report.get("regions", {}).values() if isinstance(reg, dict)]
+            eps = [e for e in eps if isinstance(e, (int, float))]
+            out["eps"] = max(eps) if eps else None
+            out["sigma"] = ", ".join(f"{reg['noise_multiplier']:.2f}" for reg in report.get("regions", {}).values()
+                                     if isinstance(reg, dict) and isinstance(reg.get("noise_multiplier"), (int, float)))
+            log(f"simulation (secure aggregation {out['secagg']}): {out}")
+            if res.outcome.succeeded:
+                return out
+        except Exception as exc:  # noqa: BLE001
+            out = {"status": f"failed: {exc}"[:300], "secagg": "on" if secagg else "off"}
+            log(f"simulation failed: {exc}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
