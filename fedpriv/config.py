@@ -196,6 +196,10 @@ class FedprivConfig:
         _check(self.secagg_threshold == 0 or 2 <= self.secagg_threshold <= self.num_regions, "secagg-threshold",
                self.secagg_threshold, f"0 (majority) or an integer in [2, {self.num_regions}]")
         _check(self.secagg_neighbours >= 0, "secagg-neighbours", self.secagg_neighbours, "0 (complete graph) or a neighbour count >= 1")
+        if self.secagg_neighbours:  # caught here, before submission, not when the ServerApp starts
+            _check(self.secagg_threshold <= self.secagg_neighbours + 1, "secagg-threshold", self.secagg_threshold,
+                   f"an integer <= {self.secagg_neighbours + 1} (with secagg-neighbours = {self.secagg_neighbours} a "
+                   "secret has that many shares)")
         _check(self.secagg_clip_range > 0, "secagg-clip-range", self.secagg_clip_range, "a coordinate bound > 0")
         _check(4 <= self.secagg_quant_bits <= 32, "secagg-quant-bits", self.secagg_quant_bits, "an integer in [4, 32]")
         _check(self.secagg_timeout > 0, "secagg-timeout", self.secagg_timeout, "seconds > 0")

@@ -42,6 +42,9 @@ def test_missing_prepared_data_names_the_command_to_run(tmp_path):
     (["--run-config", "delta=0.0"], ["delta = 0.0"]),
     (["--run-config", "num-server-rounds=0"], ["num-server-rounds = 0", ">= 1"]),
     (["--run-config", "batch-size='big'"], ["batch-size", "expected a int"]),
+    (["--run-config", "secagg-neighbours=1 secagg-threshold=3 regions='a,b,c'"], ["secagg-threshold = 3", "<= 2"]),
+    (["--run-config", "grad-sample-mode='fast'"], ["grad-sample-mode = 'fast'", "ghost, hooks"]),
+    (["--run-config", "trainable='head' lora-rank=8"], ["lora-rank = 8", "top-K"]),
 ])
 def test_bad_run_config_is_rejected_before_anything_starts(tmp_path, args, fragments):
     data = write_corpus(tmp_path / "data", 200)
