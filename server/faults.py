@@ -98,6 +98,12 @@ class WatchedGrid:
                     failures, MAX_POLL_FAILURES)
                 time.sleep(min(POLL_S * failures, 15.0))
 
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Pulling is idempotent, so a transient SuperLink error is retried (also for SecureFedAvg's own polling).
+        Pushes are not retried: a failed push may still have been stored."""
+        ids = list(message_ids)
+        return self._retry(lambda: list(self._grid.pull_messages(ids)), "waiting for replies")
+
     def _send_and_receive(self, sent: list[Message], timeout: float | None) -> list[Message]:
         """Flower's push-then-poll loop, with transient poll failures retried."""
         if not hasattr(self._grid, "push_messages") or not hasattr(self._grid, "pull_messages"):
@@ -106,7 +112,7 @@ class WatchedGrid:
         end = None if timeout is None else time.monotonic() + timeout
         out: list[Message] = []
         while pending and (end is None or time.monotonic() < end):
-            got = list(self._retry(lambda: list(self._grid.pull_messages(pending)), "waiting for replies"))
+            got = self.pull_messages(pending)
             out.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if pending:

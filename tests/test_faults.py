@@ -443,3 +443,28 @@ def _is_clientapp(pid: int, since: float) -> bool:
                 and any("flwr-clientapp" in part for part in p.cmdline()))
     except psutil.Error:
         return False
+
+
+def test_secure_aggregation_polling_rides_out_transient_superlink_errors(tmp_path, monkeypatch):
+    """SecureFedAvg polls the grid itself; through WatchedGrid a 'database is locked' 500 is retried, not fatal."""
+    import server.faults as faults
+    from privacy.report import RunReport
+    from strategies.secure_fedavg import SecureFedAvg
+
+    class _FlakyIdGrid(_FlakyGrid):
+        def push_messages(self, messages):
+            for i, msg in enumerate(messages):  # the real Grid assigns ids on push
+                msg.metadata.__dict__["_message_id"] = f"s{i}"
+            return super().push_messages(messages)
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    monkeypatch.setattr(faults, "POLL_S", 0.01)
+    flaky = _FlakyIdGrid()
+    strategy = SecureFedAvg(report=RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east"]), min_train_regions=1,
+                            connect_timeout=1, stage_timeout=5.0)
+    strategy._grid = WatchedGrid(flaky, ["us-east", "eu-west", "ap-south"])
+    replies, errors = strategy._exchange("query.secagg_advertise", {11: {}}, rnd=1)
+    assert list(replies) == [11] and errors == {} and flaky.pulls == 3
