@@ -157,7 +157,8 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
 
     Per-region ε/steps/rounds stay aligned (they are indexed by participation), later
     enforcement records and round entries are dropped, and extra top-level keys
-    (e.g. an earlier audit, the list of Flower runs) are kept.
+    (e.g. the list of Flower runs) are kept -- except an earlier ``audit``: it attacked
+    the model as it was then, and the resumed run trains it further (re-run ``fedpriv audit``).
     """
     from privacy.report import RegionRecord
     report.rounds = [dict(r) for r in data.get("rounds", []) if int(r.get("round", 0)) <= upto_round]
@@ -189,6 +190,8 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
     if isinstance(data.get("secure_aggregation"), dict):
         report.secure_aggregation = dict(data["secure_aggregation"])
     for key, value in data.items():
+        if key == "audit":
+            continue
         if key not in _STANDARD_KEYS and key not in report.extra:
             report.extra[key] = value
 
