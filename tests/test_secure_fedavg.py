@@ -9,6 +9,7 @@ FedAvg result is known exactly.
 
 from __future__ import annotations
 
+import json
 import uuid
 from types import SimpleNamespace
 
@@ -368,3 +369,14 @@ def test_strategy_rejects_inconsistent_settings(tmp_path):
         _strategy(SecureFedAvg, report, cfg, threshold=4, neighbours=2)
     with pytest.raises(ConfigError, match="secagg-threshold = 1"):
         _strategy(SecureFedAvg, report, cfg, threshold=1)
+
+
+def test_a_dp_off_run_reaches_the_report_as_not_private_through_the_real_wire(tmp_path, fake_training):
+    """dp = false: the ClientApp sends no ε at all (not -1), and the report records null ε with dp: false."""
+    _, report, grid = _run(tmp_path, 3, 2, secure=True, dp=False)
+    metrics = [r.content["metrics"] for r in grid.replies if "metrics" in r.content and "dp" in r.content["metrics"]]
+    assert metrics and all(m["dp"] == 0 and "epsilon" not in m for m in metrics)
+    data = json.loads(report.write().read_text())  # the Coordinator writes after every round
+    for region in data["regions"].values():
+        assert region["dp"] is False and region["epsilon"] is None and region["epsilon_by_round"] == [None, None]
+    assert "No differential privacy for r0, r1, r2" in (tmp_path / "privacy_report.md").read_text()
