@@ -29,18 +29,9 @@ from torch.utils.data import Dataset
 from transformers.masking_utils import create_bidirectional_mask
 
 from task.encoding import EncodedDataset, collate
-from task.model import is_mean_pooling
+from task.model import is_mean_pooling, trainable_layer_count
 
 FEATURE_VERSION = "1"
-
-
-def trainable_layer_count(model: nn.Module, policy: str) -> int:
-    n = len(model.bert.encoder.layer)
-    if policy == "all":
-        return n
-    if policy == "head":
-        return 0
-    return int(policy.split("-", 1)[1])
 
 
 class FrozenPrefix(nn.Module):

@@ -36,18 +36,9 @@ import torch
 from torch import nn
 
 from fedpriv.errors import ConfigError
-from task.model import head_modules
+from task.model import head_modules, trainable_layer_count
 
 DEFAULT_TARGETS = ("query", "value")
-
-
-def _trainable_layer_count(model: nn.Module, policy: str) -> int:
-    n = len(model.bert.encoder.layer)
-    if policy == "all":
-        return n
-    if policy == "head":
-        return 0
-    return int(policy.split("-", 1)[1])
 
 
 def apply_lora(model: nn.Module, trainable: str, rank: int, *, alpha: float | None = None, seed: int = 0,
@@ -62,7 +53,7 @@ def apply_lora(model: nn.Module, trainable: str, rank: int, *, alpha: float | No
 
     if rank < 1:
         raise ConfigError(f"lora-rank = {rank!r}: expected an adapter rank >= 1 (0 turns LoRA off)")
-    k = _trainable_layer_count(model, trainable)
+    k = trainable_layer_count(model, trainable)
     if k == 0:
         raise ConfigError("lora-rank > 0 with trainable = 'head': there is no trainable encoder layer to adapt; "
                           "expected trainable = top-K or all")

@@ -83,22 +83,27 @@ def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [dense, model.classifier]
 
 
+def trainable_layer_count(model: torch.nn.Module, policy: str) -> int:
+    """How many of the top encoder layers ``policy`` trains (the freeze line sits below them)."""
+    n = len(model.bert.encoder.layer)
+    if policy == "all":
+        return n
+    if policy == "head":
+        return 0
+    if policy.startswith("top-") and policy[4:].isdigit():
+        k = int(policy[4:])
+        if not 1 <= k <= n:
+            raise ConfigError(f"trainable = {policy!r}: the model has {n} layers")
+        return k
+    raise ConfigError(f"trainable = {policy!r}: expected head, top-K or all")
+
+
 def set_trainable(model: torch.nn.Module, policy: str) -> None:
     """Freeze everything, then unfreeze what ``policy`` names. Embeddings never train."""
-    layers = model.bert.encoder.layer
+    k = trainable_layer_count(model, policy)
     for p in model.parameters():
         p.requires_grad = False
-    if policy == "all":
-        chosen = list(layers)
-    elif policy == "head":
-        chosen = []
-    elif policy.startswith("top-"):
-        k = int(policy.split("-", 1)[1])
-        if not 1 <= k <= len(layers):
-            raise ConfigError(f"trainable = {policy!r}: the model has {len(layers)} layers")
-        chosen = list(layers)[-k:]
-    else:
-        raise ConfigError(f"trainable = {policy!r}: expected head, top-K or all")
+    chosen = list(model.bert.encoder.layer)[len(model.bert.encoder.layer) - k:] if k else []
     modules = chosen + head_modules(model)
     for module in modules:
         for p in module.parameters():
