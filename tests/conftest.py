@@ -49,4 +49,4 @@ def corpus_dir(tmp_path: Path) -> Path:
 
 TINY = {"model": "tiny", "trainable": "all", "regions": "us-east,eu-west", "num-server-rounds": 2,
         "max-examples-per-region": 256, "max-server-examples": 200, "batch-size": 32, "physical-batch-size": 32,
-        "learning-rate": 1.0, "fraction-evaluate": 0.0, "num-threads": 1}
+        "learning-rate": 1.0, "momentum": 0.9, "local-epochs": 1.0, "fraction-evaluate": 0.0, "num-threads": 1}

@@ -30,7 +30,8 @@ READY_TIMEOUT = 120.0
 # The tiny model on 128 posts per region, DP on, secure aggregation off (its extra
 # message stages cost minutes per round on a shared 2-core machine).
 TINY = ("model='tiny' trainable='all' max-examples-per-region=128 max-server-examples=128 "
-        "batch-size=16 physical-batch-size=16 fraction-evaluate=0.0 secure-aggregation=false")
+        "batch-size=16 physical-batch-size=16 learning-rate=0.5 momentum=0.9 local-epochs=1.0 "
+        "fraction-evaluate=0.0 secure-aggregation=false")
 
 POSITIVE = ["great", "good", "love", "excellent", "happy", "wonderful", "best", "enjoyed"]
 NEGATIVE = ["bad", "awful", "hate", "terrible", "sad", "horrible", "worst", "boring"]

@@ -151,8 +151,8 @@ def test_cli_prints_a_table(capsys):
 def test_cli_local_epochs_and_json(capsys):
     from fedpriv.commands.plan import PlanCommand
 
-    args = _plan_args("--target-epsilon", "8", "--local-epochs", "1", "--num-examples", "4500",
-                      "--no-cross-check", "--json")
+    args = _plan_args("--target-epsilon", "8", "--local-epochs", "1", "--num-examples", "4500", "--batch-size", "256",
+                      "--rounds", "4", "--no-cross-check", "--json")
     assert PlanCommand.run(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["steps_per_round"] == 18 and d["rounds"] == 4 and d["sample_rate"] == 256 / 4500
@@ -163,7 +163,8 @@ def test_cli_local_epochs_and_json(capsys):
     "argv, message",
     [
         (["--target-epsilon", "0", "--num-examples", "4500"], "--target-epsilon = 0.0: expected a privacy budget"),
-        (["--target-epsilon", "3", "--num-examples", "100"], "--batch-size = 256: expected at most --num-examples = 100"),
+        (["--target-epsilon", "3", "--num-examples", "100", "--batch-size", "256"],
+         "--batch-size = 256: expected at most --num-examples = 100"),
         (["--target-epsilon", "3", "--num-examples", "4500", "--delta", "1"], "--delta = 1.0: expected"),
         (["--target-epsilon", "3", "--num-examples", "4500", "--rounds", "0"], "--rounds = 0: expected"),
         (["--target-epsilon", "3", "--num-examples", "4500", "--local-steps", "0"], "--local-steps = 0: expected"),

@@ -9,8 +9,16 @@ import math
 from fedpriv.cli import command
 from fedpriv.errors import ConfigError
 
-# Defaults mirror [tool.flwr.app.config] in pyproject.toml.
-DEFAULTS = {"delta": 1e-5, "rounds": 4, "batch_size": 256, "local_epochs": 1.0, "accountant": "rdp"}
+def _app_defaults() -> dict:
+    """The plan's defaults are the app's: what `fedpriv simulate` would run with no overrides."""
+    from fedpriv.config import load_app_defaults
+
+    app = load_app_defaults()
+    return {"delta": float(app["delta"]), "rounds": int(app["num-server-rounds"]), "batch_size": int(app["batch-size"]),
+            "local_epochs": float(app["local-epochs"]), "accountant": str(app["accountant"])}
+
+
+DEFAULTS = _app_defaults()
 
 
 @command("plan", "Choose a noise multiplier for a target epsilon and show the epsilon trajectory.")
