@@ -432,6 +432,7 @@ def worker_lora_verify(spec: dict) -> dict:
 
     # 2. zero noise, clipping norm far above any gradient norm, one logical batch = the data set:
     #    the DP step must equal the plain step
+    split.top.train()  # from_pretrained returns eval mode; Opacus only records activations in training mode
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
