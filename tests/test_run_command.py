@@ -65,7 +65,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         "unknown config key 'bogus'": [*base, "--run-config", "bogus=1"],
         "config key 'num-server-rounds' = 'x': expected a int": [*base, "--run-config", "num-server-rounds='x'"],
         r"num-server-rounds = 0: expected an integer >= 1": [*base, "--run-config", f"{TINY} num-server-rounds=0"],
-        "fewer than batch-size = 256": [*base],  # pyproject defaults vs 128-post regions
+        "fewer than batch-size = 1024": [*base],  # pyproject defaults vs 128-post regions
         "unknown preset 'huge'": [*base, "--preset", "huge"],
         "is set by fedpriv run: pass --data instead": [*base, "--run-config", "data-dir='/x'"],
         r"--timeout = -1.0: expected seconds > 0": [*base, "--run-config", TINY, "--timeout", "-1"],
