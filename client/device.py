@@ -1,17 +1,65 @@
-"""Where a region trains: its GPU when it has one, else the CPU with a bounded thread count."""
+"""Where a region trains, and in which number formats: its GPU when it has one, else the CPU.
+
+Nothing here assumes a device type: every helper takes the ``torch.device`` the region
+trains on, so the same code (and the same tests, on CPU) covers both.
+
+Precision and DP: the *forward and backward* passes may run in a cheaper format (TF32
+matmuls on CUDA, bf16 autocast with ``mixed-precision = "bf16"``) because every per-sample
+gradient they produce is still a function of one example only. What DP's sensitivity bound
+rests on — per-sample norms, clipping, the clipped sum and the noise — runs in exact fp32
+(:func:`exact_fp32_matmul`), so a contribution is never more than ``max-grad-norm`` long.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+
+from fedpriv.errors import ConfigError
+
+MIXED_PRECISION = {"off": None, "bf16": torch.bfloat16}
 
 
 def select_device(num_threads: int, prefer: str = "auto") -> torch.device:
     """CUDA when available (and not disabled with ``prefer='cpu'``), otherwise CPU.
 
     The CPU thread count is set either way: tokenisation and evaluation run there,
-    and on a shared host one region must not take every core.
+    and on a shared host one region must not take every core. On CUDA, fp32 matmuls
+    may use TF32 ("high"): the DP-critical arithmetic opts out with :func:`exact_fp32_matmul`.
     """
     torch.set_num_threads(max(1, int(num_threads)))
     if prefer != "cpu" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``mixed-precision = mode`` on ``device`` (None: plain fp32)."""
+    if mode not in MIXED_PRECISION:
+        raise ConfigError(f"mixed-precision = {mode!r}: expected one of {', '.join(MIXED_PRECISION)}")
+    dtype = MIXED_PRECISION[mode]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"mixed-precision = {mode!r}: this GPU has no bf16 support; expected 'off'")
+    return dtype
+
+
+def forward_precision(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in: ``torch.autocast`` on ``device``'s type, or nothing."""
+    dtype = autocast_dtype(mode, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls in full precision (no TF32) inside the block, whatever the process-wide setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

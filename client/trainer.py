@@ -7,10 +7,16 @@ sampling gives the privacy amplification the accountant assumes; logical batches
 of ``batch-size`` are split into physical batches of ``physical-batch-size`` by
 Opacus' ``BatchMemoryManager`` so per-sample gradients fit in memory
 (about physical batch x trainable parameters x 4 bytes).
+
+Randomness: the run's ``seed`` (through the region's round seed) drives only what is
+not privacy-critical — dropout, and shuffling when DP is off. The DP noise and the
+Poisson sample come from fresh OS entropy for every release (``client/randomness.py``),
+unless the testing-only ``insecure-deterministic-noise`` key asks for a replayable release.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -24,6 +30,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from client.device import exact_fp32_matmul, forward_precision
+from client.randomness import enable_secure_noise, release_randomness
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import DataError
 from privacy.accountant import Entry
@@ -95,31 +103,40 @@ class LocalTrainer:
         self.schedule = region_schedule(len(data), cfg)
 
     def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "") -> TrainResult:
+        """One round. ``seed`` (public: derived from the run config) seeds dropout and non-DP shuffling only."""
         torch.manual_seed(seed)
         self.top.train()
         params = [p for p in self.top.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.cfg.learning_rate, momentum=self.cfg.momentum)
+        optimizer = local_optimizer(params, self.cfg)
+        if self.cfg.dp:
+            return self._train_private(optimizer, history, noise_multiplier, seed, label)
         loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate_features,
                             generator=torch.Generator().manual_seed(seed))
-        if self.cfg.dp:
-            return self._train_private(optimizer, loader, history, noise_multiplier, label)
         losses, correct, seen = self._loop(self.top, optimizer, loader, self.cfg.batch_size, label)
         return self._result(losses, correct, seen, history, 0.0)
 
-    def _train_private(self, optimizer, loader, history, noise_multiplier, label) -> TrainResult:
+    def _train_private(self, optimizer, history, noise_multiplier, seed, label) -> TrainResult:
         """Opacus DP-SGD. ``grad-sample-mode = ghost``: per-sample gradient *norms* only, then a second
         backward on the clipped loss (same clipping, noise and accounting as ``hooks``, which materialise every
-        per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py)."""
+        per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py).
+
+        Noise and Poisson sampling draw from generators made for this release alone (OS entropy)."""
+        rng = release_randomness(self.device, seed if self.cfg.insecure_deterministic_noise else None)
+        loader = DataLoader(self.data, batch_size=self.cfg.batch_size, collate_fn=collate_features,
+                            generator=rng.sampling)  # Opacus' Poisson sampler draws from the loader's generator
         engine = PrivacyEngine(accountant=self.cfg.accountant)
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-                      max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True)
+                      max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, noise_generator=rng.noise)
         criterion = None
         if self.cfg.grad_sample_mode == "ghost":
             module, dp_optimizer, criterion, dp_loader = engine.make_private(
                 **kwargs, criterion=torch.nn.CrossEntropyLoss(), grad_sample_mode="ghost")
         else:
             module, dp_optimizer, dp_loader = engine.make_private(**kwargs)
+        enable_secure_noise(dp_optimizer)
+        if dp_loader.batch_sampler.generator is not rng.sampling or dp_optimizer.generator is not rng.noise:
+            raise RuntimeError("Opacus did not take the release's generators: refusing to train on predictable noise")
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.cfg.physical_batch_size,
                                 optimizer=dp_optimizer) as memory_safe_loader:
             losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, self.cfg.physical_batch_size,
@@ -141,11 +158,19 @@ class LocalTrainer:
         while steps < target:
             for batch in loader:
                 batch = batch if isinstance(batch, dict) and len(batch["labels"]) else collate_features([], self.data.features[0].shape[1])
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                out = module(**batch)
-                loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
-                loss.backward()
-                optimizer.step()
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with forward_precision(self.cfg.mixed_precision, self.device):
+                    out = module(**batch)
+                    loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
+                # DP: what bounds a contribution (per-sample norms, clipping, the clipped sum, noise) is exact fp32.
+                # Ghost clipping takes the norms and the clipped sum from two backward passes, which must agree.
+                exact = exact_fp32_matmul if self.cfg.dp else contextlib.nullcontext
+                with exact() if criterion is not None else contextlib.nullcontext():
+                    loss.backward()
+                with exact():
+                    if self.cfg.dp:
+                        grad_samples_to_param_dtype(optimizer)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if len(batch["labels"]):
                     losses.append(float(loss.detach()))
@@ -166,6 +191,31 @@ class LocalTrainer:
             steps=self.schedule.steps_per_round, history=history, noise_multiplier=noise_multiplier,
             sample_rate=self.schedule.sample_rate, peak_memory_mb=peak_memory_mb(),
         )
+
+
+def local_optimizer(params: list[torch.nn.Parameter], cfg: FedprivConfig) -> torch.optim.Optimizer:
+    """The region's optimizer (``local-optimizer``). Under DP, Opacus clips and noises the gradient before it
+    reaches any of them, so Adam's moments are post-processing of the DP gradient (no extra privacy cost)."""
+    if cfg.local_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.local_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def grad_samples_to_param_dtype(dp_optimizer) -> None:
+    """Per-sample gradients in the parameter's dtype (fp32) *before* Opacus takes their norms and clips them.
+
+    Under bf16 autocast Opacus' hooks compute per-sample gradients in bf16 and would take their norms and clip
+    factors in bf16 too (relative error ~2^-8): a clipped contribution could then exceed max-grad-norm. A bf16
+    per-sample gradient is still a function of one example, so casting it up and clipping in fp32 keeps the
+    sensitivity bound exact. No-op in fp32 and for ghost clipping (no materialised per-sample gradients)."""
+    for p in dp_optimizer.params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+        elif isinstance(gs, list):
+            p.grad_sample = [g.to(p.dtype) for g in gs]
 
 
 def peak_memory_mb() -> float:

@@ -27,6 +27,8 @@ APP_DIR = Path(__file__).resolve().parents[1]
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
+LOCAL_OPTIMIZERS = ("sgd", "adam", "adamw")  # the region's optimizer; Opacus makes any of them DP
+MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (client/device.py)
 MODELS = ("minilm", "tiny")
 
 
@@ -110,7 +112,10 @@ class FedprivConfig:
     batch_size: int
     physical_batch_size: int
     learning_rate: float
+    local_optimizer: str
     momentum: float
+    weight_decay: float
+    mixed_precision: str
     max_grad_norm: float
     target_epsilon: float
     noise_multiplier: float
@@ -118,6 +123,7 @@ class FedprivConfig:
     accountant: str
     grad_sample_mode: str
     dp: bool
+    insecure_deterministic_noise: bool
     num_threads: int
     secure_aggregation: bool
     secagg_threshold: int
@@ -184,7 +190,17 @@ class FedprivConfig:
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
         _check(self.physical_batch_size >= 1, "physical-batch-size", self.physical_batch_size, "an integer >= 1")
         _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "a number > 0")
+        _check(self.local_optimizer in LOCAL_OPTIMIZERS, "local-optimizer", self.local_optimizer,
+               f"one of {', '.join(LOCAL_OPTIMIZERS)}")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.momentum == 0 or self.local_optimizer == "sgd", "momentum", self.momentum,
+               f"0 with local-optimizer = {self.local_optimizer!r} (momentum is SGD's; Adam has its own betas)")
+        _check(self.weight_decay >= 0, "weight-decay", self.weight_decay, "a number >= 0")
+        _check(self.mixed_precision in MIXED_PRECISIONS, "mixed-precision", self.mixed_precision,
+               f"one of {', '.join(MIXED_PRECISIONS)}")
+        _check(self.mixed_precision == "off" or not self.dp or self.grad_sample_mode == "hooks", "mixed-precision",
+               self.mixed_precision, "'off' with grad-sample-mode = 'ghost' (ghost clipping sums the clipped "
+               "gradients in a bf16 backward pass whose rounding max-grad-norm does not bound; use 'hooks')")
         _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "a clipping norm > 0")
         _check(0.0 < self.delta < 1.0, "delta", self.delta, "a probability in (0, 1), typically < 1/num-examples")
         _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, "0 (derive from target-epsilon) or a value > 0")

@@ -126,7 +126,9 @@ def test_gaussian_noise_is_present_with_the_configured_scale():
 
 
 def test_ghost_clipping_takes_the_same_dp_step_as_per_sample_hooks():
-    """grad-sample-mode only changes how per-sample norms are computed, not the update or the accounting."""
+    """grad-sample-mode only changes how per-sample norms are computed, not the update or the accounting.
+
+    Both runs must draw the same Poisson batches, so they replay the sampling from the seed (testing key)."""
     from client.trainer import LocalTrainer
 
     rng = np.random.default_rng(0)
@@ -136,7 +138,8 @@ def test_ghost_clipping_takes_the_same_dp_step_as_per_sample_hooks():
     results = {}
     for mode in ("hooks", "ghost"):
         _, cfg = resolve_config({**TINY, "trainable": "head", "grad-sample-mode": mode, "batch-size": 32,
-                                 "physical-batch-size": 16, "max-grad-norm": 0.01, "local-epochs": 2.0})
+                                 "physical-batch-size": 16, "max-grad-norm": 0.01, "local-epochs": 2.0,
+                                 "insecure-deterministic-noise": True})
         split = SplitClassifier(build_model("tiny", "head", seed=0, pooling="mean"), "head")
         for module in split.top.modules():
             if isinstance(module, torch.nn.Dropout):
