@@ -4,7 +4,8 @@ Real Flower simulation (private SuperLink, ClientApps in Ray actors), real DP-SG
 The two runs differ only in how the coordinator combines the updates, so:
 
 * after round 1 (both rounds start from the same global model and the regions'
-  training is seeded) the checkpoints agree within round 1's quantisation
+  training is seeded — DP noise and sampling included, through the testing key
+  ``insecure-deterministic-noise``; without it every release has fresh noise) the checkpoints agree within round 1's quantisation
   ``error_bound`` (plus float32 rounding);
 * after round 2 they still agree closely: round 2 starts from models that differ
   by at most that bound, and local training may amplify a difference that small
@@ -28,7 +29,8 @@ def _simulate(tmp_path, secure: bool):
 
     corpus = write_corpus(tmp_path / "data", 1200)
     run_dir = tmp_path / ("secure" if secure else "plain")
-    overrides = {**TINY, "data-dir": str(corpus), "seed": 7, "secure-aggregation": secure}
+    overrides = {**TINY, "data-dir": str(corpus), "seed": 7, "secure-aggregation": secure,
+                 "insecure-deterministic-noise": True}
     result = Simulation(overrides, preset="tiny", run_dir=run_dir).run(stream=False)
     assert result.outcome.succeeded, result.outcome
     report = json.loads((run_dir / "privacy_report.json").read_text())

@@ -41,9 +41,12 @@ def test_two_regions_two_rounds_write_the_report_with_composed_epsilon(tmp_path)
     assert (run_dir / "final_model" / "config.json").exists()
 
 
-def test_same_seed_gives_identical_checkpoints(tmp_path):
-    a = simulate(tmp_path, "a", **{"num-server-rounds": 1})
-    b = simulate(tmp_path, "b", **{"num-server-rounds": 1})
+def test_same_seed_gives_identical_checkpoints_under_the_replayable_noise_testing_key(tmp_path):
+    """The seed fixes partition, initialisation and dropout; DP noise and sampling are fresh OS entropy
+    unless the testing key replays them from the seed (tests/adversary: without it two runs differ)."""
+    replay = {"num-server-rounds": 1, "insecure-deterministic-noise": True}
+    a = simulate(tmp_path, "a", **replay)
+    b = simulate(tmp_path, "b", **replay)
     assert a.outcome.succeeded and b.outcome.succeeded
     wa = load_file(str(a.run_dir / "checkpoints" / "round-001.safetensors"))
     wb = load_file(str(b.run_dir / "checkpoints" / "round-001.safetensors"))

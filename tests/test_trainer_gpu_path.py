@@ -1,0 +1,246 @@
+"""The local trainer's GPU-facing choices, checked on CPU with the tiny model.
+
+* ``mixed-precision = "bf16"``: the forward pass is autocast, but a DP step still clips
+  every contribution to ``max-grad-norm`` and adds the same fp32 noise as the fp32 step.
+  Tolerance: the bf16 and fp32 clipped sums differ by at most 5e-3·C (measured ~2e-4·C to 1e-3·C:
+  bf16 changes the per-sample gradients a little, not the bound); the bound itself holds to 1e-5·C.
+  Without casting Opacus' per-sample gradients to fp32 first, a bf16 contribution exceeds C
+  (measured 1.0016·C), and ghost clipping under bf16 does too (1.0023·C), so that pair is refused.
+* ``local-optimizer``: DP-Adam(W) is Opacus' clipping and noise in front of torch's Adam(W).
+* Device helpers: autocast dtype selection, exact-fp32 matmuls around the DP arithmetic,
+  generators made on the training device (the CUDA branches run here with faked CUDA calls).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import client.device as device_mod
+import client.randomness as randomness
+import client.trainer as trainer_mod
+from client.trainer import LocalTrainer, local_optimizer
+from conftest import TINY
+from fedpriv.config import resolve_config
+from fedpriv.errors import ConfigError
+from task.features import FeatureDataset, SplitClassifier
+from task.model import build_model, get_trainable
+
+C = 0.01
+
+
+@functools.cache
+def _model(trainable: str, lora_rank: int = 0):
+    return build_model("tiny", trainable, seed=0, pooling="mean", lora_rank=lora_rank)
+
+
+def _data(n: int, identical: bool = False, tokens: int = 6) -> FeatureDataset:
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((tokens, _model("all").config.hidden_size)).astype(np.float16) for _ in range(n)]
+    if identical:  # every example the same: the clipped sum is then exactly N·C long
+        return FeatureDataset([feats[0]] * n, [1] * n)
+    return FeatureDataset(feats, [i % 2 for i in range(n)])
+
+
+def _cfg(**overrides):
+    return resolve_config({**TINY, "batch-size": 64, "physical-batch-size": 16, "local-epochs": 1.0,
+                           "learning-rate": 1.0, "momentum": 0.0, "max-grad-norm": C, "grad-sample-mode": "hooks",
+                           "insecure-deterministic-noise": True, **overrides})[1]
+
+
+def _update(cfg, data, sigma=0.0, trainable="all", lora_rank=0) -> np.ndarray:
+    split = SplitClassifier(copy.deepcopy(_model(trainable, lora_rank)), trainable)
+    start = get_trainable(split.model)
+    result = LocalTrainer(split, data, cfg, torch.device("cpu")).train([], noise_multiplier=sigma, seed=5)
+    assert np.isfinite(result.loss)
+    return np.concatenate([(result.values[k] - start[k]).ravel() for k in start]).astype(np.float64)
+
+
+# --- mixed precision --------------------------------------------------------------------------------
+
+
+def test_bf16_dp_step_clips_to_the_bound_like_the_fp32_step():
+    same = _data(64, identical=True)
+    for mp in ("off", "bf16"):
+        # one step, q = 1, lr 1, σ = 0: the update is the mean of 64 identical clipped gradients, length C
+        assert np.linalg.norm(_update(_cfg(**{"mixed-precision": mp}), same)) / C == pytest.approx(1.0, abs=1e-5), mp
+    varied = _data(64)
+    fp32, bf16 = _update(_cfg(), varied), _update(_cfg(**{"mixed-precision": "bf16"}), varied)
+    assert np.linalg.norm(fp32) > 0.01 * C, "the step must move the model for the comparison to mean anything"
+    assert np.linalg.norm(bf16 - fp32) / C < 5e-3
+
+
+def test_without_fp32_per_sample_gradients_bf16_would_break_the_bound(monkeypatch):
+    """Why the trainer casts: Opacus' bf16 norms and clip factors let a contribution exceed C."""
+    monkeypatch.setattr(trainer_mod, "grad_samples_to_param_dtype", lambda optimizer: None)
+    norm = np.linalg.norm(_update(_cfg(**{"mixed-precision": "bf16"}), _data(64, identical=True))) / C
+    assert norm > 1.0 + 1e-4
+
+
+def test_bf16_dp_step_adds_the_same_fp32_noise():
+    data = _data(64)
+    noise = {}
+    for mp in ("off", "bf16"):
+        cfg = _cfg(**{"mixed-precision": mp})  # testing key: both draw the same noise from the seed
+        noise[mp] = _update(cfg, data, sigma=2.0) - _update(cfg, data, sigma=0.0)
+    assert noise["off"].std() == pytest.approx(2.0 * C / 64, rel=0.15)
+    # the same draws; the differences are fp32 rounding of parameter values ~1 (1.2e-7 = 4e-4 of a noise std)
+    np.testing.assert_allclose(noise["bf16"], noise["off"], atol=1e-3 * noise["off"].std())
+
+
+def test_ghost_clipping_under_bf16_is_refused_because_it_breaks_the_bound():
+    with pytest.raises(ConfigError, match=r"^mixed-precision = 'bf16': expected 'off' with grad-sample-mode = 'ghost'"):
+        _cfg(**{"mixed-precision": "bf16", "grad-sample-mode": "ghost"})
+    _cfg(**{"mixed-precision": "bf16", "grad-sample-mode": "ghost", "dp": False})  # no clipping, nothing to break
+    # what the refusal prevents (bypassing validation): the bf16 second backward overshoots C
+    forced = dataclasses.replace(_cfg(**{"grad-sample-mode": "ghost"}), mixed_precision="bf16")
+    assert np.linalg.norm(_update(forced, _data(64, identical=True))) / C > 1.0 + 1e-4
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_parameters_fp32():
+    split = SplitClassifier(copy.deepcopy(_model("all")), "all")
+    from task.features import collate_features
+
+    batch = collate_features([_data(4)[i] for i in range(4)])
+    with device_mod.forward_precision("bf16", torch.device("cpu")):
+        out = split.top(**batch)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in split.top.parameters())
+    with device_mod.forward_precision("off", torch.device("cpu")):
+        assert split.top(**batch).logits.dtype == torch.float32
+
+
+# --- optimizers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_local_optimizer_is_the_configured_one(name, cls):
+    cfg = _cfg(**{"local-optimizer": name, "weight-decay": 0.01, "learning-rate": 0.001})
+    opt = local_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    assert type(opt) is cls and opt.defaults["weight_decay"] == 0.01 and opt.defaults["lr"] == 0.001
+
+
+def test_noiseless_unclipped_dp_adamw_step_equals_the_plain_adamw_step():
+    """DP-AdamW = Opacus' clipping + noise in front of AdamW: with neither, the same step as AdamW alone."""
+    data = _data(64)
+    kw = {"local-optimizer": "adamw", "weight-decay": 0.1, "learning-rate": 1e-3, "max-grad-norm": 1e6}
+    private = _update(_cfg(**kw), data)
+    plain = _update(_cfg(**kw, dp=False), data)
+    assert np.abs(plain).max() > 5e-4  # Adam's first step moves every coordinate by ~lr
+    np.testing.assert_allclose(private, plain, atol=2e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"local-optimizer": "lion"}, r"^local-optimizer = 'lion': expected one of sgd, adam, adamw$"),
+    ({"local-optimizer": "adam", "momentum": 0.9}, r"^momentum = 0.9: expected 0 with local-optimizer = 'adam'"),
+    ({"weight-decay": -0.1}, r"^weight-decay = -0.1: expected a number >= 0$"),
+    ({"mixed-precision": "fp16"}, r"^mixed-precision = 'fp16': expected one of off, bf16$"),
+])
+def test_bad_trainer_settings_get_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**overrides)
+
+
+def test_lora_with_dp_adam_and_bf16_trains_on_cpu():
+    """The GPU configuration's code path (adapters, DP-Adam, bf16, fresh noise) runs on CPU."""
+    cfg = resolve_config({**TINY, "trainable": "all", "lora-rank": 4, "local-optimizer": "adam", "momentum": 0.0,
+                          "learning-rate": 1e-2, "mixed-precision": "bf16", "grad-sample-mode": "hooks",
+                          "batch-size": 16, "physical-batch-size": 8, "noise-multiplier": 0.5})[1]
+    update = _update(cfg, _data(32), sigma=0.5, trainable="all", lora_rank=4)
+    assert np.isfinite(update).all() and np.abs(update).max() > 1e-4
+
+
+# --- device helpers ---------------------------------------------------------------------------------
+
+
+def test_autocast_dtype_selection():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert device_mod.autocast_dtype("off", cpu) is None and device_mod.autocast_dtype("off", cuda) is None
+    assert device_mod.autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_bf16_on_a_gpu_without_bf16_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match=r"^mixed-precision = 'bf16': this GPU has no bf16 support"):
+        device_mod.autocast_dtype("bf16", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device_mod.autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+
+
+def test_exact_fp32_matmul_restores_the_process_setting():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with device_mod.exact_fp32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(KeyError), device_mod.exact_fp32_matmul():
+            raise KeyError
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_select_device_takes_the_gpu_and_allows_tf32_there(monkeypatch):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert device_mod.select_device(1) == torch.device("cuda")
+        assert torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision("highest")
+        assert device_mod.select_device(1, prefer="cpu") == torch.device("cpu")
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU: left alone
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_fresh_cpu_generators_are_unrelated_and_carry_no_seed():
+    a, b = randomness.fresh_generator("cpu"), randomness.fresh_generator("cpu")
+    assert a.initial_seed() == 0 == b.initial_seed()  # nothing a report could print or a log could leak
+    assert not torch.equal(torch.randn(1000, generator=a), torch.randn(1000, generator=b))
+    state = a.get_state().numpy()[24: 24 + 8 * 624].view("<u8")
+    assert state.max() < 2**32 and len(np.unique(state)) > 600  # 624 words of OS entropy, not a seeded twister
+    rng = randomness.release_randomness(torch.device("cpu"))
+    assert rng.noise.device.type == "cpu" and rng.sampling.device.type == "cpu" and not rng.deterministic
+
+
+def test_deterministic_generators_replay_only_under_the_testing_seed():
+    one, two = (randomness.release_randomness(torch.device("cpu"), 7) for _ in range(2))
+    assert one.deterministic
+    for name in ("noise", "sampling"):
+        assert torch.equal(torch.randn(50, generator=getattr(one, name)), torch.randn(50, generator=getattr(two, name)))
+    other = randomness.release_randomness(torch.device("cpu"), 8)
+    assert not torch.equal(torch.randn(50, generator=other.noise), torch.randn(50, generator=one.noise))
+
+
+def test_the_noise_generator_is_made_on_the_training_device(monkeypatch):
+    """CUDA branch, with a fake generator: Philox gets a random key and a random counter offset."""
+    made = []
+
+    class FakeGenerator:
+        def __init__(self, device="cpu"):
+            self.device, self.seed, self.offset = torch.device(device), None, None
+            made.append(self)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+        def set_offset(self, offset):
+            self.offset = offset
+
+    monkeypatch.setattr(randomness.torch, "Generator", FakeGenerator)
+    monkeypatch.setattr(randomness, "_fill_mersenne_twister", lambda g: g)
+    rng = randomness.release_randomness(torch.device("cuda"))
+    assert rng.noise.device.type == "cuda" and rng.sampling.device.type == "cpu"
+    assert rng.noise.offset % 4 == 0 and rng.noise.seed is not None
+    again = randomness.release_randomness(torch.device("cuda"))
+    assert (again.noise.seed, again.noise.offset) != (rng.noise.seed, rng.noise.offset)
+    replay = randomness.release_randomness(torch.device("cuda"), 3)
+    assert replay.noise.device.type == "cuda" and replay.noise.offset is None
