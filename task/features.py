@@ -10,7 +10,12 @@ layer (whose per-sample gradients need explicit ``position_ids``).
 
 A region caches its prefix features on its own disk (next to its shard, never
 sent anywhere), keyed by model, trainable policy, sequence length and shard
-content, so later rounds and later runs skip the frozen forward pass.
+content, so later rounds and later runs skip the frozen forward pass. Features are
+stored unpadded in fp16. With ``trainable = "all"`` the prefix is the embeddings alone and
+a post's features are its token vectors: measured on the default corpus (22 tokens per
+post on average at ``max-length = 64``), 17 KiB per post, 0.4 GB for all 23,320 posts
+(not the 1.5 GB of padded fp32); computing them takes ~0.36 ms per post on one CPU thread
+and reading them back ~0.02 ms, so the cache is kept for that policy too.
 """
 
 from __future__ import annotations
