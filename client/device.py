@@ -36,6 +36,26 @@ def select_device(num_threads: int, prefer: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+CPU_PHYSICAL_BATCH = 256
+"""``physical-batch-size = 0`` on a CPU: the measured sweet spot on 2 cores (bench/dp_cost.py)."""
+
+
+def choose_physical_batch_size(device: torch.device, logical_batch: int, per_example_bytes: int,
+                               free_bytes: int | None = None, share: float = 0.5) -> int:
+    """``physical-batch-size = 0`` ("auto"): 256 on a CPU; on CUDA the largest power of two whose estimated
+    per-example memory fits in ``share`` of the device's free memory (``free_bytes``: measured if not given).
+
+    Never above the logical batch, never below 1. Only memory and speed depend on it: the physical batch
+    splits a logical (Poisson) batch, so the DP step and ε are the same whatever it is.
+    """
+    if device.type != "cuda":
+        return max(1, min(logical_batch, CPU_PHYSICAL_BATCH))
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    fits = int(share * free_bytes) // max(1, int(per_example_bytes))
+    return max(1, min(logical_batch, 1 << max(0, fits.bit_length() - 1)))
+
+
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``mixed-precision = mode`` on ``device`` (None: plain fp32)."""
     if mode not in MIXED_PRECISION:

@@ -30,7 +30,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from client.device import exact_fp32_matmul, forward_precision
+from client.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision
 from client.randomness import enable_secure_noise, release_randomness
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import DataError
@@ -137,13 +137,20 @@ class LocalTrainer:
         enable_secure_noise(dp_optimizer)
         if dp_loader.batch_sampler.generator is not rng.sampling or dp_optimizer.generator is not rng.noise:
             raise RuntimeError("Opacus did not take the release's generators: refusing to train on predictable noise")
-        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.cfg.physical_batch_size,
+        physical = self.physical_batch_size()
+        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=physical,
                                 optimizer=dp_optimizer) as memory_safe_loader:
-            losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, self.cfg.physical_batch_size,
-                                               label, criterion)
+            losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, physical, label, criterion)
         result = self._result(losses, correct, seen, list(engine.accountant.history), noise_multiplier)
         module._close()  # remove Opacus hooks: the plain model goes back to the caller
         return result
+
+    def physical_batch_size(self) -> int:
+        """``physical-batch-size``, or with 0 the device's choice for this model (client/device.py)."""
+        if self.cfg.physical_batch_size:
+            return self.cfg.physical_batch_size
+        tokens = self.cfg.max_length if len(self.top.layers) else 1  # the longest a post can be: no data needed
+        return choose_physical_batch_size(self.device, self.cfg.batch_size, per_example_bytes(self.top, self.cfg, tokens))
 
     def _loop(self, module, optimizer, loader, physical: int, label: str, criterion=None) -> tuple[list[float], int, int]:
         """Iterate until ``steps_per_round`` logical steps have been taken (epochs may be fractional).
@@ -201,6 +208,30 @@ def local_optimizer(params: list[torch.nn.Parameter], cfg: FedprivConfig) -> tor
     if cfg.local_optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def per_example_bytes(top: torch.nn.Module, cfg: FedprivConfig, tokens: int) -> int:
+    """Estimated device memory one example of a physical batch costs in a DP step (an upper-end estimate).
+
+    Activations kept for the backward: per token and encoder layer h·(34 + 5·a·T/h) bytes at 16 bits
+    (Korthikanti et al. 2022, "Reducing activation recomputation"), twice that in fp32. ``hooks``
+    materialise one per-sample gradient (fp32, plus its bf16 original under autocast); ghost clipping
+    instead keeps two T x T Gram matrices per linear layer. For all-MiniLM (T = 64, every layer trains)
+    this gives ~55 MB per example with hooks and ~14 MB with ghost: ~14 / 3.6 GB at batch 256, the
+    order of the 11.0 / 3.0 GiB peaks measured on an H100 (issue 10).
+    """
+    config = top.config
+    bits = 2 if cfg.mixed_precision == "bf16" else 4
+    layers = len(getattr(top, "layers", []))
+    per_token_layer = config.hidden_size * (34 + 5 * config.num_attention_heads * tokens / config.hidden_size) * bits / 2
+    activations = tokens * max(1, layers) * per_token_layer
+    trainable = sum(p.numel() for p in top.parameters() if p.requires_grad)
+    if cfg.grad_sample_mode == "hooks":
+        per_sample = trainable * (4 + (2 if cfg.mixed_precision == "bf16" else 0))
+    else:
+        linears = sum(1 for m in top.modules() if isinstance(m, torch.nn.Linear))
+        per_sample = linears * 2 * tokens * tokens * 4
+    return int(activations + per_sample)
 
 
 def grad_samples_to_param_dtype(dp_optimizer) -> None:

@@ -188,7 +188,8 @@ class FedprivConfig:
                "0 with trainable = 'head' (LoRA adapts encoder layers: use trainable = top-K or all)")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number of epochs > 0")
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
-        _check(self.physical_batch_size >= 1, "physical-batch-size", self.physical_batch_size, "an integer >= 1")
+        _check(self.physical_batch_size >= 0, "physical-batch-size", self.physical_batch_size,
+               "0 (auto: from the device's free memory) or an integer >= 1")
         _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "a number > 0")
         _check(self.local_optimizer in LOCAL_OPTIMIZERS, "local-optimizer", self.local_optimizer,
                f"one of {', '.join(LOCAL_OPTIMIZERS)}")

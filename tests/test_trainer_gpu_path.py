@@ -244,3 +244,46 @@ def test_the_noise_generator_is_made_on_the_training_device(monkeypatch):
     assert (again.noise.seed, again.noise.offset) != (rng.noise.seed, rng.noise.offset)
     replay = randomness.release_randomness(torch.device("cuda"), 3)
     assert replay.noise.device.type == "cuda" and replay.noise.offset is None
+
+
+# --- physical-batch-size = 0 (auto) -----------------------------------------------------------------
+
+
+def test_auto_physical_batch_on_cpu_is_256_capped_by_the_logical_batch():
+    cpu = torch.device("cpu")
+    assert device_mod.choose_physical_batch_size(cpu, 1024, per_example_bytes=10**9) == 256
+    assert device_mod.choose_physical_batch_size(cpu, 64, per_example_bytes=1) == 64
+    split = SplitClassifier(copy.deepcopy(_model("all")), "all")
+    trainer = LocalTrainer(split, _data(64), _cfg(**{"physical-batch-size": 0}), cpu)
+    assert trainer.physical_batch_size() == 64
+    assert LocalTrainer(split, _data(64), _cfg(**{"physical-batch-size": 16}), cpu).physical_batch_size() == 16
+
+
+@pytest.mark.parametrize("free_gib,per_example_mb,logical,expected", [
+    (79, 56, 1024, 512),    # all-MiniLM, hooks: 0.5 * 79 GiB / 56 MB = 757 -> 512
+    (79, 14, 1024, 1024),   # ghost: 2,958 fit, capped by the logical batch
+    (10, 56, 1024, 64),     # a busy or small GPU
+    (0.01, 56, 1024, 1),    # nothing fits: one at a time rather than none
+])
+def test_auto_physical_batch_on_cuda_fits_half_the_free_memory(monkeypatch, free_gib, per_example_mb, logical, expected):
+    cuda = torch.device("cuda")
+    free = int(free_gib * 2**30)
+    assert device_mod.choose_physical_batch_size(cuda, logical, per_example_mb * 10**6, free_bytes=free) == expected
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))  # measured when not given
+    assert device_mod.choose_physical_batch_size(cuda, logical, per_example_mb * 10**6) == expected
+
+
+def test_per_example_memory_estimate_follows_the_clipping_mode_and_precision():
+    from client.trainer import per_example_bytes
+
+    ghost_cfg = _cfg(**{"grad-sample-mode": "ghost"})
+    top = SplitClassifier(copy.deepcopy(_model("all")), "all").top
+    trainable = sum(p.numel() for p in top.parameters() if p.requires_grad)
+    hooks = per_example_bytes(top, _cfg(), 64)
+    assert hooks > trainable * 4 > 0  # a whole fp32 per-sample gradient, plus activations
+    assert per_example_bytes(top, _cfg(), 128) > hooks  # longer posts, more activations
+    # ghost clipping keeps two T x T Gram matrices per linear layer instead of the gradient: for 64 tokens
+    # and 32-wide layers that costs more than the gradient itself; for a head on pooled vectors far less
+    assert per_example_bytes(top, ghost_cfg, 64) > hooks
+    head = SplitClassifier(copy.deepcopy(_model("head")), "head").top
+    assert per_example_bytes(head, ghost_cfg, 1) < per_example_bytes(head, _cfg(), 1)
