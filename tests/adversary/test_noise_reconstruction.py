@@ -126,3 +126,27 @@ def _update_q(cfg, data):
     result = LocalTrainer(split, data, cfg, torch.device("cpu")).train([], noise_multiplier=0.0, seed=ROUND_SEED)
     assert result.steps == 1 and result.sample_rate == 0.25
     return np.concatenate([(result.values[k] - start[k]).ravel() for k in start]).astype(np.float64)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_noise_is_drawn_in_secure_mode_from_the_release_generator(monkeypatch, mode):
+    """Every noise draw: Opacus' floating-point-attack defence on, a dedicated generator (never torch's
+    global one, which the run seed sets), on the parameter's device."""
+    import opacus.optimizers.optimizer as dp_optimizer
+    import opacus.optimizers.optimizer_fast_gradient_clipping as ghost_optimizer
+
+    calls = []
+    real = dp_optimizer._generate_noise
+
+    def spy(std, reference, generator=None, secure_mode=False):
+        calls.append((secure_mode, generator, reference.device))
+        return real(std, reference, generator, secure_mode)
+
+    for module in (dp_optimizer, ghost_optimizer):  # each imported the function by name
+        monkeypatch.setattr(module, "_generate_noise", spy)
+    _update(_config(insecure=False, **{"grad-sample-mode": mode}), _data(seed=0), SIGMA)
+    assert calls and all(secure for secure, _, _ in calls)
+    generators = {id(g) for _, g, _ in calls}
+    assert None not in {g for _, g, _ in calls} and len(generators) == 1
+    assert torch.default_generator is not calls[0][1]
+    assert all(g.device == device for _, g, device in calls)
