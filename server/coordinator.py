@@ -92,7 +92,7 @@ class Coordinator:
         """A resumed run continues with the moments of its last completed round (server/checkpoints.py)."""
         state = load_server_optimizer_state(self.run_dir, self.start_round)
         if state is None:
-            if self.server_optimizer.name == "fedavg":  # stateless: nothing to restore
+            if not self.server_optimizer.stateful:  # plain FedAvg: nothing to restore
                 return
             raise FedprivError(f"resume-from {self.cfg.resume_from}: no server-optimizer state saved for round "
                                f"{self.start_round}; a {self.server_optimizer.name} run cannot continue without its moments")
@@ -107,7 +107,8 @@ class Coordinator:
         loss, accuracy = self.evaluator(values)
         absolute = server_round + self.strategy.round_offset
         if server_round > 0:
-            save_server_optimizer_state(self.run_dir, absolute, self.server_optimizer.state_dict())
+            if self.server_optimizer.stateful:  # before the model: a completed round has both
+                save_server_optimizer_state(self.run_dir, absolute, self.server_optimizer.state_dict())
             save_checkpoint(self.run_dir, absolute, values)
         if server_round > 0 or self.strategy.round_offset == 0:
             self.report.record_round(absolute, accuracy=accuracy, loss=loss)

@@ -88,6 +88,11 @@ class ServerOptimizer:
         """True when a step returns the aggregated model unchanged (plain FedAvg)."""
         return self.name == "fedavg" and self.learning_rate == 1.0
 
+    @property
+    def stateful(self) -> bool:
+        """True when it keeps moments across rounds (they must be checkpointed for ``--resume``)."""
+        return self.name != "fedavg"
+
     def describe(self) -> dict[str, Any]:
         """The optimizer and the hyperparameters it uses, for the report's ``run_info``."""
         out: dict[str, Any] = {"name": self.name, "learning_rate": self.learning_rate}

@@ -262,3 +262,35 @@ def test_coordinator_restores_the_saved_moments_or_refuses(tmp_path):
 def test_bad_server_optimizer_config_is_one_line(key, value):
     with pytest.raises(ConfigError, match=f"^{key} = "):
         resolve_config({key: value})
+
+
+# ---------------------------------------------------------------------------
+# End to end (real Flower simulation, secure aggregation on)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_simulation_steps_fedavgm_on_the_secure_aggregate_and_checkpoints_its_state(tmp_path):
+    import json
+
+    from conftest import TINY, write_corpus
+    from server.checkpoints import latest_checkpoint
+    from server.resume import load_checkpoint
+    from simulations.runner import Simulation
+
+    data = write_corpus(tmp_path / "data", 800)
+    overrides = {**TINY, "data-dir": str(data), "secure-aggregation": True, "server-optimizer": "fedavgm",
+                 "server-momentum": 0.5, "learning-rate": 0.5, "momentum": 0.0}
+    result = Simulation(overrides, preset="tiny", run_dir=tmp_path / "run").run(stream=False)
+    assert result.outcome.succeeded, result.outcome
+    report = json.loads((result.run_dir / "privacy_report.json").read_text())
+    assert report["run_info"]["server_optimizer"] == {"name": "fedavgm", "learning_rate": 1.0, "momentum": 0.5}
+    assert report["secure_aggregation"]["rounds_aborted"] == [] and len(report["secure_aggregation"]["rounds"]) == 2
+    x1, x2 = load_checkpoint(result.run_dir, 1), load_checkpoint(result.run_dir, 2)
+    assert latest_checkpoint(result.run_dir)[0] == 2
+    s1, s2 = load_server_optimizer_state(result.run_dir, 1), load_server_optimizer_state(result.run_dir, 2)
+    assert (s1["name"], s1["steps"], s2["steps"]) == ("fedavgm", 1, 2)
+    for k in x1:  # η = 1: each round moved the model by exactly the momentum buffer saved with it
+        np.testing.assert_allclose(x2[k] - x1[k], s2["arrays"][f"m/{k}"], rtol=1e-4, atol=1e-6)
+    # m_2 = 0.5 m_1 + Δ_2, so the step differs from the plain secure average Δ_2 whenever m_1 != 0
+    assert any(np.abs(s1["arrays"][f"m/{k}"]).max() > 0 for k in x1)
