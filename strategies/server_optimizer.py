@@ -109,12 +109,15 @@ class ServerOptimizer:
         if self.is_identity:
             self.steps += 1
             return OrderedDict(aggregated.items())
+        for name, new in aggregated.items():  # all checked before any moment changes
+            shape = np.shape(current[name])
+            if np.shape(new) != shape or any(name in s and s[name].shape != shape for s in (self.m, self.v)):
+                raise ValueError(f"server optimizer: parameter {name!r} has shape {np.shape(new)}, expected {shape} "
+                                 "(the model's and the optimizer state's)")
         t = self.steps + 1
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for name, new in aggregated.items():
             x = np.asarray(current[name])
-            if np.shape(new) != x.shape:
-                raise ValueError(f"server optimizer: parameter {name!r} has shape {np.shape(new)}, expected {x.shape}")
             delta = np.asarray(new, dtype=np.float64) - x.astype(np.float64)
             out[name] = (x.astype(np.float64) + self._direction(name, delta, t, x.dtype)).astype(x.dtype)
         self.steps = t

@@ -119,6 +119,17 @@ def test_fedavg_with_a_server_learning_rate_scales_the_update():
         np.testing.assert_allclose(x1[k], x0[k] + 0.5 * d[k], rtol=1e-12)
 
 
+def test_a_model_that_does_not_fit_the_state_is_refused_before_anything_changes():
+    opt = ServerOptimizer("fedavgm", momentum=0.5)
+    x0 = _start()
+    _drive(opt, x0, _deltas(1))
+    saved = {k: v.copy() for k, v in opt.m.items()}
+    bad = {"encoder.w": np.zeros((3, 4)), "head.b": np.zeros(3)}
+    with pytest.raises(ValueError, match="'head.b' has shape"):
+        opt.step({"encoder.w": np.ones((3, 4)), "head.b": np.ones(3)}, bad)
+    assert opt.steps == 1 and all(np.array_equal(opt.m[k], saved[k]) for k in SHAPES)
+
+
 # ---------------------------------------------------------------------------
 # The wrapper around the real PrivateFedAvg
 # ---------------------------------------------------------------------------
