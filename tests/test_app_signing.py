@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -193,7 +194,13 @@ def test_verifying_clientapp_refuses_before_installing(tmp_path, monkeypatch, ca
 
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
     monkeypatch.setattr(cli, "flwr_clientapp", fake_flwr_clientapp)
-    trusted_exec.main(["clientapp", "--trust", str(trust), "--token", "t"])
+    ours = {m: mod for m, mod in sys.modules.items() if m == "fedpriv" or m.startswith("fedpriv.")}
+    try:
+        trusted_exec.main(["clientapp", "--trust", str(trust), "--token", "t"])
+        # After verifying, the gate forgot the region's fedpriv: the bundle imports its own signed copy.
+        assert "fedpriv.errors" not in sys.modules
+    finally:
+        sys.modules.update(ours)  # keep one FedprivError class for the rest of this test session
     assert outcomes[1] == "installed" and "is not signed" in outcomes[0]
     assert len(installed) == 1 and verify_bundle(installed[0], load_trust_file(trust))
     err = capsys.readouterr().err

@@ -95,6 +95,10 @@ def _clientapp(trust: str, rest: list[str]) -> None:
             print(f"{REFUSED} {exc}", file=sys.stderr, flush=True)
             raise
         print(f"fedpriv: app bundle verified: signed by {publisher!r} ({trust})", file=sys.stderr, flush=True)
+        # This gate imported the region's own fedpriv; forget it so the bundle's code imports its own
+        # (signed) copy from the installed bundle, exactly what was verified.
+        for name in [m for m in sys.modules if m == "fedpriv" or m.startswith("fedpriv.")]:
+            del sys.modules[name]
         return install(content, *args, **kwargs)
 
     rc.install_from_fab = verified_install
