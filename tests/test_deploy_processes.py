@@ -438,6 +438,7 @@ def test_unsigned_modified_or_foreign_bundles_are_refused_by_a_real_supernode(de
     """Finding 6: before, a SuperNode ran whatever bundle the coordinator submitted. Now the region's
     SuperExec refuses it before installing it: no file of it is unpacked, its ClientApp never runs, and
     the coordinator gets an error reply naming the reason."""
+    import hashlib
     import io
     import zipfile
 
@@ -447,13 +448,20 @@ def test_unsigned_modified_or_foreign_bundles_are_refused_by_a_real_supernode(de
     sn = SuperNodeProcess("us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
                           log_file=log, flwr_home=apps, trust_file=deployment.trust)
 
-    signed = zipfile.ZipFile(_signed_echo_app(deployment, app))  # the coordinator edits the ClientApp after signing
+    # The coordinator edits the ClientApp after signing and fixes Flower's .info/CONTENT hashes to match.
+    signed = zipfile.ZipFile(_signed_echo_app(deployment, app))
+    entries = {i.filename: signed.read(i) for i in signed.infolist()}
+    evil = entries["deploysmoke/client.py"].replace(b"* 2", b"* 3")
+    entries["deploysmoke/client.py"] = evil
+    entries[".info/CONTENT"] = b"\n".join(
+        (f"deploysmoke/client.py,{hashlib.sha256(evil).hexdigest()},{len(evil)}".encode()
+         if line.startswith(b"deploysmoke/client.py,") else line)
+        for line in entries[".info/CONTENT"].split(b"\n"))
     tampered = deployment.root / "tampered.fab"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        for info in signed.infolist():
-            data = signed.read(info)
-            zf.writestr(info, data.replace(b"* 2", b"* 3") if info.filename.endswith("client.py") else data)
+        for name, data in entries.items():
+            zf.writestr(name, data)
     tampered.write_bytes(buf.getvalue())
     mallory_key, _ = write_trust(deployment.root, "mallory")
     foreign = _signed_echo_app(deployment, app, key=mallory_key)
@@ -639,3 +647,29 @@ def test_preflight_errors_name_the_problem(tmp_path):
     assert resolve_region_data_dir(data, "us-east") == data / "regions" / "us-east"
     (empty / "train.jsonl").write_text("{}\n")
     assert resolve_region_data_dir(empty, "us-east") == empty
+
+
+def test_supernode_command_region_side_errors_are_one_line(tmp_path, capsys):
+    """What a region can get wrong about its own trust list, policy and key: one line each, nothing started."""
+    from fedpriv.deploy.certs import create_region_key
+
+    creds = create_region_key(tmp_path / "creds", "us-east")[0].parents[1]
+    (creds / "ca.crt").write_bytes(create_certs(tmp_path / "op").paths.ca_cert.read_bytes())
+    data = tmp_path / "data"
+    (data / "regions" / "us-east").mkdir(parents=True)
+    (data / "regions" / "us-east" / "train.jsonl").write_text("{}\n")
+    _, trust = write_trust(tmp_path)
+    policy = write_policy(tmp_path)
+    base = ["supernode", "--region", "us-east", "--data", str(data), "--certs", str(creds), "--superlink", "127.0.0.1:1",
+            "--port", str(free_port())]
+    (tmp_path / "empty.yaml").write_text("")
+    cases = [
+        (["--trust", str(tmp_path / "none.yaml"), "--policy", str(policy)], "missing trust file"),
+        (["--trust", str(tmp_path / "empty.yaml"), "--policy", str(policy)], "at least one publisher key"),
+        (["--trust", str(trust), "--policy", str(tmp_path / "none.toml")], "missing policy file"),
+        (["--trust", str(trust), "--policy", str(policy), "--region", "eu-west"], "unknown region 'eu-west'"),
+    ]
+    for extra, needle in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("fedpriv supernode: error: ") and needle in err, err
