@@ -127,6 +127,7 @@ class FedprivConfig:
     secagg_timeout: float
     sim_max_epsilon: float
     sim_ledger_dir: str
+    sim_region_policy: str
     run_dir: Path
     job_id: str
     resume_from: str
