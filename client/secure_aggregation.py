@@ -55,7 +55,7 @@ from privacy.secagg.graph import neighbour_graph, share_holders
 STATE_ROUND = "fedpriv-secagg-round"     # ConfigRecord: round, region, num-examples, rounding seed, phase
 STATE_UPDATE = "fedpriv-secagg-update"   # ArrayRecord: the flat update, until it is masked (or revealed)
 STATE_CLIENT = "fedpriv-secagg-client"   # ConfigRecord: SecAggClient.to_state()
-STATE_SETUPS = "fedpriv-secagg-setups"   # ConfigRecord: rounds this region advertised keys in (kept: never revealed)
+STATE_SETUPS = "fedpriv-joined-setups"   # ConfigRecord: rounds this region advertised keys in (kept: never revealed)
 
 
 # ------------------------------------------------------------------ helpers

@@ -319,7 +319,7 @@ def _enforcement_table(report: Mapping[str, Any]) -> str:
                 rows.append([_e(name), _fmt(ev.get("round"), "d"), _e(ev.get("action", "—")), _e(ev.get("reason", ""))])
     if not rows:
         return ""
-    return ("<h3>Enforcement</h3><p class=\"muted\">Rounds in which a region refused: by its region policy "
+    return ("<h3>Budget enforcement and policy refusals</h3><p class=\"muted\">Rounds in which a region refused: by its region policy "
             "(\"refused by region policy: &lt;rule&gt;\") or because the release would exceed its budget.</p>"
             + _table(["region", "round", "action", "reason"], rows, left=(0, 2, 3)))
 

@@ -55,7 +55,7 @@ class RegionPolicy:
 
     delta: float
     max_lifetime_epsilon: float
-    max_job_epsilon: float
+    max_job_epsilon: float  # one job's ceiling; the lifetime cap binds as well
     require_dp: bool = True
     require_secure_aggregation: bool = True
     min_secagg_threshold: float = 0.5
@@ -113,7 +113,7 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
     checks = [
         (0.0 < values["delta"] < 1.0, "delta", values["delta"], "a probability in (0, 1), e.g. 1e-5"),
         (cap > 0, "max-lifetime-epsilon", cap, "a privacy budget ε > 0"),
-        (0 < job <= cap, "max-job-epsilon", job, f"an ε in (0, max-lifetime-epsilon = {cap:g}]"),
+        (job > 0, "max-job-epsilon", job, "a ceiling on one job's ε > 0 (the lifetime cap binds as well)"),
         (0.5 <= frac < 1.0, "min-secagg-threshold", frac,
          "a fraction in [0.5, 1): the threshold must exceed this share of a secret's holders (0.5 = a strict majority)"),
     ]

@@ -193,9 +193,9 @@ def enforcement_text(event: dict[str, Any]) -> str:
     """``round 3: refused by region policy: max-job-epsilon: ...`` or ``round 3: failed (reason)``."""
     from fedpriv.contract import POLICY
 
-    if event.get("action") == POLICY:
-        return f"round {event.get('round')}: {POLICY}: {event.get('reason', '')}"
-    return f"round {event.get('round')}: {event.get('action')} ({event.get('reason', '')})"
+    if event["action"] == POLICY:
+        return f"round {event['round']}: {POLICY}: {event['reason']}"
+    return f"round {event['round']}: {event['action']} ({event['reason']})"
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
