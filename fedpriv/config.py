@@ -204,7 +204,8 @@ class FedprivConfig:
         _check(self.secagg_clip_range > 0, "secagg-clip-range", self.secagg_clip_range, "a coordinate bound > 0")
         _check(4 <= self.secagg_quant_bits <= 32, "secagg-quant-bits", self.secagg_quant_bits, "an integer in [4, 32]")
         _check(self.secagg_timeout > 0, "secagg-timeout", self.secagg_timeout, "seconds > 0")
-        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon, "0 (no cap) or a budget > 0")
+        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon,
+               "0 (the simulation policy's own cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
 
 
