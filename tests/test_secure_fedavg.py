@@ -389,3 +389,18 @@ def test_a_dp_off_run_reaches_the_report_as_not_private_through_the_real_wire(tm
     for region in data["regions"].values():
         assert region["dp"] is False and region["epsilon"] is None and region["epsilon_by_round"] == [None, None]
     assert "No differential privacy for r0, r1, r2" in (tmp_path / "privacy_report.md").read_text()
+
+
+def test_local_evaluation_is_refused_by_default_and_recorded_once_per_region(tmp_path, fake_training):
+    flat = _run_config(tmp_path, 2)
+    cfg = FedprivConfig.from_run_config(flat)
+    report = RunReport(tmp_path, flat, cfg.accountant, cfg.delta, list(cfg.regions))
+    grid = FakeGrid(flat, 2)
+    strategy = _strategy(SecureFedAvg, report, cfg, fraction_evaluate=1.0)
+    strategy.start(grid=grid, initial_arrays=_record(_initial()), num_rounds=2, timeout=5.0)
+    evaluations = [r for r in grid.replies if r.metadata.message_type == "evaluate"]
+    assert len(evaluations) == 4 and all(r.has_error() for r in evaluations)
+    for rec in report.regions.values():
+        assert rec.local_accuracy_by_round == [] and rec.rounds_participated == [1, 2]
+        assert [e["action"] for e in rec.enforcement] == ["refused by region policy"]
+        assert rec.enforcement[0]["reason"].startswith("release-local-evaluation:")
