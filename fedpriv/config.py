@@ -134,6 +134,7 @@ class FedprivConfig:
     sim_max_epsilon: float
     sim_ledger_dir: str
     sim_gpus_per_region: float
+    sim_region_policy: str
     run_dir: Path
     job_id: str
     resume_from: str
@@ -219,7 +220,8 @@ class FedprivConfig:
         _check(self.sim_gpus_per_region >= 0 and (self.sim_gpus_per_region <= 1 or self.sim_gpus_per_region.is_integer()),
                "sim-gpus-per-region", self.sim_gpus_per_region,
                "0 (auto: share the machine's GPUs evenly), a fraction in (0, 1], or a whole number of GPUs")
-        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon, "0 (no cap) or a budget > 0")
+        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon,
+               "0 (the simulation policy's own cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
 
 

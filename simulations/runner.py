@@ -99,6 +99,14 @@ def federation_options(cfg: FedprivConfig, num_gpus: int) -> dict[str, Any]:
     return options
 
 
+def check_region_policies(cfg: FedprivConfig) -> None:
+    """Every simulated region's policy (``sim-region-policy``, "" = the built-in one) loads, before anything starts."""
+    from privacy.policy import policy_for_node
+
+    for region in cfg.regions:
+        policy_for_node({}, region, cfg.sim_region_policy, cfg.sim_max_epsilon)
+
+
 @dataclass
 class SimulationResult:
     outcome: RunOutcome
@@ -114,11 +122,14 @@ class Simulation:
         self.run_dir = Path(run_dir or (Path(flat["run-dir"]) if flat["run-dir"] else Path("runs") / f"sim-{stamp}")).resolve()
         self.flat = flat
         self.cfg = cfg
+        check_region_policies(cfg)
 
     def run(self, stream: bool = True) -> SimulationResult:
         shards = prepare_shards(self.cfg, self.corpus_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_config = {**self.flat, "data-dir": str(shards), "run-dir": str(self.run_dir)}
+        if self.flat["sim-region-policy"]:  # the ClientApps may run elsewhere: give them an absolute path
+            run_config["sim-region-policy"] = str(Path(self.flat["sim-region-policy"]).expanduser().resolve())
         FedprivConfig.from_run_config(run_config)  # the apps will accept it
         num_gpus = detect_gpus()
         federation = federation_options(self.cfg, num_gpus)

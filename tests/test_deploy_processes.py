@@ -290,7 +290,7 @@ def test_registered_supernode_connects(deployment):
     argv = sn.command()
     assert "--auth-supernode-private-key" in argv and "--root-certificates" in argv
     assert argv[argv.index("--isolation") + 1] == "process"  # Flower starts no ClientApp on its own
-    assert sn.node_config() == (f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}' max-epsilon=0.0 "
+    assert sn.node_config() == (f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}' "
                                 f"policy-path='{deployment.policy}'")
     with _Tracked(sn) as node:
         assert node.wait_ready(READY_TIMEOUT) == deployment.us_east_id

@@ -40,9 +40,6 @@ class SuperNodeCommand:
             help=f"local ClientApp IO port on 127.0.0.1 (default {CLIENTAPPIO_PORT}); each SuperNode on one machine needs its own",
         )
         p.add_argument("--log", default=None, metavar="FILE", help="also append all SuperNode output to FILE")
-        p.add_argument("--max-epsilon", type=float, default=0.0, metavar="EPS",
-                       help="legacy lifetime privacy budget (node config max-epsilon, 0 = none); "
-                            "the policy file's max-lifetime-epsilon is the region's cap")
         p.add_argument("--ledger", default=None, metavar="FILE",
                        help="the region's privacy ledger (default: privacy_ledger.sqlite next to its data)")
 
@@ -52,7 +49,7 @@ class SuperNodeCommand:
         from fedpriv.errors import FedprivError
 
         sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True,
-                              max_epsilon=args.max_epsilon, ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy)
+                              ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy)
         old = install_stop_handlers()
         try:
             sn.start()

@@ -543,15 +543,11 @@ class SuperNodeProcess(_Group):
         echo: bool = False,
         max_retries: int | None = None,
         flwr_home: str | os.PathLike | None = None,
-        max_epsilon: float = 0.0,
         ledger_path: str | os.PathLike | None = None,
         trust_file: str | os.PathLike | None = None,
         policy_file: str | os.PathLike | None = None,
     ) -> None:
-        if max_epsilon < 0:
-            raise FedprivError(f"--max-epsilon {max_epsilon}: expected 0 (no cap) or a privacy budget > 0")
         self.region = region
-        self.max_epsilon = float(max_epsilon)
         self.ledger_path = Path(ledger_path).expanduser().absolute() if ledger_path else None
         self.trust_file = Path(trust_file).expanduser().absolute() if trust_file else None
         self.policy_file = Path(policy_file).expanduser().absolute() if policy_file else None
@@ -575,7 +571,7 @@ class SuperNodeProcess(_Group):
     def node_config(self) -> str:
         """Region identity and the region's *own* settings: the coordinator cannot change these."""
         assert self.data_dir is not None
-        config = f"region='{self.region}' data-path='{self.data_dir}' max-epsilon={self.max_epsilon}"
+        config = f"region='{self.region}' data-path='{self.data_dir}'"
         if self.ledger_path is not None:
             config += f" ledger-path='{self.ledger_path}'"
         if self.policy_file is not None:
