@@ -77,7 +77,7 @@ class LocalTrainer:
         """Opacus DP-SGD. ``grad-sample-mode = ghost``: per-sample gradient *norms* only, then a second
         backward on the clipped loss (same clipping, noise and accounting as ``hooks``, which materialise every
         per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py)."""
-        engine = PrivacyEngine(accountant=self.cfg.accountant)
+        engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: privacy.accountant
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True)
