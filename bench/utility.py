@@ -446,7 +446,7 @@ def main(argv=None) -> int:
                 s = region_schedule(len(data.train[region]), cfg)
                 plan = plan_schedule(cfg.target_epsilon, cfg.delta, cfg.num_server_rounds, s.steps_per_round,
                                      s.sample_rate, cfg.accountant)
-                checks.append((plan.noise_multiplier, plan.per_round[-1].epsilon_pld))
+                checks.append((plan.noise_multiplier, plan.per_round[-1].epsilon_check))
             row["planner"] = checks
         log(f"REPORT {label}: test {mean_sd(row['test'])} (LocalTrainer {row['trainer_test']}) val {mean_sd(row['val'])} "
             f"eps {row['eps']} ({row['seconds']:.0f}s per LocalTrainer run)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""
 
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")  # = privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
 GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
 MODELS = ("minilm", "tiny")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A job id: no '/' (a region's ledger keys a release as ``<job-id>/<attempt>`` and splits on the first '/')."""
 
 
 def default_data_dir() -> Path:
@@ -223,6 +226,9 @@ class FedprivConfig:
         _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon,
                "0 (the simulation policy's own cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
+        _check(self.job_id == "" or JOB_ID.fullmatch(str(self.job_id)) is not None, "job-id", self.job_id,
+               "'' (set by the CLI) or 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit "
+               "(a region keys its releases as '<job-id>/<attempt>')")
 
 
 def _parse_regions(text: str) -> tuple[str, ...]:

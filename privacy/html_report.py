@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 ACCOUNTANT_NAMES = {
     "rdp": "Rényi-DP (RDP) accountant of Opacus",
     "prv": "privacy-random-variable (PRV) accountant of Opacus",
+    "pld": "privacy-loss-distribution (PLD) accountant of Google dp_accounting",
 }
 
 _CSS = """

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from fedpriv.errors import DataError, FedprivError
+from privacy.accountant import ACCOUNTANTS
 
 __all__ = [
     "ACCOUNTANTS",
@@ -80,7 +81,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 LEDGER_FILENAME = "privacy_ledger.sqlite"
-ACCOUNTANTS = ("rdp", "prv")
 
 History = list[tuple[float, float, int]]
 """Opacus-style accountant history: ``[(noise_multiplier, sample_rate, steps), ...]``."""

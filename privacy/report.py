@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.errors import FedprivError
-from privacy.accountant import Entry
+from privacy.accountant import Entry, cross_check_accountant, epsilon_of
 
 SCHEMA_VERSION = 1
 JSON_NAME = "privacy_report.json"
@@ -40,6 +40,7 @@ class RegionRecord:
     target_epsilon: float | None = None
     max_epsilon: float | None = None
     lifetime_epsilon: float | None = None
+    epsilon_check: float | None = None  # ε this run by the cross-check accountant, recomputed here from the history
     enforcement: list[dict] = field(default_factory=list)
     local_accuracy_by_round: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
@@ -78,6 +79,8 @@ class RunReport:
         rec.epsilon_by_round.append(max(0.0, float(metrics["epsilon"])) if rec.dp else None)  # ε is never negative
         rec.steps_by_round.append(int(metrics["steps"]))
         rec.history = [tuple(h) for h in history]  # type: ignore[misc]
+        rec.epsilon_check = epsilon_of(rec.history, float(metrics.get("delta", self.delta)),
+                                       cross_check_accountant(self.accountant)) if rec.dp else None
         rec.noise_multiplier = float(metrics["noise-multiplier"])
         rec.sample_rate = float(metrics["sample-rate"])
         rec.max_grad_norm = float(metrics["max-grad-norm"])
@@ -138,6 +141,7 @@ class RunReport:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "status": self.status,
             "accountant": self.accountant,
+            "cross_check_accountant": cross_check_accountant(self.accountant),
             "delta": self.delta,
             "unit_of_privacy": "one record (post) of one region",
             "secure_aggregation": self.secure_aggregation,
@@ -414,9 +418,10 @@ def _guarantee(data: dict[str, Any]) -> list[str]:
 
 def _region_table(data: dict[str, Any]) -> list[str]:
     lines = ["", "## Per region", "",
-             "| region | examples | noise σ | sample rate | clip C | steps | ε (this run) | ε (lifetime, ledger) | "
+             "| region | examples | noise σ | sample rate | clip C | steps | ε (this run) | "
+             f"ε (this run, {str(data.get('cross_check_accountant', '–')).upper()} cross-check) | ε (lifetime, ledger) | "
              "budget | budget left | enforcement |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in data["regions"].items():
         budget = r.get("max_epsilon") or r.get("target_epsilon")
         enforcement = "; ".join(enforcement_text(e) for e in r.get("enforcement", [])) or "none needed"
@@ -424,6 +429,7 @@ def _region_table(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {_fmt(r.get('num_examples'))} | {_fmt(r.get('noise_multiplier'))} | "
             f"{_fmt(r.get('sample_rate'), 4)} | {_fmt(r.get('max_grad_norm'))} | {steps} | {epsilon_text(r)} | "
+            f"{epsilon_text(r, 'epsilon_check')} | "
             f"{epsilon_text(r, 'lifetime_epsilon')} | {_fmt(budget)} | {_fmt(r.get('budget_left'))} | {enforcement} |")
     return lines
 
