@@ -200,18 +200,24 @@ def ceiling(bench: Bench, epochs: int = 3, lr: float = 5e-5, batch: int = 32, we
     t0 = time.perf_counter()
     for epoch in range(epochs):
         top.train()
-        for b in loader:
+        for i, b in enumerate(loader):
             b = {k: v.to(bench.device, non_blocking=True) for k, v in b.items()}
             loss = top(**b).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if time.perf_counter() > deadline:
+                res.complete = False
+                res.note = f"cut short in epoch {epoch + 1} after {i + 1} of {len(loader)} batches (time budget)"
+                break
         res.val_acc.append(evaluate(pd, "val", bench.device)[1])
         loss_t, acc_t = evaluate(pd, "test", bench.device)
         res.test_by_epoch.append(acc_t)
         res.test_acc, res.test_loss = acc_t, loss_t
         bench.log(f"  ceiling epoch {epoch + 1}: val {100 * res.val_acc[-1]:.2f} held-out {100 * acc_t:.2f} "
                   f"({time.perf_counter() - t0:.0f}s)")
+        if not res.complete:
+            break
         if time.perf_counter() > deadline and epoch + 1 < epochs:
             res.complete, res.note = False, f"cut short after {epoch + 1} of {epochs} epochs (time budget)"
             break
