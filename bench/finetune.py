@@ -240,25 +240,52 @@ def _train_kwargs(trainer, seed: int, label: str) -> dict:
 
 
 class ServerStep:
-    """The server's step on the aggregated update: plain FedAvg, or strategies/server_optimizer.py."""
+    """The server's step on the aggregated update: :class:`strategies.server_optimizer.ServerOptimizer`."""
 
     def __init__(self, cfg):
         self.kind = str(getattr(cfg, "server_optimizer", "fedavg") or "fedavg")
-        self.lr = float(getattr(cfg, "server_learning_rate", 1.0))
-        self.momentum = float(getattr(cfg, "server_momentum", 0.0))
         self.opt = None
-        if self.kind == "fedavg" and self.lr == 1.0 and self.momentum == 0.0:
-            return
-        try:
-            from strategies import server_optimizer
-        except ImportError as exc:
-            raise MissingFeature("server-optimizer needs strategies/server_optimizer.py (merge main)") from exc
-        self.opt = server_optimizer.from_config(cfg)
+        if self.kind == "fedavg" and float(getattr(cfg, "server_learning_rate", 1.0)) == 1.0:
+            return  # the weighted mean as is (ServerOptimizer's identity case)
+        ServerOptimizer = import_server_optimizer()
+        self.opt = ServerOptimizer(self.kind, cfg.server_learning_rate, cfg.server_momentum,
+                                   getattr(cfg, "server_beta2", 0.99), getattr(cfg, "server_tau", 1e-3))
 
     def __call__(self, current: dict, averaged: dict) -> dict:
         if self.opt is None:
             return averaged
-        return self.opt.step(current, averaged)
+        return dict(self.opt.step(current, averaged))
+
+
+def import_server_optimizer():
+    """``strategies.server_optimizer.ServerOptimizer`` (numpy only), also where flwr is not installed.
+
+    The module also defines the Flower wrapper and imports flwr at import time; on a machine without flwr
+    (the GPU machine) the names it imports from flwr are stubbed so that the numpy class can be used."""
+    try:
+        from strategies.server_optimizer import ServerOptimizer
+        return ServerOptimizer
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("flwr"):
+            raise MissingFeature("server-optimizer needs strategies/server_optimizer.py (merge main)") from exc
+    import sys
+    import types
+
+    class _Stub:  # stands in for Flower classes the numpy optimizer never touches
+        def __init__(self, *a, **k):
+            raise RuntimeError("flwr is not installed here (stub)")
+
+    def stub(name):
+        mod = types.ModuleType(name)
+        mod.__getattr__ = lambda attr: _Stub  # type: ignore[attr-defined]
+        mod.__path__ = []  # a package, so submodules resolve
+        return mod
+
+    for name in ("flwr", "flwr.app", "flwr.common", "flwr.common.logger", "flwr.serverapp",
+                 "flwr.serverapp.strategy"):
+        sys.modules.setdefault(name, stub(name))
+    from strategies.server_optimizer import ServerOptimizer
+    return ServerOptimizer
 
 
 def _cross_check(history: list, delta: float, accountant: str) -> tuple[str, float]:
@@ -360,3 +387,30 @@ def held_out(bench: Bench, res: RunResult) -> RunResult:
     set_trainable_values(pd.split.model, res.final_values)
     res.test_loss, res.test_acc = evaluate(pd, "test", bench.device)
     return res
+
+
+def utility_table(rows: list[dict]) -> str:
+    """Markdown of utility rows (:meth:`RunResult.row` dicts); the ceiling is the row labelled as such."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import markdown_table
+
+    ceil = next((r["test_acc"] for r in rows if "ceiling" in r["label"] and r.get("test_acc") is not None), None)
+    out = []
+    for r in rows:
+        eps = max(r["epsilon"].values()) if r.get("epsilon") else None
+        chk = max(r["epsilon_check"].values()) if r.get("epsilon_check") else None
+        gap = 100 * (r["test_acc"] - ceil) if ceil is not None and r.get("test_acc") is not None else None
+        out.append((r["label"], "∞" if eps is None else f"{eps:.2f} ({r.get('accountant')})",
+                    "-" if chk is None or chk != chk else f"{chk:.2f} ({r.get('check_accountant')})",
+                    "-" if r.get("test_acc") is None else f"**{100 * r['test_acc']:.2f}**",
+                    "-" if gap is None else f"**{gap:+.2f}**",
+                    f"{100 * r['val_acc'][-1]:.2f}" if r.get("val_acc") else "-",
+                    ", ".join(f"{v:.2f}" for v in r["sigma"].values()) if r.get("sigma") and eps else "-",
+                    describe(r["settings"]) or ", ".join(f"{k} {v}" for k, v in r["settings"].items()),
+                    f"{r['seconds']:.0f}s", r["device"],
+                    "yes" if r.get("complete", True) else f"no: {r.get('note')}"))
+    return markdown_table(("setting", "ε", "ε cross-check", "held-out %", "vs ceiling (pts)", "validation %",
+                           "σ per region", "settings", "wall", "device", "complete"), out)

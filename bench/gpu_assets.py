@@ -84,15 +84,17 @@ def _pack(prefix: str, encoded, arrays: dict) -> None:
     arrays[f"{prefix}/labels"] = np.asarray(encoded.labels, dtype=np.int8)
 
 
-def build_data(out_file: Path, overrides: dict | None = None) -> dict:
-    """Partition the corpus exactly as a default run does, tokenise, write one compressed npz."""
+def partition_splits(overrides: dict | None = None, limit: int = 0) -> tuple[Splits, dict]:
+    """The default split (or ``overrides``' split) from fedpriv's partition code, tokenised in memory.
+
+    Returns the splits and the arrays :func:`build_data` writes."""
     import hashlib
 
     import numpy as np
 
     from fedpriv.config import partition_spec, resolve_config
     from task.data import CORPUS_FILE, load_corpus
-    from task.encoding import encode
+    from task.encoding import EncodedDataset, encode
     from task.model import load_tokenizer
     from task.partition import partition_corpus
 
@@ -103,22 +105,34 @@ def build_data(out_file: Path, overrides: dict | None = None) -> dict:
     spec = partition_spec(cfg)
     partition = partition_corpus(load_corpus(cfg.data_dir.expanduser()), spec)
     tokenizer = load_tokenizer()
+    cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
+    enc = lambda xs: encode(cut(xs), tokenizer, cfg.max_length)  # noqa: E731
     arrays: dict = {}
-    counts = {}
+    train, test, counts = {}, {}, {}
     for name, shard in partition.regions.items():
-        _pack(f"{name}/train", encode(shard.train, tokenizer, cfg.max_length), arrays)
-        _pack(f"{name}/test", encode(shard.test, tokenizer, cfg.max_length), arrays)
-        counts[name] = {"train": len(shard.train), "test": len(shard.test)}
-    _pack("server/test", encode(partition.server_test, tokenizer, cfg.max_length), arrays)
-    counts["server"] = {"test": len(partition.server_test)}
+        train[name], test[name] = enc(shard.train), enc(shard.test)
+        _pack(f"{name}/train", train[name], arrays)
+        _pack(f"{name}/test", test[name], arrays)
+        counts[name] = {"train": len(train[name]), "test": len(test[name])}
+    server: EncodedDataset = enc(partition.server_test)
+    _pack("server/test", server, arrays)
+    counts["server"] = {"test": len(server)}
     meta = {"regions": list(partition.regions), "spec": {**spec.__dict__, "regions": list(spec.regions)},
             "max_length": cfg.max_length, "counts": counts, "pad_id": int(tokenizer.pad_token_id or 0),
             "corpus_sha256": hashlib.sha256(corpus_path.read_bytes()).hexdigest(),
             "tokenizer": type(tokenizer).__name__, "vocab_size": int(tokenizer.vocab_size)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return Splits(list(partition.regions), train, test, server, meta), arrays
+
+
+def build_data(out_file: Path, overrides: dict | None = None) -> dict:
+    """Partition the corpus exactly as a default run does, tokenise, write one compressed npz."""
+    import numpy as np
+
+    splits, arrays = partition_splits(overrides)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_file, **arrays)
-    return meta
+    return splits.meta
 
 
 # =============================================================== reading (GPU machine: numpy + torch only)

@@ -72,15 +72,30 @@ def grid(quick: bool) -> list[tuple[str, dict]]:
                                                  "server-optimizer": "fedavgm", "server-momentum": 0.5})]
     sched = {"local-epochs": 2.0, "num-server-rounds": 5}
     return [
+        ("gpu preset (simulations/presets.toml)", gpu_preset()),
         # issue 10: 85.4 % held-out with PLD at this schedule (plain transformers + Opacus)
-        ("all, Adam 5e-4, B 512, FedAvg", {"trainable": "all", **adam, "learning-rate": 5e-4, "batch-size": 512, **sched}),
-        ("LoRA r=16 all layers, Adam 2e-3, B 1024", {"trainable": "all", "lora-rank": 16, **adam, "learning-rate": 2e-3,
-                                                     "batch-size": 1024, **sched}),
-        ("all, Adam 1e-3, B 1024, FedAvgM 0.5", {"trainable": "all", **adam, "learning-rate": 1e-3, "batch-size": 1024,
-                                                 **sched, "server-optimizer": "fedavgm", "server-momentum": 0.5}),
-        ("all, Adam 5e-4, B 1024, C 0.5", {"trainable": "all", **adam, "learning-rate": 5e-4, "batch-size": 1024,
-                                           "max-grad-norm": 0.5, **sched}),
+        ("all, Adam 5e-4, B 512, E 2 x R 5, FedAvg", {"trainable": "all", **adam, "learning-rate": 5e-4,
+                                                     "batch-size": 512, **sched}),
+        ("LoRA r=16 all layers, Adam 2e-3, B 1024, E 2 x R 5", {"trainable": "all", "lora-rank": 16, **adam,
+                                                               "learning-rate": 2e-3, "batch-size": 1024, **sched}),
+        ("all, Adam 1e-3, B 1024, E 2 x R 5, FedAvgM 0.5", {"trainable": "all", **adam, "learning-rate": 1e-3,
+                                                           "batch-size": 1024, **sched, "server-optimizer": "fedavgm",
+                                                           "server-momentum": 0.5}),
     ]
+
+
+def gpu_preset() -> dict:
+    """The ``gpu`` preset as committed (DP-Adam if the preset does not name a local optimizer yet)."""
+    import tomllib
+
+    with (ROOT / "simulations" / "presets.toml").open("rb") as fh:
+        preset = dict(tomllib.load(fh).get("gpu", {}))
+    preset = {k: v for k, v in preset.items() if not k.startswith("sim-")}  # Ray's GPU share: not a training knob
+    preset.setdefault("local-optimizer", "adam")
+    preset.pop("physical-batch-size", None)  # section a's measurement decides
+    preset.pop("grad-sample-mode", None)
+    preset.pop("mixed-precision", None)
+    return preset
 
 
 def central_dp(quick: bool) -> dict:
@@ -230,8 +245,9 @@ def section_a(s: Session, bench, env, budget: float) -> None:
     # the fastest DP setting for the full model (examples/s) decides how the later DP runs train
     from finetune import known_keys
 
+    # fedpriv's trainer takes bf16 with grad-sample-mode = hooks only (clipping stays fp32 there)
     ok = [r for r in rows if r["family"] == "full" and r["mode"].startswith("DP") and "error" not in r
-          and (r["precision"] == "fp32" or "mixed-precision" in known_keys())]
+          and (r["precision"] == "fp32" or ("mixed-precision" in known_keys() and r["mode"] == "DP hooks"))]
     if ok:
         best = max(ok, key=lambda r: r["examples_per_s"])
         s.dp_settings = {"grad-sample-mode": "ghost" if "ghost" in best["mode"] else "hooks",
@@ -387,23 +403,9 @@ def summary(s: Session) -> str:
             lines += [f"DP runs below used: {', '.join(f'{k} = {v}' for k, v in choice.items() if k not in ('kind', 'section', 't'))}", ""]
     util = [r for r in s.records if r["kind"] == "utility"]
     if util:
-        ceil = next((r["test_acc"] for r in util if r["section"] == "b"), None)
-        rows = []
-        for r in util:
-            eps = max(r["epsilon"].values()) if r.get("epsilon") else None
-            chk = max(r["epsilon_check"].values()) if r.get("epsilon_check") else None
-            gap = 100 * (r["test_acc"] - ceil) if ceil is not None and r.get("test_acc") is not None else None
-            rows.append((r["label"], "∞" if eps is None else f"{eps:.2f} ({r.get('accountant')})",
-                         "-" if chk is None or chk != chk else f"{chk:.2f} ({r.get('check_accountant')})",
-                         "-" if r.get("test_acc") is None else f"**{100 * r['test_acc']:.2f}**",
-                         "-" if gap is None else f"**{gap:+.2f}**",
-                         f"{100 * r['val_acc'][-1]:.2f}" if r.get("val_acc") else "-",
-                         ", ".join(f"{v:.2f}" for v in r["sigma"].values()) if r.get("sigma") and eps else "-",
-                         _describe(r["settings"]) or ", ".join(f"{k} {v}" for k, v in r["settings"].items()),
-                         f"{r['seconds']:.0f}s", r["device"], "yes" if r.get("complete", True) else f"no: {r.get('note')}"))
-        lines += ["## Utility (held-out accuracy; gap to the ceiling is the headline)", "",
-                  markdown_table(("setting", "ε", "ε cross-check", "held-out %", "vs ceiling (pts)", "validation %",
-                                  "σ per region", "settings", "wall", "device", "complete"), rows), ""]
+        from finetune import utility_table
+
+        lines += ["## Utility (held-out accuracy; gap to the ceiling is the headline)", "", utility_table(util), ""]
     grid_rows = [r for r in s.records if r["kind"] == "grid"]
     if grid_rows:
         lines += ["## Grid at ε = 8 (validation accuracy after each round; the choice looks only at the last)", "",
