@@ -258,33 +258,8 @@ class ServerStep:
 
 
 def import_server_optimizer():
-    """``strategies.server_optimizer.ServerOptimizer`` (numpy only), also where flwr is not installed.
-
-    The module also defines the Flower wrapper and imports flwr at import time; on a machine without flwr
-    (the GPU machine) the names it imports from flwr are stubbed so that the numpy class can be used."""
-    try:
-        from strategies.server_optimizer import ServerOptimizer
-        return ServerOptimizer
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("flwr"):
-            raise MissingFeature("server-optimizer needs strategies/server_optimizer.py (merge main)") from exc
-    import sys
-    import types
-
-    class _Stub:  # stands in for Flower classes the numpy optimizer never touches
-        def __init__(self, *a, **k):
-            raise RuntimeError("flwr is not installed here (stub)")
-
-    def stub(name):
-        mod = types.ModuleType(name)
-        mod.__getattr__ = lambda attr: _Stub  # type: ignore[attr-defined]
-        mod.__path__ = []  # a package, so submodules resolve
-        return mod
-
-    for name in ("flwr", "flwr.app", "flwr.common", "flwr.common.logger", "flwr.serverapp",
-                 "flwr.serverapp.strategy"):
-        sys.modules.setdefault(name, stub(name))
-    from strategies.server_optimizer import ServerOptimizer
+    """fedpriv's server update rules (numpy only: importable where flwr is not installed)."""
+    from strategies.server_update_rules import ServerOptimizer
     return ServerOptimizer
 
 

@@ -53,10 +53,6 @@ for m in ["fedpriv.config", "fedpriv.errors", "task.model", "task.features", "ta
         importlib.import_module(m)
     except Exception as exc:
         bad.append(f"{m}: {exc}")
-try:
-    import strategies.server_optimizer  # noqa: F401
-except ModuleNotFoundError as exc:
-    print(f"note: strategies/server_optimizer.py imports {exc.name} at import time; bench/finetune.py stubs it there")
 from finetune import import_server_optimizer
 import_server_optimizer()
 print("import check:", "OK" if not bad else "FAILED\n  " + "\n  ".join(bad))
