@@ -68,6 +68,195 @@ SPLIT_HEAD_MODES = ("non-private", "DP hooks", "DP ghost", "DP closed-form")
 SPLIT_TOP1_MODES = ("non-private", "DP hooks", "DP LoRA")
 
 
+# =============================================================== accelerator rows (in-process)
+
+CUDA_MODES = ("non-private", "DP ghost", "DP hooks")
+
+
+def fixed_length_batch(features, labels, batch: int, seq_len: int = SEQ_LEN, offset: int = 0):
+    """One physical batch of frozen-prefix features padded/cut to ``seq_len`` tokens (one shape for every mode)."""
+    import numpy as np
+    import torch
+
+    n = len(labels)
+    idx = [(offset + i) % n for i in range(batch)]
+    dim = features[0].shape[1]
+    hidden = torch.zeros((batch, seq_len, dim), dtype=torch.float32)
+    mask = torch.zeros((batch, seq_len), dtype=torch.long)
+    for row, i in enumerate(idx):
+        f = features[i][:seq_len]
+        hidden[row, : f.shape[0]] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        mask[row, : f.shape[0]] = 1
+    return {"hidden": hidden, "attention_mask": mask}, torch.tensor([labels[i] for i in idx], dtype=torch.long)
+
+
+def accelerator_step_rows(templates: dict, features, labels, device, *, physical_batches=(256, 512),
+                          precisions=("fp32", "bf16"), modes=CUDA_MODES, budget_s: float = 60.0, steps: int = 10,
+                          warmup: int = 3, lr: float = 1e-3, log=print, on_row=None) -> list[dict]:
+    """Time one training step of fedpriv's trainable top on ``device`` for every (family, batch, precision, mode).
+
+    ``templates``: family name ("full", "LoRA") -> a ``ClassifierTop`` on ``device`` (deep-copied for every
+    configuration, so Opacus' hooks never stack). The step is Adam (what DP fine-tuning uses); DP is Opacus
+    with Poisson-rate bookkeeping, noise multiplier SIGMA, clip CLIP. bf16 = ``torch.autocast`` around forward + loss
+    (parameters, optimizer state and Opacus' clipping/noise stay float32). Peak memory is
+    ``torch.cuda.max_memory_allocated`` since just before the configuration (CUDA only). Configurations run in
+    priority order (full before LoRA, the smaller batch first) until ``budget_s`` is spent.
+    """
+    import copy
+
+    import torch
+
+    cuda = device.type == "cuda"
+    t_end = time.perf_counter() + budget_s
+    rows: list[dict] = []
+    base: dict[tuple, float] = {}
+    order = [(fam, b, prec) for b in physical_batches for fam in templates for prec in precisions]
+    for fam, batch, prec in order:
+        data = [fixed_length_batch(features, labels, batch, offset=k * batch) for k in range(2)]
+        data = [({k: v.to(device) for k, v in x.items()}, y.to(device)) for x, y in data]
+        for mode in modes:
+            if time.perf_counter() > t_end:
+                log(f"  dp_cost: time budget spent before {fam} {mode} {prec} batch {batch}")
+                return rows
+            row = {"family": fam, "mode": mode, "precision": prec, "batch": batch, "device": str(device)}
+            module = None
+            try:
+                module = copy.deepcopy(templates[fam]).train()
+                params = [p for p in module.parameters() if p.requires_grad]
+                row["params"] = sum(p.numel() for p in params)
+                optimizer = torch.optim.Adam(params, lr=lr)
+                criterion = torch.nn.CrossEntropyLoss()
+                if mode.startswith("DP"):
+                    module, optimizer, crit = _private_with(module, optimizer, batch, "ghost" in mode, batch * 64)
+                    criterion = crit or criterion
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
+                def step(x, y):
+                    with autocast:
+                        logits = module(**x).logits
+                    loss = criterion(logits.float(), y)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    return loss
+
+                for i in range(warmup):
+                    step(*data[i % 2])
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    loss = step(*data[i % 2])
+                loss_value = float(loss.detach())
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / steps
+                row.update(ms_per_step=1e3 * dt, examples_per_s=batch / dt, loss=loss_value,
+                           peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+                key = (fam, batch, prec)
+                if mode == "non-private":
+                    base[key] = dt
+                if key in base:
+                    row["vs_non_private"] = base[key] / dt
+                if (fam, batch, "fp32") in base:
+                    row["vs_non_private_fp32"] = base[(fam, batch, "fp32")] / dt
+                log(f"  dp_cost {fam} {mode} {prec} batch {batch}: {1e3 * dt:.1f} ms/step"
+                    + (f", {row['vs_non_private']:.2f}x non-private" if "vs_non_private" in row else "")
+                    + (f", peak {row['peak_gib']:.2f} GiB" if cuda else ""))
+            except Exception as exc:  # noqa: BLE001 - one failing mode (e.g. bf16 with hooks) is a result
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                log(f"  dp_cost {fam} {mode} {prec} batch {batch}: {row['error']}")
+            finally:
+                if module is not None and hasattr(module, "_close"):
+                    try:
+                        module._close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                del module
+                if cuda:
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _private_with(module, optimizer, batch: int, ghost: bool, n_examples: int):
+    """Opacus around a given optimizer; returns (module, optimizer, criterion or None)."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.zeros(n_examples, 1)), batch_size=batch)  # sets q = batch / n
+    engine = PrivacyEngine(accountant="rdp")
+    kwargs = dict(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=SIGMA,
+                  max_grad_norm=CLIP, poisson_sampling=True)
+    if ghost:
+        module, optimizer, criterion, _ = engine.make_private(**kwargs, criterion=torch.nn.CrossEntropyLoss(),
+                                                              grad_sample_mode="ghost")
+        return module, optimizer, criterion
+    module, optimizer, _ = engine.make_private(**kwargs)
+    return module, optimizer, None
+
+
+def accelerator_table(rows: list[dict]) -> str:
+    """Markdown of :func:`accelerator_step_rows`."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append((r["family"], r["batch"], r["precision"], r["mode"], "failed: " + r["error"][:120], "-", "-", "-",
+                        "-", r["device"]))
+            continue
+        out.append((r["family"], r["batch"], r["precision"], r["mode"], f"{r['ms_per_step']:.1f}",
+                    f"{r['examples_per_s']:,.0f}", f"**{fmt_ratio(r.get('vs_non_private'))}**",
+                    fmt_ratio(r.get("vs_non_private_fp32")),
+                    f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-", r["device"]))
+    return markdown_table(("model", "physical batch", "precision", "mode", "ms/step", "examples/s",
+                           "vs non-private (same precision)", "vs non-private fp32", "peak GPU memory", "device"), out)
+
+
+def accelerator_main(args) -> int:
+    """``--device cuda``: the accelerator rows on real posts, all-MiniLM trainable = all, full and LoRA r=8."""
+    import torch
+
+    torch.set_float32_matmul_precision("high")
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and device.type != "cuda":
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    from task.encoding import EncodedDataset
+    from task.features import SplitClassifier
+    from task.model import build_model, load_tokenizer
+
+    model_name = "tiny" if args.quick else "minilm"
+    texts, labels = _texts(64 if args.quick else 1024)
+    enc = load_tokenizer()(texts, truncation=True, max_length=SEQ_LEN)
+    templates, feats = {}, None
+    for fam, rank in (("full", 0), ("LoRA", LORA_RANK)):
+        model = build_model(model_name, "all", 42, "mean", rank).train()
+        split = SplitClassifier(model, "all")
+        split.model.to(device)
+        if feats is None:
+            feats = split.features(EncodedDataset(list(enc["input_ids"]), labels), device).features
+        templates[fam] = split.top
+    batches = (8, 16) if args.quick else (256, 512)
+    rows = accelerator_step_rows(templates, feats, labels, device, physical_batches=batches,
+                                 budget_s=20 if args.quick else 300, steps=2 if args.quick else 10,
+                                 warmup=1 if args.quick else 3, log=lambda m: print(m, file=sys.stderr, flush=True))
+    body = "\n".join([f"Machine: {machine_line([str(device)])}.", "",
+                      f"fedpriv's trainable top (`trainable = all`: all 6 encoder layers + head over frozen embeddings; "
+                      f"LoRA r={LORA_RANK} on query/value of all layers + head), {SEQ_LEN} tokens, Adam; DP = Opacus "
+                      f"(noise {SIGMA}, clip {CLIP}); bf16 = autocast around forward and loss.", "",
+                      accelerator_table(rows)])
+    out = args.out if args.out is not None else (None if args.quick else RESULTS / "dp_cost_cuda.md")
+    write_result("dp_cost_cuda", "Cost of differential privacy per training step on an accelerator", body, out)
+    return 0
+
+
 # =============================================================== worker side
 
 
@@ -611,7 +800,14 @@ def main(argv=None) -> int:
                         help="full-forward trainable sets to measure (default top-1,top-2)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the Markdown here (default bench/results/dp_cost.md; nothing for --quick)")
+    parser.add_argument("--device", choices=("cpu-processes", "auto", "cpu", "cuda"), default="cpu-processes",
+                        help="cpu-processes (default): the CPU study in fresh processes; cuda / auto / cpu: the "
+                             "in-process accelerator rows (trainable = all, full and LoRA; non-private, ghost, hooks; "
+                             "fp32 and bf16; peak GPU memory) -> bench/results/dp_cost_cuda.md")
     args = parser.parse_args(argv)
+    if args.device != "cpu-processes":
+        set_threads(args.threads)
+        return accelerator_main(args)
     reps = args.reps or (1 if args.quick else 3)
     out = args.out if args.out is not None else (None if args.quick else RESULTS / "dp_cost.md")
     script = Path(__file__).resolve()

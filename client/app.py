@@ -1,10 +1,17 @@
 """fedpriv ClientApp: one region's side of a round (Flower Message API).
 
 Thin wiring only: decode the message, let :class:`client.region.RegionRuntime`
-do the work, reply. A region that must not train (its privacy budget would be
-exceeded, or its data is unusable) replies with an *error message* whose reason
-reads ``"<region>|<reason>"``, so the coordinator can record why and carry on
-with the other regions.
+do the work, reply. What a reply may carry, the error codes and the
+``"<region>|<kind>: <reason>"`` error format are :mod:`fedpriv.contract`'s. A region
+that must not train (its policy forbids the request, its privacy budget would be
+exceeded, its data is unusable) replies with an error message, so the coordinator
+can record why and carry on with the other regions.
+
+What leaves a region (:func:`train_metrics`): the DP release and its public facts
+only -- N as the region declares it, the mechanism (σ, q, C, steps, δ, accountant)
+and ε of this job, which is a function of those public parameters. Train loss and
+accuracy, peak memory, lifetime ε and local evaluation leave only when the region's
+policy releases them (:mod:`privacy.policy`); the report labels them "not private".
 
 With secure aggregation (a train message whose config carries ``secagg-round``,
 see :mod:`strategies.secure_fedavg`) the train reply carries *no* weights: the
@@ -17,21 +24,63 @@ the train and evaluate handlers import the model code when they run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure_aggregation as secagg
+from fedpriv import contract as wire
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import BudgetExhausted, FedprivError
+from privacy.policy import PolicyRefusal, RegionPolicy, deterministic_noise_requested, node_region, region_policy
 from privacy.secagg import SecAggError
-from strategies.private_fedavg import REFUSAL_PREFIX
 
 app = ClientApp()
 
-REFUSED = 4001
-FAILED = 4002
+REFUSED, FAILED = wire.REFUSED, wire.FAILED  # kept for importers of the old names
+
+
+def _error(msg: Message, region: str, exc: Exception) -> Message:
+    """The error reply for ``exc``: a refusal (policy, budget) or a failure, in the contract's format."""
+    if isinstance(exc, PolicyRefusal):
+        code, reason = wire.REFUSED, wire.error_reason(region, str(exc), wire.POLICY)
+    elif isinstance(exc, BudgetExhausted):
+        code, reason = wire.REFUSED, wire.error_reason(region, str(exc), wire.BUDGET)
+    else:
+        code, reason = wire.FAILED, wire.error_reason(region, str(exc))
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _region_label(context: Context, cfg: FedprivConfig | None) -> str:
+    try:
+        return node_region(context.node_config, cfg)[0] if cfg is not None else f"node-{context.node_id}"
+    except FedprivError:
+        return f"node-{context.node_id}"
+
+
+def train_metrics(policy: RegionPolicy, cfg: FedprivConfig, outcome: Any) -> dict[str, float | int]:
+    """The train reply's metrics: public facts of the DP release, plus what the policy releases."""
+    result = outcome.result
+    metrics: dict[str, float | int] = {
+        wire.NUM_EXAMPLES: int(result.num_examples),
+        wire.DP: int(cfg.dp),  # without DP there is no ε to send (it is ∞): the report records null
+        wire.DELTA: policy.delta,
+        wire.STEPS: int(outcome.steps),
+        wire.NOISE_MULTIPLIER: float(result.noise_multiplier),
+        wire.SAMPLE_RATE: float(result.sample_rate),
+        wire.MAX_GRAD_NORM: float(cfg.max_grad_norm),
+        wire.MAX_EPSILON: policy.max_lifetime_epsilon,
+        wire.DETERMINISTIC_NOISE: int(deterministic_noise_requested(cfg)),
+    }
+    if cfg.dp:
+        metrics[wire.EPSILON] = max(0.0, float(outcome.epsilon))
+    if policy.release_train_metrics:  # not private: computed on the private batches, outside the DP release
+        metrics.update({wire.TRAIN_LOSS: float(result.loss), wire.TRAIN_ACCURACY: float(result.accuracy),
+                        wire.PEAK_MEMORY_MB: float(result.peak_memory_mb)})
+    if policy.release_lifetime_epsilon and cfg.dp:  # reveals that other jobs used this data
+        metrics[wire.LIFETIME_EPSILON] = max(0.0, float(outcome.lifetime_epsilon))
+    return metrics
 
 
 @app.train()
@@ -39,110 +88,107 @@ def train(msg: Message, context: Context) -> Message:
     from client.region import RegionRuntime, identify_region
     from task.model import from_array_record, to_array_record
 
-    cfg = FedprivConfig.from_run_config(context.run_config)
-    identity = identify_region(context.node_config, cfg)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    secagg_round = msg.content["config"].get(secagg.TRAIN_FLAG)
-    global_values = from_array_record(msg.content["arrays"])
+    cfg: FedprivConfig | None = None
     try:
+        cfg = FedprivConfig.from_run_config(context.run_config)
+        identity = identify_region(context.node_config, cfg)
+        server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
+        secagg_round = msg.content[wire.CONFIG].get(wire.TRAIN_FLAG)
+        global_values = from_array_record(msg.content[wire.ARRAYS])
         region = RegionRuntime(cfg, identity)
-        outcome = region.train(global_values, server_round,
-                               job_id=cfg.job_id or str(context.run_id), attempt_id=str(context.run_id))
-    except BudgetExhausted as exc:
-        return Message(Error(code=REFUSED, reason=f"{identity.name}|{REFUSAL_PREFIX} {exc}"), reply_to=msg)
+        outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
+                               attempt_id=str(context.run_id), secure_round=secagg_round is not None)
     except FedprivError as exc:
-        return Message(Error(code=FAILED, reason=f"{identity.name}|{exc}"), reply_to=msg)
+        return _error(msg, _region_label(context, cfg), exc)
 
-    result = outcome.result
-    metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "train-accuracy": result.accuracy,
-        "dp": int(cfg.dp),  # without DP there is no ε to send (it is ∞): the report records null
-        **({"epsilon": outcome.epsilon, "lifetime-epsilon": outcome.lifetime_epsilon} if cfg.dp else {}),
-        "max-epsilon": identity.max_epsilon,
-        "delta": cfg.delta,
-        "steps": outcome.steps,
-        "noise-multiplier": result.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "max-grad-norm": cfg.max_grad_norm,
-        "peak-memory-mb": result.peak_memory_mb,
-    })
     history = [float(x) for entry in outcome.history for x in entry] or [0.0]
     content = RecordDict({
-        "metrics": metrics,
-        "region": ConfigRecord({"name": identity.name, "history": history}),
+        wire.METRICS: MetricRecord(train_metrics(identity.policy, cfg, outcome)),
+        wire.REGION: ConfigRecord({"name": identity.name, "history": history, "accountant": cfg.accountant}),
     })
+    result = outcome.result
     if secagg_round is None:
         secagg.forget(context.state)
-        content["arrays"] = to_array_record(result.values)
+        content[wire.ARRAYS] = to_array_record(result.values)
     else:  # secure aggregation: the update stays here and leaves only masked
-        rounding_seed = int(np.random.SeedSequence([cfg.seed, identity.index, int(secagg_round), 0x5EC]).generate_state(1)[0])
         secagg.keep_update(context.state, int(secagg_round), identity.name, global_values, result.values,
-                           result.num_examples, rounding_seed)
+                           result.num_examples)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.region import RegionRuntime, identify_region
-    from task.model import from_array_record
-
-    cfg = FedprivConfig.from_run_config(context.run_config)
-    identity = identify_region(context.node_config, cfg)
+    cfg: FedprivConfig | None = None
     try:
-        loss, accuracy, n = RegionRuntime(cfg, identity).evaluate(from_array_record(msg.content["arrays"]))
+        cfg = FedprivConfig.from_run_config(context.run_config)
+        policy = region_policy(context.node_config, cfg)
+        if not policy.release_local_evaluation:  # refused before the model is even loaded
+            from client.region import LOCAL_EVALUATION_REFUSED
+
+            raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
+        from client.region import RegionRuntime, identify_region
+        from task.model import from_array_record
+
+        identity = identify_region(context.node_config, cfg)
+        loss, accuracy, n = RegionRuntime(cfg, identity).evaluate(from_array_record(msg.content[wire.ARRAYS]))
     except FedprivError as exc:
-        return Message(Error(code=FAILED, reason=f"{identity.name}|{exc}"), reply_to=msg)
-    metrics = MetricRecord({"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy})
-    return Message(content=RecordDict({"metrics": metrics, "region": ConfigRecord({"name": identity.name})}),
+        return _error(msg, _region_label(context, cfg), exc)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: n, wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
+    return Message(content=RecordDict({wire.METRICS: metrics, wire.REGION: ConfigRecord({"name": identity.name})}),
                    reply_to=msg)
 
 
 # ------------------------------------------------------------------ secure aggregation stages
 
 
-def _secagg_stage(msg: Message, context: Context, stage: Callable[[RecordDict, ConfigRecord], RecordDict]) -> Message:
-    """Run one stage; a refusal (protocol violation, wrong round, bad setup) is an error reply = dropout."""
+def _secagg_stage(msg: Message, context: Context,
+                  stage: Callable[[RecordDict, ConfigRecord, RegionPolicy], RecordDict]) -> Message:
+    """Run one stage under the region's policy; a refusal (policy, protocol violation, wrong round) is an
+    error reply, which the coordinator treats as a dropout."""
     info = context.state.config_records.get(secagg.STATE_ROUND)
     region = str(info["region"]) if info is not None else f"node-{context.node_id}"
     try:
-        content = stage(context.state, msg.content[secagg.RECORD])
-    except (SecAggError, ValueError, KeyError) as exc:
+        cfg = FedprivConfig.from_run_config(context.run_config)
+        policy = region_policy(context.node_config, cfg)
+        content = stage(context.state, msg.content[wire.RECORD], policy)
+    except PolicyRefusal as exc:
+        return _error(msg, region, exc)
+    except (SecAggError, ValueError, KeyError, FedprivError) as exc:
         reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
-        return Message(Error(code=FAILED, reason=f"{region}|secure aggregation ({msg.metadata.message_type}): {reason}"),
-                       reply_to=msg)
+        return Message(Error(code=wire.FAILED, reason=wire.error_reason(
+            region, f"secure aggregation ({msg.metadata.message_type}): {reason}")), reply_to=msg)
     return Message(content=content, reply_to=msg)
 
 
 @app.query("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
-    cfg = FedprivConfig.from_run_config(context.run_config)
-    expected = secagg.expected_setup(cfg.secagg_threshold, cfg.secagg_neighbours, cfg.secagg_clip_range,
-                                     cfg.secagg_quant_bits)
-    return _secagg_stage(msg, context, lambda state, rec: RecordDict(
-        {secagg.RECORD: secagg.advertise(state, context.node_id, rec, expected)}))
-
-
-@app.query("secagg_share_keys")
-def secagg_share_keys(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec: RecordDict({secagg.RECORD: secagg.share_keys(state, rec)}))
-
-
-@app.query("secagg_masked_input")
-def secagg_masked_input(msg: Message, context: Context) -> Message:
-    def stage(state: RecordDict, rec: ConfigRecord) -> RecordDict:
-        masked, metrics = secagg.masked_input(state, rec)
-        return RecordDict({"masked": masked, "metrics": metrics})
+    def stage(state: RecordDict, rec: ConfigRecord, policy: RegionPolicy) -> RecordDict:
+        cfg = FedprivConfig.from_run_config(context.run_config)
+        expected = secagg.expected_setup(cfg.secagg_threshold, cfg.secagg_neighbours, cfg.secagg_clip_range,
+                                         cfg.secagg_quant_bits)
+        return RecordDict({wire.RECORD: secagg.advertise(state, context.node_id, rec, expected, policy)})
 
     return _secagg_stage(msg, context, stage)
 
 
+@app.query("secagg_share_keys")
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
+        {wire.RECORD: secagg.share_keys(state, rec, policy)}))
+
+
+@app.query("secagg_masked_input")
+def secagg_masked_input(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
+        {wire.MASKED: secagg.masked_input(state, rec)}))
+
+
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec: RecordDict({secagg.RECORD: secagg.unmask(state, rec)}))
+    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict({wire.RECORD: secagg.unmask(state, rec)}))
 
 
 @app.query("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec: RecordDict({"update": secagg.reveal(state, rec)}))
+    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
+        {wire.UPDATE: secagg.reveal(state, rec, policy)}))

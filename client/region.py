@@ -1,15 +1,21 @@
 """Everything one region does in a round, without Flower in the way.
 
-A region is identified by its node config: ``region`` and ``data-path`` in a real
-deployment (``fedpriv supernode`` sets them, with the region's own ``max-epsilon``
-and ledger), or ``partition-id`` in a simulation (mapped to the run's ``regions``
-list, data under ``data-dir``). The region only ever reads its own shard.
+A region is identified by its node config: ``region``, ``data-path`` and
+``policy-path`` in a real deployment (``fedpriv supernode`` sets them, with the
+region's ledger), or ``partition-id`` in a simulation (mapped to the run's
+``regions`` list, data under ``data-dir``, policy from ``sim-region-policy``).
+The region only ever reads its own shard.
+
+The region's privacy policy (:mod:`privacy.policy`) is enforced here, *before*
+training and before anything is recorded: a refused request leaves the ledger and
+the model untouched. ε is always computed at the policy's δ, never the run's.
 
 Privacy bookkeeping lives in the region's durable ledger (``privacy/ledger.py``),
 not in Flower's per-run state: the run's history (for composing ε across rounds,
 also across a coordinator restart) is the ledger's releases for this job, and the
-budget cap is checked against the whole ledger — every run that ever used this
-data. A release is recorded *before* the update leaves the region.
+lifetime cap is checked against the whole ledger -- every run that ever used this
+data. A release is recorded *before* the update leaves the region, in the same
+write transaction that checks it was not released before.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import numpy as np
 from client.device import select_device
 from client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
 from fedpriv.config import FedprivConfig
-from fedpriv.errors import BudgetExhausted, ConfigError
+from fedpriv.errors import BudgetExhausted
 from privacy.accountant import epsilon_of
 from privacy.ledger import PrivacyLedger, Release, default_ledger_path
+from privacy.policy import PolicyRefusal, RegionPolicy, check_train_request, node_region, region_policy
 from task.encoding import encode
 from task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
 from task.model import build_model, load_tokenizer, set_trainable_values
@@ -39,29 +46,34 @@ class RegionIdentity:
     index: int
     data_root: Path
     ledger_path: Path
-    max_epsilon: float  # 0 = no cap
+    policy: RegionPolicy
+
+    @property
+    def max_epsilon(self) -> float:
+        """The region's lifetime cap (its policy's ``max-lifetime-epsilon``)."""
+        return self.policy.max_lifetime_epsilon
 
 
 def identify_region(node_config: Mapping[str, Any], cfg: FedprivConfig) -> RegionIdentity:
-    """Which region this process serves, and its own budget settings, from the SuperNode's node config.
+    """Which region this process serves, its policy and its ledger, from the SuperNode's node config.
 
-    In a deployment the cap and the ledger location come *only* from the region's
-    node config: the coordinator's run config cannot raise a region's budget.
+    In a deployment the policy and the ledger location come *only* from the region's
+    node config: the coordinator's run config (every ``sim-*`` key included) cannot
+    change a region's rules or budget.
     """
+    name, index = node_region(node_config, cfg)
+    policy = region_policy(node_config, cfg)
     if "region" in node_config:
-        name = str(node_config["region"])
-        if name not in cfg.regions:
-            raise ConfigError(f"region {name!r} is not in the run's regions {', '.join(cfg.regions)}")
         root = Path(str(node_config.get("data-path", cfg.data_dir)))
         ledger = Path(str(node_config["ledger-path"])) if node_config.get("ledger-path") else default_ledger_path(region_dir(root, name))
-        return RegionIdentity(name, cfg.regions.index(name), root, ledger, float(node_config.get("max-epsilon", 0.0)))
-    pid = int(node_config.get("partition-id", -1))
-    if not 0 <= pid < cfg.num_regions:
-        raise ConfigError(f"partition-id {pid} has no region: the run names {cfg.num_regions} regions "
-                          f"({', '.join(cfg.regions)}); start as many simulated nodes")
-    name = cfg.regions[pid]
+        return RegionIdentity(name, index, root, ledger, policy)
     ledger_dir = Path(cfg.sim_ledger_dir) if cfg.sim_ledger_dir else Path(cfg.run_dir) / "ledgers"
-    return RegionIdentity(name, pid, cfg.data_dir, ledger_dir / f"{name}.sqlite", cfg.sim_max_epsilon)
+    return RegionIdentity(name, index, cfg.data_dir, ledger_dir / f"{name}.sqlite", policy)
+
+
+def clamp_epsilon(epsilon: float) -> float:
+    """ε is never negative (an RDP conversion at a huge δ can return one); ∞ stays ∞."""
+    return max(0.0, float(epsilon))
 
 
 @dataclass
@@ -99,30 +111,60 @@ class RegionRuntime:
         except OSError:  # a read-only data dir: compute without caching
             return self.split.features(data, self.device)
 
-    def train(self, global_values: dict[str, np.ndarray], server_round: int, job_id: str, attempt_id: str) -> RoundOutcome:
-        """Check the budget, train, record the release, and only then hand the update back."""
-        schedule = region_schedule(len(self.shard.train), self.cfg)
+    def train(self, global_values: dict[str, np.ndarray], server_round: int, job_id: str, attempt_id: str,
+              secure_round: bool | None = None) -> RoundOutcome:
+        """Enforce the policy, check the budget, train, record the release, and only then hand the update back.
+
+        ``secure_round``: whether the train message announced a secure-aggregation round
+        (None: as the run config says). Every refusal happens before training and before
+        the ledger is written.
+        """
+        policy = self.identity.policy
+        cfg = self.cfg
+        check_train_request(policy, cfg, cfg.secure_aggregation if secure_round is None else secure_round)
+        delta = policy.delta  # ε is the region's, at the region's δ
+        schedule = region_schedule(len(self.shard.train), cfg)
         with PrivacyLedger(self.identity.ledger_path) as ledger:
             sigma = self._noise_multiplier(ledger, schedule, job_id)
+            job_history = [r.history_entry for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
         release = Release(run_id=f"{job_id}/{attempt_id}", round=server_round, steps=schedule.steps_per_round,
                           sample_rate=schedule.sample_rate, noise_multiplier=sigma,
-                          max_grad_norm=self.cfg.max_grad_norm, delta=self.cfg.delta, accountant=self.cfg.accountant)
+                          max_grad_norm=cfg.max_grad_norm, delta=delta, accountant=cfg.accountant)
+        if cfg.dp:
+            self._check_job_ceiling(schedule, sigma, job_history + [release.history_entry], server_round)
         with PrivacyLedger(self.identity.ledger_path) as ledger:
-            if ledger.get(release.run_id, server_round) is not None:
-                raise BudgetExhausted(f"round {server_round} of this run was already released once; "
-                                      "training it again would be a second, unaccounted release")
-            self._check_budget(ledger, release)
-            job_history = [r.history_entry for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
+            if ledger.get(release.run_id, server_round) is not None:  # cheap early answer; reserve() decides
+                raise BudgetExhausted(_already_released(server_round))
+            cap = self.identity.max_epsilon if cfg.dp else math.inf  # a non-DP release (policy allows it) is ∞
+            if cfg.dp:
+                decision = ledger.check_budget(cap, release, delta, cfg.accountant)
+                if not decision.allowed:
+                    raise BudgetExhausted(decision.reason)
             set_trainable_values(self.split.model, global_values)
-            trainer = LocalTrainer(self.split, self._features("train"), self.cfg, self.device)
+            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device)
             result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name)
-            decision = ledger.reserve(release, self._cap(), self.cfg.delta, self.cfg.accountant)
-            if not decision.allowed:  # another process spent the budget meanwhile: do not release
+            decision = ledger.reserve(release, cap, delta, cfg.accountant, new_only=True)
+            if not decision.allowed:  # another process released this round, or spent the budget, meanwhile
                 raise BudgetExhausted(decision.reason)
             history = job_history + [release.history_entry]
-            lifetime = ledger.epsilon(self.cfg.delta, self.cfg.accountant) if self.cfg.dp else math.inf
-        epsilon = epsilon_of(history, self.cfg.delta, self.cfg.accountant) if self.cfg.dp else math.inf
+            lifetime = clamp_epsilon(ledger.epsilon(delta, cfg.accountant)) if cfg.dp else math.inf
+        epsilon = clamp_epsilon(epsilon_of(history, delta, cfg.accountant)) if cfg.dp else math.inf
         return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history))
+
+    def _check_job_ceiling(self, schedule, sigma: float, history_after: list, server_round: int) -> None:
+        """``max-job-epsilon``: refuse a σ too low for the planned rounds, and any round beyond the ceiling."""
+        policy, cfg = self.identity.policy, self.cfg
+        ceiling = policy.max_job_epsilon
+        planned = clamp_epsilon(epsilon_of([(sigma, schedule.sample_rate, schedule.total_steps)], policy.delta,
+                                           cfg.accountant))
+        if planned > ceiling:
+            raise PolicyRefusal("max-job-epsilon", f"σ = {sigma:.4g} over the planned {cfg.num_server_rounds} "
+                                f"round(s) spends ε = {planned:.4g} at δ = {policy.delta:g}, above the region's "
+                                f"ceiling on one job's ε = {ceiling:g}")
+        after = clamp_epsilon(epsilon_of(history_after, policy.delta, cfg.accountant))
+        if after > ceiling:
+            raise PolicyRefusal("max-job-epsilon", f"round {server_round} would take this job's ε to {after:.4g} at "
+                                f"δ = {policy.delta:g}, above the region's ceiling on one job's ε = {ceiling:g}")
 
     def _noise_multiplier(self, ledger: PrivacyLedger, schedule, job_id: str) -> float:
         """σ is fixed for a job: planned once for the whole schedule, then read back from the ledger."""
@@ -134,18 +176,21 @@ class RegionRuntime:
                 return release.noise_multiplier
         return choose_noise_multiplier(schedule, self.cfg)
 
-    def _cap(self) -> float:
-        return self.identity.max_epsilon if self.identity.max_epsilon > 0 else math.inf
-
-    def _check_budget(self, ledger: PrivacyLedger, release: Release) -> None:
-        if not self.cfg.dp or self.identity.max_epsilon <= 0:
-            return
-        decision = ledger.check_budget(self._cap(), release, self.cfg.delta, self.cfg.accountant)
-        if not decision.allowed:
-            raise BudgetExhausted(decision.reason)
-
     def evaluate(self, global_values: dict[str, np.ndarray]) -> tuple[float, float, int]:
+        """Loss and accuracy on the local test split: not DP, so only when the policy releases them."""
+        if not self.identity.policy.release_local_evaluation:
+            raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
         set_trainable_values(self.split.model, global_values)
         data = self._features("test")
         loss, accuracy = evaluate_top(self.split.top, data, self.device)
         return loss, accuracy, len(data)
+
+
+LOCAL_EVALUATION_REFUSED = ("loss and accuracy on the region's test split are not differentially private (on a model "
+                            "the coordinator chose, one loss value can test membership); this region does not "
+                            "release them")
+
+
+def _already_released(server_round: int) -> str:
+    return (f"round {server_round} of this run was already released once; training it again would be a second, "
+            "unaccounted release")

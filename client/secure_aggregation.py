@@ -12,50 +12,50 @@ them lives in ``context.state``:
   rounding seed *locally*. The reply carries metrics, but no weights.
 * ``query.secagg_advertise`` -- :func:`advertise`: build the
   :class:`~privacy.secagg.SecAggClient` from the coordinator's setup (checked
-  against the run config), reply with two public keys and a seed commitment.
+  against the run config and the region's own threshold floor, :mod:`privacy.policy`),
+  reply with two public keys and a seed commitment.
 * ``query.secagg_share_keys`` -- :func:`share_keys`: Shamir-share the secrets among
   the neighbours, reply with the sealed share bundles (the coordinator cannot open them).
 * ``query.secagg_masked_input`` -- :func:`masked_input`: open the bundles, clip to
   ``secagg-clip-range``, quantise and mask ``num_examples * update``, reply with the
-  masked integer vector (and, in plaintext, how many coordinates were clipped).
-  The stored update is deleted here.
+  masked integer vector (nothing else: how many coordinates were clipped stays in
+  the region's log). The stored update is deleted here.
 * ``query.secagg_unmask`` -- :func:`unmask`: reply with the shares the coordinator
   needs to remove the masks of survivors and dropped peers (never both for one peer).
-* ``query.secagg_reveal`` -- :func:`reveal`: only when a single region trained in a
-  round (a sum of one hides nothing: the new global model *is* that update), hand
-  the update over in the clear. Refused once the region has advertised keys.
+* ``query.secagg_reveal`` -- :func:`reveal`: when the coordinator says a single
+  region trained (a sum of one hides nothing), hand the update over in the clear --
+  only if the region's policy allows plain rounds, and never for a round in which
+  the region advertised keys.
 
-Every function raises :class:`~privacy.secagg.SecAggError` or ``ValueError`` to
-refuse; the ClientApp turns that into an error reply, which the coordinator treats
+Message types and record keys are :mod:`fedpriv.contract`'s (re-exported here).
+Every function raises :class:`~privacy.secagg.SecAggError`, ``ValueError`` or
+:class:`~privacy.policy.PolicyRefusal` to refuse; the ClientApp turns that into an error reply, which the coordinator treats
 as a dropout. Only ``numpy``, Flower records and :mod:`privacy.secagg` are imported
 here, so a secagg stage does not pay for loading torch.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.logger import log
 
-from privacy.secagg import SecAggClient, SecAggConfig, SecAggProtocolError, pack_ids, unpack_ids
-
-# Message types of the secagg stages (``<category>.<action>``, see ``flwr.clientapp.ClientApp``).
-ADVERTISE = "query.secagg_advertise"
-SHARE_KEYS = "query.secagg_share_keys"
-MASKED_INPUT = "query.secagg_masked_input"
-UNMASK = "query.secagg_unmask"
-REVEAL = "query.secagg_reveal"
-
-#: Key of the ConfigRecord every secagg message and reply carries.
-RECORD = "secagg"
-#: Train-config key: the (absolute) round id of the secure-aggregation round that follows.
-TRAIN_FLAG = "secagg-round"
+from fedpriv.contract import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS, TRAIN_FLAG, UNMASK, UPDATE,
+                              flatten_values, keys_request, routed_request, setup_record, shares_reply,
+                              unflatten_values, unmask_reply, unmask_request)
+from privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold
+from privacy.secagg import SecAggClient, SecAggConfig, SecAggProtocolError, unpack_ids
+from privacy.secagg.graph import neighbour_graph, share_holders
 
 # context.state keys
 STATE_ROUND = "fedpriv-secagg-round"     # ConfigRecord: round, region, num-examples, rounding seed, phase
 STATE_UPDATE = "fedpriv-secagg-update"   # ArrayRecord: the flat update, until it is masked (or revealed)
 STATE_CLIENT = "fedpriv-secagg-client"   # ConfigRecord: SecAggClient.to_state()
+STATE_SETUPS = "fedpriv-joined-setups"   # ConfigRecord: rounds this region advertised keys in (kept: never revealed)
 
 
 # ------------------------------------------------------------------ helpers
@@ -74,23 +74,6 @@ def flatten_update(global_arrays: Mapping[str, np.ndarray], new_values: Mapping[
             raise ValueError(f"parameter {name!r} has shape {v.shape}, the global model's is {g.shape}")
         parts.append((v.astype(np.float64) - g.astype(np.float64)).ravel())
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-
-
-def flatten_values(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """All parameters as one float64 vector, in the mapping's order."""
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
-
-
-def unflatten_values(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`flatten_values`, with ``like``'s names, shapes and dtypes."""
-    out, pos = {}, 0
-    for name, ref in like.items():
-        ref = np.asarray(ref)
-        out[name] = flat[pos:pos + ref.size].reshape(ref.shape).astype(ref.dtype)
-        pos += ref.size
-    if pos != flat.size:
-        raise ValueError(f"flat vector has {flat.size} values, the parameters {pos}")
-    return out
 
 
 def clipped_count(update: np.ndarray, weight: int, max_weight: int, clip_range: float) -> int:
@@ -140,9 +123,16 @@ def forget(state: RecordDict) -> None:
 
 
 def keep_update(state: RecordDict, round_id: int, region: str, global_arrays: Mapping[str, np.ndarray],
-                new_values: Mapping[str, np.ndarray], num_examples: int, rounding_seed: int) -> None:
-    """After training: keep the update (never sent in the clear) for the secagg stages of ``round_id``."""
+                new_values: Mapping[str, np.ndarray], num_examples: int, rounding_seed: int | None = None) -> None:
+    """After training: keep the update (never sent in the clear) for the secagg stages of ``round_id``.
+
+    ``rounding_seed`` (tests only) fixes the stochastic rounding; by default it is drawn from OS
+    entropy, never from the run config: rounding that anyone can replay is a known offset on
+    the masked update, and the rounding noise is the region's, not the coordinator's.
+    """
     forget(state)
+    if rounding_seed is None:
+        rounding_seed = secrets.randbits(63)
     update = flatten_update(global_arrays, new_values)
     state[STATE_UPDATE] = ArrayRecord({"update": Array(update)})
     state[STATE_ROUND] = ConfigRecord({"round": int(round_id), "region": str(region), "num-examples": int(num_examples),
@@ -162,21 +152,44 @@ def check_setup(setup: Mapping, expected: Mapping[str, float | int]) -> None:
 
 
 def advertise(state: RecordDict, node_id: int, setup: ConfigRecord,
-              expected: Mapping[str, float | int] | None = None) -> ConfigRecord:
-    """Stage 1: public keys and seed commitment (``setup`` = ``SecAggServer.setup_message()``)."""
+              expected: Mapping[str, float | int] | None = None, policy: RegionPolicy | None = None) -> ConfigRecord:
+    """Stage 1: public keys and seed commitment (``setup`` = ``SecAggServer.setup_message()``).
+
+    The region enforces its own threshold floor here, whatever the run config says: a
+    threshold of half the share holders or fewer lets a coordinator split the holders into
+    a "survived" and a "dropped" group and rebuild both secrets of one region.
+    """
     info = _round_info(state, int(setup["round_id"]), "trained")
     check_setup(setup, expected or {})
+    config = SecAggConfig.from_dict(setup)
+    if policy is not None:
+        check_secagg_threshold(policy, config.threshold, config.shares_per_client)
     if int(info["num-examples"]) > int(setup["max_weight"]):
         raise SecAggProtocolError(f"this region has {info['num-examples']} examples, more than the declared "
                                   f"max_weight = {setup['max_weight']}")
     client = SecAggClient.from_setup(node_id, setup)
+    _note_setup(state, int(setup["round_id"]))
     reply = client.advertise()
     _save(state, info, client, "advertised")
     return ConfigRecord({k: bytes(v) for k, v in reply.items()})
 
 
-def share_keys(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
-    """Stage 2: ``request`` holds everyone's public keys (``ids``, ``c_pks``, ``s_pks``, 32 bytes each)."""
+def _note_setup(state: RecordDict, round_id: int) -> None:
+    """Remember (beyond :func:`forget`) that this region joined a multi-party round: it is never revealed."""
+    rounds = [int(r) for r in state.config_records[STATE_SETUPS]["rounds"]] if STATE_SETUPS in state else []
+    state[STATE_SETUPS] = ConfigRecord({"rounds": sorted(set(rounds[-63:]) | {int(round_id)})})
+
+
+def joined_setup(state: RecordDict, round_id: int) -> bool:
+    """Whether this region advertised keys for ``round_id`` (a multi-party secure-aggregation round)."""
+    return STATE_SETUPS in state and int(round_id) in {int(r) for r in state.config_records[STATE_SETUPS]["rounds"]}
+
+
+def share_keys(state: RecordDict, request: ConfigRecord, policy: RegionPolicy | None = None) -> ConfigRecord:
+    """Stage 2: ``request`` holds everyone's public keys (``ids``, ``c_pks``, ``s_pks``, 32 bytes each).
+
+    The threshold floor is checked again against the share holders this broadcast really gives.
+    """
     info = _round_info(state, int(request["round_id"]), "advertised")
     ids = unpack_ids(bytes(request["ids"]))
     c_blob, s_blob = bytes(request["c_pks"]), bytes(request["s_pks"])
@@ -184,13 +197,20 @@ def share_keys(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
         raise SecAggProtocolError("public-key lists do not match the id list")
     keys = {nid: {"c_pk": c_blob[32 * i:32 * (i + 1)], "s_pk": s_blob[32 * i:32 * (i + 1)]} for i, nid in enumerate(ids)}
     client = _client(state)
+    if policy is not None and client.node_id in keys:
+        graph = neighbour_graph(sorted(keys), client.config.num_neighbours, client.round_seed)
+        check_secagg_threshold(policy, client.config.threshold, len(share_holders(graph, client.node_id)))
     bundles = client.share_keys(keys)
     _save(state, info, client, "shared")
     return ConfigRecord({str(dst): blob for dst, blob in bundles.items()})
 
 
-def masked_input(state: RecordDict, request: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """Stage 3: ``request`` holds the bundles routed to this region (``"<sender id>": bytes``)."""
+def masked_input(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
+    """Stage 3: ``request`` holds the bundles routed to this region (``"<sender id>": bytes``).
+
+    How many coordinates were clipped stays in the region (a warning in its log): it is a
+    fact about this region's single update, which secure aggregation is there to hide.
+    """
     round_id = int(request["round_id"])
     info = _round_info(state, round_id, "shared")
     received = {int(k): bytes(v) for k, v in request.items() if k.isdigit()}
@@ -199,12 +219,14 @@ def masked_input(state: RecordDict, request: ConfigRecord) -> tuple[ArrayRecord,
     weight = int(info["num-examples"])
     cfg = client.config
     clipped = clipped_count(update, weight, cfg.max_weight, cfg.clip_range)
+    if clipped:
+        log(WARNING, "round %d: %d of %d update coordinates exceed secagg-clip-range = %g and are clipped",
+            round_id, clipped, update.size, cfg.clip_range)
     rng = np.random.default_rng(np.random.SeedSequence([int(info["rounding-seed"]), round_id]))
     y = client.masked_input(update, received, weight, rng=rng)
     _drop(state, STATE_UPDATE)  # masked and sent: the plaintext update is no longer needed
     _save(state, info, client, "masked")
-    return (ArrayRecord({"masked": Array(y)}),
-            MetricRecord({"clipped-coordinates": clipped, "coordinates": int(update.size)}))
+    return ArrayRecord({MASKED: Array(y)})
 
 
 def unmask(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
@@ -218,49 +240,24 @@ def unmask(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     return ConfigRecord(reply)
 
 
-def reveal(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
-    """Single-region fallback: the update in the clear -- only before any key was advertised."""
-    _round_info(state, int(request["round_id"]), "trained")
+def reveal(state: RecordDict, request: ConfigRecord, policy: RegionPolicy) -> ArrayRecord:
+    """Single-region fallback: the update in the clear -- only if the policy allows plain rounds.
+
+    The region cannot see how many others trained, so the coordinator's "you were alone"
+    is taken only from a region whose policy says ``allow-plain-rounds = true``, and never
+    for a round in which this region joined a multi-party setup (advertised keys).
+    """
+    round_id = int(request["round_id"])
+    if not policy.allow_plain_rounds:
+        raise PolicyRefusal("allow-plain-rounds", f"round {round_id}: asked for the update in the clear; this "
+                            "region's update leaves it only masked")
+    if joined_setup(state, round_id):
+        raise PolicyRefusal("allow-plain-rounds", f"round {round_id}: asked for the update in the clear after this "
+                            "region joined a multi-party secure-aggregation setup for that round")
+    _round_info(state, round_id, "trained")
     update = state.array_records[STATE_UPDATE]["update"].numpy()
     forget(state)
-    return ArrayRecord({"update": Array(np.ascontiguousarray(update))})
-
-
-# ----------------------------------------------------- server-side encoding
-
-
-def keys_request(round_id: int, public_keys: Mapping[int, Mapping[str, bytes]]) -> ConfigRecord:
-    """What :func:`share_keys` reads: ``SecAggServer.collect_advertisements()``'s output, packed."""
-    ids = sorted(public_keys)
-    return ConfigRecord({"round_id": int(round_id), "ids": pack_ids(ids),
-                         "c_pks": b"".join(public_keys[i]["c_pk"] for i in ids),
-                         "s_pks": b"".join(public_keys[i]["s_pk"] for i in ids)})
-
-
-def shares_reply(record: ConfigRecord) -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in record.items()}
-
-
-def routed_request(round_id: int, inbox: Mapping[int, bytes]) -> ConfigRecord:
-    return ConfigRecord({"round_id": int(round_id), **{str(src): bytes(blob) for src, blob in inbox.items()}})
-
-
-def unmask_request(round_id: int, survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    return ConfigRecord({"round_id": int(round_id), "survivors": pack_ids(survivors), "dropped": pack_ids(dropped)})
-
-
-def unmask_reply(record: ConfigRecord) -> dict[str, dict[int, bytes]]:
-    out: dict[str, dict[int, bytes]] = {"seed_shares": {}, "key_shares": {}}
-    for key, value in record.items():
-        kind, _, nid = key.partition("/")
-        if kind not in ("seed", "key") or not nid.isdigit():
-            raise SecAggProtocolError(f"unexpected key {key!r} in an unmask reply")
-        out["seed_shares" if kind == "seed" else "key_shares"][int(nid)] = bytes(value)
-    return out
-
-
-def setup_record(setup: Mapping) -> ConfigRecord:
-    return ConfigRecord(dict(setup))
+    return ArrayRecord({UPDATE: Array(np.ascontiguousarray(update))})
 
 
 def expected_setup(threshold: int, neighbours: int, clip_range: float, quant_bits: int) -> dict[str, float | int]:
@@ -270,8 +267,9 @@ def expected_setup(threshold: int, neighbours: int, clip_range: float, quant_bit
 
 
 __all__ = [
-    "ADVERTISE", "MASKED_INPUT", "RECORD", "REVEAL", "SHARE_KEYS", "TRAIN_FLAG", "UNMASK",
+    "ADVERTISE", "MASKED", "MASKED_INPUT", "RECORD", "REVEAL", "SHARE_KEYS", "TRAIN_FLAG", "UNMASK", "UPDATE",
     "SecAggConfig", "advertise", "check_setup", "clipped_count", "expected_setup", "flatten_update",
-    "flatten_values", "forget", "keep_update", "keys_request", "masked_input", "reveal", "routed_request",
-    "setup_record", "share_keys", "shares_reply", "unflatten_values", "unmask", "unmask_reply", "unmask_request",
+    "flatten_values", "forget", "joined_setup", "keep_update", "keys_request", "masked_input", "reveal",
+    "routed_request", "setup_record", "share_keys", "shares_reply", "unflatten_values", "unmask", "unmask_reply",
+    "unmask_request",
 ]

@@ -35,18 +35,9 @@ from client.randomness import enable_secure_noise, release_randomness
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import DataError
 from privacy.accountant import Entry
-from privacy.noise import noise_multiplier_for
+from privacy.schedule import Schedule, choose_noise_multiplier, region_schedule  # noqa: F401  (re-exported)
 from task.features import FeatureDataset, SplitClassifier, collate_features
 from task.model import get_trainable
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The region's DP schedule; the noise multiplier is fixed for the whole run."""
-
-    sample_rate: float
-    steps_per_round: int
-    total_steps: int
 
 
 @dataclass
@@ -60,30 +51,6 @@ class TrainResult:
     noise_multiplier: float
     sample_rate: float
     peak_memory_mb: float
-
-
-def region_schedule(num_examples: int, cfg: FedprivConfig) -> Schedule:
-    """Poisson rate and logical steps per round, for all rounds.
-
-    The rate is Opacus' own, ``1 / len(loader)`` = 1/ceil(N/B), so the σ planned here is the
-    σ the accountant sees; steps per round are ceil(local-epochs · N/B).
-    """
-    if num_examples < cfg.batch_size:
-        raise DataError(
-            f"region has {num_examples} training examples, fewer than batch-size = {cfg.batch_size}: "
-            f"expected batch-size <= {num_examples} (lower batch-size or give the region more data)"
-        )
-    batches_per_epoch = math.ceil(num_examples / cfg.batch_size)
-    steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
-    return Schedule(sample_rate=1.0 / batches_per_epoch, steps_per_round=steps,
-                    total_steps=steps * cfg.num_server_rounds)
-
-
-def choose_noise_multiplier(schedule: Schedule, cfg: FedprivConfig) -> float:
-    """Given σ if set, else the σ that spends ``target-epsilon`` over the whole planned schedule."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    return noise_multiplier_for(cfg.target_epsilon, cfg.delta, schedule.total_steps, schedule.sample_rate, cfg.accountant)
 
 
 class LocalTrainer:
@@ -124,7 +91,7 @@ class LocalTrainer:
         rng = release_randomness(self.device, seed if self.cfg.insecure_deterministic_noise else None)
         loader = DataLoader(self.data, batch_size=self.cfg.batch_size, collate_fn=collate_features,
                             generator=rng.sampling)  # Opacus' Poisson sampler draws from the loader's generator
-        engine = PrivacyEngine(accountant=self.cfg.accountant)
+        engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: privacy.accountant
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, noise_generator=rng.noise)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,14 @@ APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""
 
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")  # = privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
 GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
 LOCAL_OPTIMIZERS = ("sgd", "adam", "adamw")  # the region's optimizer; Opacus makes any of them DP
 MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (client/device.py)
 MODELS = ("minilm", "tiny")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A job id: no '/' (a region's ledger keys a release as ``<job-id>/<attempt>`` and splits on the first '/')."""
 
 
 def default_data_dir() -> Path:
@@ -131,8 +135,15 @@ class FedprivConfig:
     secagg_clip_range: float
     secagg_quant_bits: int
     secagg_timeout: float
+    server_optimizer: str
+    server_learning_rate: float
+    server_momentum: float
+    server_beta2: float
+    server_tau: float
     sim_max_epsilon: float
     sim_ledger_dir: str
+    sim_gpus_per_region: float
+    sim_region_policy: str
     run_dir: Path
     job_id: str
     resume_from: str
@@ -220,8 +231,21 @@ class FedprivConfig:
         _check(self.secagg_clip_range > 0, "secagg-clip-range", self.secagg_clip_range, "a coordinate bound > 0")
         _check(4 <= self.secagg_quant_bits <= 32, "secagg-quant-bits", self.secagg_quant_bits, "an integer in [4, 32]")
         _check(self.secagg_timeout > 0, "secagg-timeout", self.secagg_timeout, "seconds > 0")
-        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon, "0 (no cap) or a budget > 0")
+        _check(self.server_optimizer in SERVER_OPTIMIZERS, "server-optimizer", self.server_optimizer,
+               f"one of {', '.join(SERVER_OPTIMIZERS)}")
+        _check(self.server_learning_rate > 0, "server-learning-rate", self.server_learning_rate, "a number > 0")
+        _check(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "a number in [0, 1)")
+        _check(0.0 <= self.server_beta2 < 1.0, "server-beta2", self.server_beta2, "a number in [0, 1)")
+        _check(self.server_tau > 0, "server-tau", self.server_tau, "a number > 0")
+        _check(self.sim_gpus_per_region >= 0 and (self.sim_gpus_per_region <= 1 or self.sim_gpus_per_region.is_integer()),
+               "sim-gpus-per-region", self.sim_gpus_per_region,
+               "0 (auto: share the machine's GPUs evenly), a fraction in (0, 1], or a whole number of GPUs")
+        _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon,
+               "0 (the simulation policy's own cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
+        _check(self.job_id == "" or JOB_ID.fullmatch(str(self.job_id)) is not None, "job-id", self.job_id,
+               "'' (set by the CLI) or 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit "
+               "(a region keys its releases as '<job-id>/<attempt>')")
 
 
 def _parse_regions(text: str) -> tuple[str, ...]:

@@ -9,6 +9,12 @@ run's final status is read back from the SuperLink and turned into an exit code.
 The SuperLink connection lives in a fedpriv-owned ``FLWR_HOME`` (a
 ``config.toml`` with one named connection) so a user's own Flower config is never
 touched.
+
+``fedpriv run`` submits a *signed* bundle (``sign_key``): the FAB is built from the
+app directory with Flower's own builder, signed with the publisher key
+(:mod:`fedpriv.deploy.app_signing`), and those exact bytes are submitted
+(:mod:`fedpriv.deploy.signed_run`); regions refuse anything else. A simulation has
+no SuperNodes and submits unsigned.
 """
 
 from __future__ import annotations
@@ -64,15 +70,24 @@ class FlowerRunClient:
         return subprocess.run([flwr_executable(), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
-    def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None) -> int:
-        """Submit the app with a full run config (written as TOML, so any string value is safe)."""
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None,
+               sign_key: Path | None = None) -> int:
+        """Submit the app with a full run config (written as TOML, so any string value is safe).
+
+        With ``sign_key`` (a publisher's Ed25519 key) the bundle is signed first.
+        """
         config_file = self.flwr_home / "run_config.toml"
         config_file.write_text(tomli_w.dumps(dict(run_config)))
         args = ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
         try:
-            proc = self._flwr(*args, timeout=300)
+            if sign_key is not None:
+                fab = self.write_signed_bundle(app_dir, sign_key)
+                proc = subprocess.run([sys.executable, "-m", "fedpriv.deploy.signed_run", str(fab), *args], env=self.env,
+                                      capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+            else:
+                proc = self._flwr(*args, timeout=300)
         except subprocess.TimeoutExpired:
             raise FedprivError(f"submitting the run to the SuperLink at {self.address} did not finish within 300s") from None
         payload = _json_tail(proc.stdout)
@@ -80,6 +95,17 @@ class FlowerRunClient:
             message = payload.get("error-message") or proc.stderr.strip() or proc.stdout.strip()
             raise FedprivError(f"the SuperLink at {self.address} refused the run: {_last_line(message)}")
         return int(payload["run-id"])
+
+    def write_signed_bundle(self, app_dir: Path, sign_key: Path) -> Path:
+        """Build the FAB of ``app_dir`` as ``flwr run`` would, sign it, write it to FLWR_HOME/signed-app.fab."""
+        from flwr.cli.build import build_fab_from_disk
+
+        from fedpriv.deploy.app_signing import load_publisher_key, sign_bundle
+
+        key = load_publisher_key(sign_key)
+        fab = self.flwr_home / "signed-app.fab"
+        fab.write_bytes(sign_bundle(build_fab_from_disk(Path(app_dir)), key))
+        return fab
 
     def status(self, run_id: int) -> RunOutcome:
         try:

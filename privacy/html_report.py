@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 from privacy import plots
 from privacy.plots import (_num, _regions, _rounds, epsilon_value, final_accuracy, max_region_epsilon,
                            region_final_epsilon)
-from privacy.report import secure_aggregation_rounds
+from privacy.report import no_dp_guarantee, released_values, secure_aggregation_rounds
 
 __all__ = ["SCHEMA_VERSION", "render_html", "tpr_bound"]
 
@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 ACCOUNTANT_NAMES = {
     "rdp": "Rényi-DP (RDP) accountant of Opacus",
     "prv": "privacy-random-variable (PRV) accountant of Opacus",
+    "pld": "privacy-loss-distribution (PLD) accountant of Google dp_accounting",
 }
 
 _CSS = """
@@ -67,6 +68,7 @@ def render_html(reports: Iterable[Mapping[str, Any]] | Mapping[str, Any], out_pa
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        *[_no_guarantee_banner(r) for r in reports if no_dp_guarantee(dict(r))],
         f"<h1>{_e(title)}</h1>",
     ]
     if len(reports) > 1:
@@ -136,6 +138,7 @@ def _run_section(report: Mapping[str, Any], index: int) -> str:
                        "budget; ×: a round refused by budget enforcement; ★: ε across all runs (ledger), if known."))
     out.append(_figure(plots.plot_accuracy, report, "Accuracy of the global model on the server's test split."))
     out.append("</div>")
+    out.append(_released_table(report))
     out.append(_region_table(report))
     out.append(_enforcement_table(report))
     out.append(_round_table(report))
@@ -241,8 +244,9 @@ def _guarantee(report: Mapping[str, Any]) -> str:
     out.append(
         "<li><b>The model.</b> The final global model (and every intermediate one) is only as private as ε "
         "says: whoever obtains it can try to infer things about training records, up to that bound.</li>"
-        "<li><b>Metrics.</b> Losses, accuracies, example counts and ε values sent to the coordinator, and the "
-        "partition summary in this report, are plaintext and not differentially private.</li>"
+        "<li><b>Public facts and released metrics.</b> Example counts, the DP mechanism's parameters and ε values "
+        "(public by each region's policy), any value listed as not private under “What left each region”, and "
+        "the partition summary in this report are plaintext and not differentially private.</li>"
         "<li><b>Participation.</b> Which region took part in which round, and when, is visible to the "
         "coordinator.</li>"
         "<li><b>Groups and aggregates.</b> The guarantee is per record (the unit of privacy above): someone with "
@@ -255,6 +259,28 @@ def _guarantee(report: Mapping[str, Any]) -> str:
     )
     out.append("</ul></div>")
     return "\n".join(out)
+
+
+def _no_guarantee_banner(report: Mapping[str, Any]) -> str:
+    """The page's first line when a region ran with the testing key: no DP guarantee at all."""
+    return ('<div class="box bad"><b>THIS RUN GIVES NO DIFFERENTIAL-PRIVACY GUARANTEE</b> (run '
+            f"{_e(report.get('run_id', '?'))}): {_e(', '.join(no_dp_guarantee(dict(report))))} ran with "
+            "insecure-deterministic-noise (DP noise reproducible from the run config, so it can be subtracted). "
+            "Every ε on this page is void.</div>")
+
+
+def _released_table(report: Mapping[str, Any]) -> str:
+    rows = report.get("released")
+    if not isinstance(rows, list):
+        rows = released_values(dict(report))
+    body = [[_e(row.get("value", "")), _e(row.get("guarantee", "")),
+             _e("; ".join(f"{n}: {d}" if d else str(n) for n, d in (row.get("regions") or {}).items()))]
+            for row in rows if isinstance(row, Mapping)]
+    if not body:
+        return ""
+    return ("<h3>What left each region</h3><p class=\"muted\">Everything the coordinator received from the regions, "
+            "one row per kind of value, with its guarantee. Nothing else derived from a region's data left it.</p>"
+            + _table(["value", "guarantee", "regions"], body, left=(0, 1, 2)))
 
 
 def _region_table(report: Mapping[str, Any]) -> str:
@@ -294,8 +320,8 @@ def _enforcement_table(report: Mapping[str, Any]) -> str:
                 rows.append([_e(name), _fmt(ev.get("round"), "d"), _e(ev.get("action", "—")), _e(ev.get("reason", ""))])
     if not rows:
         return ""
-    return ("<h3>Budget enforcement</h3><p class=\"muted\">Rounds in which a region's ledger refused (or "
-            "otherwise limited) training because the release would exceed its budget.</p>"
+    return ("<h3>Budget enforcement and policy refusals</h3><p class=\"muted\">Rounds in which a region refused: by its region policy "
+            "(\"refused by region policy: &lt;rule&gt;\") or because the release would exceed its budget.</p>"
             + _table(["region", "round", "action", "reason"], rows, left=(0, 2, 3)))
 
 

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from fedpriv.errors import DataError, FedprivError
+from privacy.accountant import ACCOUNTANTS
 
 __all__ = [
     "ACCOUNTANTS",
@@ -80,7 +81,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 LEDGER_FILENAME = "privacy_ledger.sqlite"
-ACCOUNTANTS = ("rdp", "prv")
 
 History = list[tuple[float, float, int]]
 """Opacus-style accountant history: ``[(noise_multiplier, sample_rate, steps), ...]``."""
@@ -399,18 +399,35 @@ class PrivacyLedger:
         max_epsilon: float,
         delta: float | None = None,
         accountant: str | None = None,
+        *,
+        new_only: bool = False,
     ) -> BudgetDecision:
         """Atomically check the budget and, if allowed, record ``release`` (call *before* sending).
 
         ``delta`` and ``accountant`` default to the release's own. Check and insert run
         in one write transaction, so two processes cannot both squeeze into the last
         bit of budget. If the decision is refused nothing is written.
+
+        ``new_only``: refuse when ``(run_id, round)`` is already recorded, even with the same
+        parameters. A region that has just trained passes it: a recorded round may already
+        have left the region, and a fresh training of it (fresh noise, fresh sample) would be
+        a second release under the same key. The check runs inside the same write
+        transaction as the insert, so two processes training the same round cannot both
+        pass it.
         """
         delta = release.delta if delta is None else delta
         accountant = release.accountant if accountant is None else accountant
         import opacus.accountants  # noqa: F401  (import torch before taking the write lock, not while holding it)
 
         with self._write() as conn:
+            if new_only and self._rows_for(release.run_id, release.round, conn):
+                eps_now = epsilon_of_history([r.history_entry for r in self._rows(conn)], delta, accountant)
+                return BudgetDecision(
+                    False, eps_now, eps_now,
+                    f"Refused: round {release.round} of run {release.run_id} was already released once; "
+                    "releasing a second training of it would be a second, unaccounted release.",
+                    max_epsilon,
+                )
             decision = self._decide(conn, max_epsilon, release, delta, accountant)
             if decision.allowed:
                 self._insert(conn, release)

@@ -197,7 +197,7 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
             top = max(top, budget)
         refused = [
             _num(e.get("round")) for e in (region.get("enforcement") or [])
-            if isinstance(e, Mapping) and str(e.get("action", "")).lower() == "refused"
+            if isinstance(e, Mapping) and str(e.get("action", "")).lower().startswith("refused")
         ]
         refused = [r for r in refused if r is not None]
         if refused and budget is not None:

@@ -33,6 +33,36 @@ def save_checkpoint(run_dir: Path, server_round: int, values: "dict[str, np.ndar
     return path
 
 
+def server_optimizer_path(run_dir: Path, server_round: int) -> Path:
+    """Beside the model checkpoint; the name does not match ``round-NNN.safetensors`` on purpose."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:03d}.server-optimizer.safetensors"
+
+
+def save_server_optimizer_state(run_dir: Path, server_round: int, state: dict) -> Path:
+    """The server optimizer's state after ``server_round`` (:meth:`ServerOptimizer.state_dict`).
+
+    Written *before* that round's model checkpoint, so a round that a resumed run
+    takes as completed always has its optimizer state too.
+    """
+    path = server_optimizer_path(run_dir, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state["arrays"].items()}, str(tmp),
+              metadata={"round": str(server_round), "name": str(state["name"]), "steps": str(int(state["steps"]))})
+    tmp.replace(path)
+    return path
+
+
+def load_server_optimizer_state(run_dir: Path, server_round: int) -> dict | None:
+    """The state saved after ``server_round``, or None if there is none."""
+    path = server_optimizer_path(run_dir, server_round)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata() or {}
+    return {"name": meta.get("name"), "steps": int(meta.get("steps", 0)), "arrays": dict(load_file(str(path)))}
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[int, "OrderedDict[str, np.ndarray]"] | None:
     """The last completed round and its parameters, or None if the run has none."""
     found = sorted((int(m.group(1)), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("round-*.safetensors")

@@ -29,13 +29,15 @@ from client.trainer import peak_memory_mb
 from fedpriv.config import FedprivConfig
 from fedpriv.errors import FedprivError
 from privacy.report import RunReport
-from server.checkpoints import export_model, latest_checkpoint, save_checkpoint
+from server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state, save_checkpoint,
+                                save_server_optimizer_state)
 from server.evaluation import CentralEvaluator
 from server.faults import WatchedGrid
 from server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
                            restore_report, total_wall_time)
 from strategies.private_fedavg import PrivateFedAvg, RunAborted
 from strategies.secure_fedavg import SecureFedAvg
+from strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
 from task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
 from task.features import SplitClassifier
 from task.partition import read_partition_stats
@@ -59,6 +61,10 @@ class Coordinator:
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
         self.model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank)
+        self.server_optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum,
+                                                cfg.server_beta2, cfg.server_tau)
+        if self.start_round:
+            self._restore_server_optimizer()
         self.evaluator = CentralEvaluator(SplitClassifier(self.model, cfg.trainable), self.tokenizer, cfg.data_dir,
                                           cfg.max_length, self.device)
         self.report = self._new_report(flat_config, run_id)
@@ -78,8 +84,22 @@ class Coordinator:
             rec.target_epsilon = self.cfg.target_epsilon if self.cfg.dp and self.cfg.noise_multiplier == 0 else None
         report.run_info = {"model": self.cfg.model, "trainable": self.cfg.trainable, "pooling": self.cfg.pooling, "lora_rank": self.cfg.lora_rank,
                            "trainable_params": count_trainable(self.model), "device": str(self.device),
-                           "server_test_examples": self.evaluator.size, "dp": self.cfg.dp}
+                           "server_test_examples": self.evaluator.size, "dp": self.cfg.dp,
+                           "server_optimizer": self.server_optimizer.describe()}
         return report
+
+    def _restore_server_optimizer(self) -> None:
+        """A resumed run continues with the moments of its last completed round (server/checkpoints.py)."""
+        state = load_server_optimizer_state(self.run_dir, self.start_round)
+        if state is None:
+            if not self.server_optimizer.stateful:  # plain FedAvg: nothing to restore
+                return
+            raise FedprivError(f"resume-from {self.cfg.resume_from}: no server-optimizer state saved for round "
+                               f"{self.start_round}; a {self.server_optimizer.name} run cannot continue without its moments")
+        try:
+            self.server_optimizer.load_state_dict(state)
+        except ValueError as exc:
+            raise FedprivError(f"resume-from {self.cfg.resume_from}: {exc}") from None
 
     def evaluate_round(self, server_round: int, arrays) -> MetricRecord:
         """Central evaluation + checkpoint + report, after every round (and once before round 1)."""
@@ -87,6 +107,8 @@ class Coordinator:
         loss, accuracy = self.evaluator(values)
         absolute = server_round + self.strategy.round_offset
         if server_round > 0:
+            if self.server_optimizer.stateful:  # before the model: a completed round has both
+                save_server_optimizer_state(self.run_dir, absolute, self.server_optimizer.state_dict())
             save_checkpoint(self.run_dir, absolute, values)
         if server_round > 0 or self.strategy.round_offset == 0:
             self.report.record_round(absolute, accuracy=accuracy, loss=loss)
@@ -120,13 +142,15 @@ class Coordinator:
                 threshold=self.cfg.secagg_threshold, neighbours=self.cfg.secagg_neighbours,
                 clip_range=self.cfg.secagg_clip_range, quant_bits=self.cfg.secagg_quant_bits,
                 stage_timeout=self.cfg.secagg_timeout)
-        self.strategy = strategy_cls(
+        inner = strategy_cls(
             report=self.report, min_train_regions=self.cfg.min_train_regions, connect_timeout=self.cfg.round_timeout,
             fraction_train=self.cfg.fraction_train, fraction_evaluate=self.cfg.fraction_evaluate, **secagg_kwargs,
         )
         if self.cfg.secure_aggregation:
-            self.report.secure_aggregation = self.strategy.describe()
-        self.strategy.round_offset = self.start_round
+            self.report.secure_aggregation = inner.describe()
+        inner.round_offset = self.start_round
+        # The server optimizer steps on the aggregate of the DP releases: post-processing, no privacy cost.
+        self.strategy = ServerOptimizerStrategy(inner, self.server_optimizer)
         self.grid = WatchedGrid(grid, self.cfg.regions, lookup=self.strategy.node_regions.get)
         self.report.write()
         try:

@@ -9,6 +9,7 @@ run's real outcome. The ServerApp writes the privacy report into the run dir.
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 from dataclasses import dataclass
@@ -58,6 +59,54 @@ def check_region_sizes(root: Path, cfg: FedprivConfig) -> None:
                             f"expected batch-size <= {n} (lower batch-size, use fewer regions, or raise max-examples-per-region)")
 
 
+def detect_gpus() -> int:
+    """CUDA devices visible to this machine's simulation (``CUDA_VISIBLE_DEVICES`` is honoured); 0 without torch/CUDA."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def gpus_per_region(cfg: FedprivConfig, num_gpus: int) -> float:
+    """The GPU share each region's ClientApp actor asks Ray for.
+
+    Without GPUs: 0 (an actor asking for a GPU Ray does not have would never be
+    scheduled). With ``sim-gpus-per-region`` set: that share, if the machine has it.
+    Auto (0): the regions spread evenly over the GPUs -- ``k = ceil(regions / gpus)``
+    regions per GPU, each asking for ``1/k`` (rounded down to Ray's 1e-4 resource
+    unit, so ``k`` shares fit on one GPU) -- so all regions train at once.
+    """
+    if num_gpus <= 0:
+        return 0.0
+    if cfg.sim_gpus_per_region > 0:
+        if cfg.sim_gpus_per_region > num_gpus:
+            raise ConfigError(f"sim-gpus-per-region = {cfg.sim_gpus_per_region:g}: expected at most {num_gpus} "
+                              f"(the GPUs this machine has), or 0 to share them evenly")
+        return float(cfg.sim_gpus_per_region)
+    per_gpu = math.ceil(cfg.num_regions / num_gpus)
+    return 1.0 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
+
+
+def federation_options(cfg: FedprivConfig, num_gpus: int) -> dict[str, Any]:
+    """Flower's simulation options (``flwr run --federation-config``): one SuperNode per region and
+    each ClientApp actor's Ray resources (``client-resources-num-cpus`` / ``-num-gpus``)."""
+    options: dict[str, Any] = {"num-supernodes": cfg.num_regions,
+                               "client-resources-num-cpus": min(cfg.num_threads, 2)}
+    gpus = gpus_per_region(cfg, num_gpus)
+    if gpus > 0:
+        options["client-resources-num-gpus"] = gpus
+    return options
+
+
+def check_region_policies(cfg: FedprivConfig) -> None:
+    """Every simulated region's policy (``sim-region-policy``, "" = the built-in one) loads, before anything starts."""
+    from privacy.policy import policy_for_node
+
+    for region in cfg.regions:
+        policy_for_node({}, region, cfg.sim_region_policy, cfg.sim_max_epsilon)
+
+
 @dataclass
 class SimulationResult:
     outcome: RunOutcome
@@ -73,19 +122,27 @@ class Simulation:
         self.run_dir = Path(run_dir or (Path(flat["run-dir"]) if flat["run-dir"] else Path("runs") / f"sim-{stamp}")).resolve()
         self.flat = flat
         self.cfg = cfg
+        check_region_policies(cfg)
 
     def run(self, stream: bool = True) -> SimulationResult:
         shards = prepare_shards(self.cfg, self.corpus_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_config = {**self.flat, "data-dir": str(shards), "run-dir": str(self.run_dir)}
+        if self.flat["sim-region-policy"]:  # the ClientApps may run elsewhere: give them an absolute path
+            run_config["sim-region-policy"] = str(Path(self.flat["sim-region-policy"]).expanduser().resolve())
         FedprivConfig.from_run_config(run_config)  # the apps will accept it
-        federation = {"num-supernodes": self.cfg.num_regions,
-                      "client-resources-num-cpus": min(self.cfg.num_threads, 2)}
+        num_gpus = detect_gpus()
+        federation = federation_options(self.cfg, num_gpus)
+        if num_gpus == 0 and self.cfg.sim_gpus_per_region > 0:
+            print(f"fedpriv: no CUDA GPU here: sim-gpus-per-region = {self.cfg.sim_gpus_per_region:g} is ignored, "
+                  "regions train on the CPU", flush=True)
         started = time.time()
         with LocalSimulationSuperLink(self.run_dir / "superlink.log") as superlink:
             client = FlowerRunClient(self.run_dir / ".flwr", superlink.address)
             run_id = client.submit(APP_DIR, run_config, federation)
+            gpu_note = (f", {federation['client-resources-num-gpus']:g} of {num_gpus} GPU(s) per region"
+                        if "client-resources-num-gpus" in federation else "")
             print(f"fedpriv: simulation run {run_id} submitted ({self.cfg.num_regions} regions, "
-                  f"{self.cfg.num_server_rounds} rounds); logs follow", flush=True)
+                  f"{self.cfg.num_server_rounds} rounds{gpu_note}); logs follow", flush=True)
             outcome = client.wait(run_id, stream=stream)
         return SimulationResult(outcome=outcome, run_dir=self.run_dir, wall_time_s=time.time() - started)

@@ -5,8 +5,8 @@ real deployment needs:
 
 * every region's reply (ε so far, steps, σ, q, its DP history) is recorded in the
   :class:`~privacy.report.RunReport` — FedAvg would only average the metrics;
-* refusals (a region whose budget would be exceeded) and failures are recorded
-  with their reasons, and a round with fewer than ``min_train_regions`` usable
+* refusals (a region whose policy forbids the request, or whose budget would be
+  exceeded: :mod:`privacy.policy`) and failures are recorded with their reasons, and a round with fewer than ``min_train_regions`` usable
   replies leaves the global model unchanged instead of averaging a handful;
 * waiting for regions to connect is bounded by ``connect_timeout`` (Flower's
   sampler waits forever), so a run whose regions are gone ends with a message;
@@ -38,10 +38,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedpriv import contract
 from fedpriv.errors import FedprivError
 from privacy.report import RegionRecord, RunReport
 
-REFUSAL_PREFIX = "privacy-budget:"
+REFUSAL_PREFIX = contract.BUDGET + ":"  # kept for importers of the old name; the contract owns the format
 
 
 class RunAborted(FedprivError):
@@ -101,8 +102,8 @@ class PrivateFedAvg(FedAvg):
             self.report.record_round(rnd, model_updated=False)
             self.report.write()
             if not ok and refused and len(refused) + len(failed) == len(replies):
-                raise RunAborted(f"round {rnd}: no region may train any more (privacy budgets exhausted: "
-                                 f"{', '.join(sorted(refused))})")
+                raise RunAborted(f"round {rnd}: no region may train any more (refused by their privacy budgets "
+                                 f"or policies: {', '.join(sorted(refused))})")
             return None, None
         arrays, metrics = self._aggregate_updates(server_round, ok)
         self.report.record_round(rnd, model_updated=arrays is not None)
@@ -116,24 +117,23 @@ class PrivateFedAvg(FedAvg):
         trained, refused, failed = [], [], []
         for msg in replies:
             if msg.has_error():
-                region = self.node_regions.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-                region, reason = _split_error(msg.error.reason, region)
-                if reason.startswith(REFUSAL_PREFIX):
-                    refused.append(region)
-                    self.exhausted_regions.add(region)
-                    self.report.record_enforcement(region, rnd, "refused to train", reason[len(REFUSAL_PREFIX):].strip())
+                err = contract.parse_error(msg.error.reason, self._region(msg.metadata.src_node_id))
+                if err.refused:
+                    refused.append(err.region)
+                    self.exhausted_regions.add(err.region)
+                    self.record_refusal(err, rnd, "refused to train")
                 else:
-                    failed.append(region)
-                    self.report.record_enforcement(region, rnd, "failed", reason[:300])
+                    failed.append(err.region)
+                    self.report.record_enforcement(err.region, rnd, "failed", err.text[:300])
                 continue
-            region = str(msg.content["region"]["name"])
+            region = str(msg.content[contract.REGION]["name"])
             self.node_regions[msg.metadata.src_node_id] = region
-            history = list(msg.content["region"]["history"])
+            history = list(msg.content[contract.REGION]["history"])
             triples = [tuple(history[i:i + 3]) for i in range(0, len(history) - 2, 3) if history[i] > 0]
-            self.report.record_training(region, rnd, dict(msg.content["metrics"]), triples)
+            self.report.record_training(region, rnd, dict(msg.content[contract.METRICS]), triples)
             trained.append(region)
             ok.append(msg)
-        ok.sort(key=lambda m: str(m.content["region"]["name"]))
+        ok.sort(key=lambda m: str(m.content[contract.REGION]["name"]))
         self.report.record_round(rnd, regions_trained=sorted(trained), regions_refused=sorted(refused),
                                  regions_failed=sorted(failed))
         return ok, trained, refused, failed
@@ -142,21 +142,33 @@ class PrivateFedAvg(FedAvg):
         """Combine the usable replies (at least ``min_train_regions``) into the next global model: FedAvg."""
         return super().aggregate_train(server_round, ok)
 
+    def _region(self, node_id: int) -> str:
+        return self.node_regions.get(node_id, f"node-{node_id}")
+
+    def record_refusal(self, err: contract.RegionError, rnd: int, budget_action: str) -> None:
+        """A region's refusal, in the report: "refused by region policy: <rule>" or the budget's reason."""
+        if err.kind == contract.POLICY:
+            self.report.record_enforcement(err.region, rnd, contract.POLICY, err.text)
+        else:
+            self.report.record_enforcement(err.region, rnd, budget_action, err.text)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        rnd = self.absolute_round(server_round)
         for msg in replies:
-            if not msg.has_error() and "region" in msg.content:
-                region = str(msg.content["region"]["name"])
-                acc = float(msg.content["metrics"]["eval-accuracy"])
+            if msg.has_error():  # a region that does not release local evaluation: noted once
+                err = contract.parse_error(msg.error.reason, self._region(msg.metadata.src_node_id))
+                rec = self.report.regions.setdefault(err.region, RegionRecord())
+                if err.refused and not any(e["reason"] == err.text for e in rec.enforcement):
+                    self.record_refusal(err, rnd, "refused to evaluate")
+            elif contract.REGION in msg.content:
+                region = str(msg.content[contract.REGION]["name"])
+                acc = float(msg.content[contract.METRICS][contract.EVAL_ACCURACY])
                 self.report.regions.setdefault(region, RegionRecord()).local_accuracy_by_round.append(acc)
         return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
 
 
 def _split_error(reason: str, default_region: str) -> tuple[str, str]:
-    """Errors from fedpriv clients read ``"<region>|<reason>"``; anything else is a plain failure."""
-    if "|" in reason and not reason.startswith("Traceback"):
-        region, _, rest = reason.partition("|")
-        if region and " " not in region:
-            return region, rest
-    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
-    return default_region, last
+    """``(region, reason)`` of an error reply (:func:`fedpriv.contract.parse_error` is the parser)."""
+    err = contract.parse_error(reason, default_region)
+    return err.region, str(err)

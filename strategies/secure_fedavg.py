@@ -18,11 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from client import secure_aggregation as wire
+from fedpriv import contract as wire
 from fedpriv.errors import ConfigError
 from privacy.report import RunReport
 from privacy.secagg import SecAggConfig, SecAggError, SecAggResult, SecAggServer
-from strategies.private_fedavg import PrivateFedAvg, _split_error
+from strategies.private_fedavg import PrivateFedAvg
 
 #: Polling while waiting for a stage's replies: every ``_POLL_FAST`` s for the first
 #: ``_FAST_FOR`` s (replies to these small messages usually come back within that),
@@ -53,7 +53,8 @@ class SecureFedAvg(PrivateFedAvg):
        Shamir share bundles for their neighbours, which the coordinator routes.
     4. ``query.secagg_masked_input`` -- the bundles for each region; regions reply with
        ``mask(quantise(clip((num_examples / max_weight) * update)))`` plus the example
-       count as a last coordinate, and the (plaintext) number of clipped coordinates.
+       count as a last coordinate -- nothing else (how many coordinates a region clipped
+       stays in its own log).
     5. ``query.secagg_unmask`` -- who survived and who dropped; regions reply with the
        shares that strip the masks. The coordinator rebuilds ``sum(n_u * update_u)`` and
        ``sum(n_u)`` of the survivors, and the new global model is
@@ -66,7 +67,12 @@ class SecureFedAvg(PrivateFedAvg):
     the reason is recorded, and the next round starts afresh. If only one region
     trained, a sum would hide nothing (the new global model *is* its update), so that
     round falls back to plain FedAvg (``query.secagg_reveal``) with a warning, and is
-    listed under ``rounds_plain`` in the report.
+    listed under ``rounds_plain`` in the report -- if the region's policy allows plain
+    rounds; otherwise it refuses and the round aborts with the model unchanged.
+
+    Regions enforce their own rules (:mod:`privacy.policy`): a Shamir threshold of half
+    a secret's share holders or fewer is refused at setup, and a refusal is recorded as
+    "refused by region policy: <rule>".
 
     The stages poll the Grid themselves (``push_messages``/``pull_messages``, every
     20 ms for 2 s, then backing off to 1 s) instead of ``Grid.send_and_receive``,
@@ -191,7 +197,7 @@ class SecureFedAvg(PrivateFedAvg):
         entry: dict[str, Any] = {"round": rnd, "mode": "plain", "participants": [region],
                                  "reason": "only 1 region trained; a sum of one update hides nothing"}
         replies, errors = self._exchange(wire.REVEAL, {nid: {wire.RECORD: ConfigRecord({"round_id": rnd})}}, rnd)
-        parsed = _parse(replies, errors, lambda msg: msg.content["update"]["update"].numpy().astype(np.float64))
+        parsed = _parse(replies, errors, lambda msg: msg.content[wire.UPDATE][wire.UPDATE].numpy().astype(np.float64))
         if nid not in parsed or parsed[nid].size != size:
             errors.setdefault(nid, f"the update has {parsed[nid].size} values, expected {size}" if nid in parsed else "no reply")
             entry.update(aborted=True, reason=f"{entry['reason']}; the update could not be fetched: {errors.get(nid)}")
@@ -221,7 +227,7 @@ class SecureFedAvg(PrivateFedAvg):
                                   max_weight=max(1, max(weights.values())))
             entry["max_weight"] = config.max_weight
             server = SecAggServer(config, round_id=rnd, round_seed=secrets.token_bytes(32), vector_size=size)
-            result, clipped = self._run_stages(rnd, server, ids, dropped_at, unanswered)
+            result = self._run_stages(rnd, server, ids, dropped_at, unanswered)
         except (_RoundAborted, SecAggError, ValueError) as exc:
             entry.update(aborted=True, reason=str(exc), dropped_at=dropped_at,
                          dropped=sorted(dropped_at), seconds=round(time.monotonic() - started, 3))
@@ -232,25 +238,21 @@ class SecureFedAvg(PrivateFedAvg):
         declared = sum(weights[i] for i in result.survivors)
         entry.update(survivors=sorted(survivors), dropped=sorted(dropped_at), dropped_at=dropped_at,
                      error_bound=float(result.error_bound), total_weight=int(result.total_weight),
-                     clipped_coordinates=int(clipped), coordinates=int(size) * len(survivors),
-                     seconds=round(time.monotonic() - started, 3))
+                     coordinates=int(size) * len(survivors), seconds=round(time.monotonic() - started, 3))
         if unanswered:
             entry["unmask_unanswered"] = unanswered
         if declared != result.total_weight:
             entry["declared_weight"] = declared
             log(WARNING, "round %d: the survivors' masked example counts sum to %d, their metrics to %d",
                 rnd, result.total_weight, declared)
-        if clipped:
-            log(WARNING, "round %d: %d update coordinate(s) exceeded secagg-clip-range = %g and were clipped; "
-                         "raise secagg-clip-range if this keeps happening", rnd, clipped, self.clip_range)
         log(INFO, "round %d: securely aggregated %d of %d regions (%s); per-coordinate error bound %.3g",
             rnd, len(survivors), n, ", ".join(sorted(survivors)), result.error_bound)
         self._record(entry)
         return result.average
 
     def _run_stages(self, rnd: int, server: SecAggServer, ids: list[int], dropped_at: dict[str, str],
-                    unanswered: dict[str, str]) -> tuple[SecAggResult, int]:
-        """Stages 1-4; returns the result and the survivors' clipped-coordinate count."""
+                    unanswered: dict[str, str]) -> SecAggResult:
+        """Stages 1-4; returns the result."""
 
         def note(stage: str, asked: Iterable[int], answered: Mapping[int, Any], errors: Mapping[int, str]) -> None:
             for nid in asked:
@@ -273,11 +275,9 @@ class SecureFedAvg(PrivateFedAvg):
 
         replies, errors = self._exchange(
             wire.MASKED_INPUT, {nid: {wire.RECORD: wire.routed_request(rnd, inbox)} for nid, inbox in routed.items()}, rnd)
-        masked = _parse(replies, errors, lambda msg: (msg.content["masked"]["masked"].numpy(),
-                                                      int(msg.content["metrics"]["clipped-coordinates"])))
-        clipped = {nid: count for nid, (_, count) in masked.items()}
+        masked = _parse(replies, errors, lambda msg: msg.content[wire.MASKED][wire.MASKED].numpy())
         note("masked_input", routed, masked, errors)
-        requests = server.collect_masked_inputs({nid: y for nid, (y, _) in masked.items()})
+        requests = server.collect_masked_inputs(masked)
         note("masked_input", masked, requests, server.excluded)
 
         replies, errors = self._exchange(
@@ -287,8 +287,7 @@ class SecureFedAvg(PrivateFedAvg):
         for nid in requests:  # still in the sum; only its shares are missing
             if nid not in answers:
                 unanswered[self._region(nid)] = errors.get(nid, "no reply")
-        result = server.unmask(answers)
-        return result, sum(clipped.get(nid, 0) for nid in result.survivors)
+        return server.unmask(answers)
 
     # -- transport ---------------------------------------------------------
     def _exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]],
@@ -326,7 +325,10 @@ class SecureFedAvg(PrivateFedAvg):
             if nid is None:
                 continue
             if msg.has_error():
-                errors[nid] = _split_error(msg.error.reason, self._region(nid))[1][:300]
+                err = wire.parse_error(msg.error.reason, self._region(nid))
+                errors[nid] = str(err)[:300]
+                if err.refused:
+                    self.record_refusal(err, rnd, "refused")
             elif msg.metadata.src_node_id != nid:
                 errors[nid] = f"reply came from node {msg.metadata.src_node_id}, not from the region's node"
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,21 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ("us-east", "eu-west", "ap-south")
+# Each region's own policy file (the walk-through's format, examples/region-policy.toml), relaxed only
+# where the e2e runs need it: TINY runs without secure aggregation, and a fault test may spend more ε.
+REGION_POLICY = """[policy]
+delta = 1e-5
+max-lifetime-epsilon = 100.0
+max-job-epsilon = 100.0
+require-dp = true
+require-secure-aggregation = false
+min-secagg-threshold = 0.5
+allow-plain-rounds = false
+allow-deterministic-noise = false
+release-train-metrics = false
+release-lifetime-epsilon = false
+release-local-evaluation = false
+"""
 READY_TIMEOUT = 120.0
 
 # The tiny model on 128 posts per region, DP on, secure aggregation off (its extra
@@ -127,10 +143,23 @@ class Deployment:
         self.stop()
 
     def start(self) -> None:
-        from fedpriv.deploy.certs import create_certs
+        from fedpriv.deploy.certs import create_certs, create_region_key
         from fedpriv.deploy.processes import SuperLinkProcess, free_port, register_region, write_flwr_home
 
-        self.certs = create_certs(self.root / "certs", regions=self.regions).paths
+        from fedpriv.deploy.app_signing import create_publisher_key, trust_line
+
+        # What the walk-through does: CA + server on the coordinator, each region's key made "in" the
+        # region (its own directory), only .pub files registered, and one publisher every region trusts.
+        self.certs = create_certs(self.root / "certs").paths
+        self.region_dirs = {}
+        for region in self.regions:
+            self.region_dirs[region] = create_region_key(self.root / "regions" / region, region)[0].parents[1]
+            shutil.copy(self.certs.ca_cert, self.region_dirs[region] / "ca.crt")
+        self.publisher_key, publisher_pub = create_publisher_key(self.root / "publisher", "tests")
+        self.trust = self.root / "trust.yaml"
+        self.trust.write_text(trust_line("tests", publisher_pub.read_text()))
+        self.policy = self.root / "region-policy.toml"
+        self.policy.write_text(REGION_POLICY)
         self.data = write_region_data(self.root, self.regions)
         self.superlink = SuperLinkProcess(
             self.certs.root, host="127.0.0.1", port=free_port(), control_port=free_port(),
@@ -144,7 +173,8 @@ class Deployment:
         self.flwr_home = self.root / "flwr-home"
         write_flwr_home(self.flwr_home, self.superlink.control_address, self.certs.ca_cert)
         for region in self.regions:  # what `fedpriv register` does
-            register_region(region, self.certs.root, self.flwr_home, self.superlink.control_address)
+            register_region(region, self.region_dirs[region] / "regions" / f"{region}.pub", self.flwr_home,
+                            self.superlink.control_address, self.certs.ca_cert)
         for region in self.regions:
             self.start_node(region, wait=False)
         for region in self.regions:
@@ -155,8 +185,9 @@ class Deployment:
         from fedpriv.deploy.processes import SuperNodeProcess, free_port
 
         node = SuperNodeProcess(
-            region, self.data, self.certs.root, self.superlink.fleet_address, free_port(),  # type: ignore[union-attr]
-            log_file=self.root / f"supernode-{region}.log", flwr_home=self.root / "apps" / region,
+            region, self.data, self.region_dirs[region], self.superlink.fleet_address, free_port(),  # type: ignore[union-attr]
+            log_file=self.root / f"supernode-{region}.log", flwr_home=self.root / "apps" / region, trust_file=self.trust,
+            policy_file=self.policy,
         )
         self.nodes[region] = node
         node.start()
@@ -210,7 +241,7 @@ class Deployment:
 
     def run_args(self, run_dir: Path, config: str, *extra: str) -> list[str]:
         return ["run", "--superlink", self.control, "--certs", str(self.certs.root), "--data", str(self.data),
-                "--run-dir", str(run_dir), "--run-config", config, *extra]
+                "--sign-key", str(self.publisher_key), "--run-dir", str(run_dir), "--run-config", config, *extra]
 
 
 class FedprivRun:

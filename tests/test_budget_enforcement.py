@@ -17,6 +17,7 @@ from client.region import RegionRuntime, identify_region
 from client.trainer import choose_noise_multiplier, region_schedule
 from fedpriv.config import resolve_config
 from fedpriv.errors import BudgetExhausted
+from privacy.policy import PolicyRefusal
 from privacy.ledger import PrivacyLedger
 from task.data import Example
 from task.model import get_trainable
@@ -53,9 +54,25 @@ def make_config(tmp_path, shard_root, **overrides):
     return resolve_config({**base, **overrides})[1]
 
 
-def node(shard_root, tmp_path, **extra):
-    """A SuperNode's node config for us-east, with its own ledger under tmp_path."""
-    return {"region": "us-east", "data-path": str(shard_root), "ledger-path": str(tmp_path / "us-east.sqlite"), **extra}
+def toml_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def write_policy(path, cap: float, **rules) -> str:
+    """A region policy file: lifetime cap ``cap``, δ = DELTA, a job ceiling that does not bind unless given."""
+    keys = {"delta": DELTA, "max-lifetime-epsilon": cap, "max-job-epsilon": 1000.0, "require-secure-aggregation": False,
+            **rules}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[policy]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items()))
+    return str(path)
+
+
+def node(shard_root, tmp_path, cap: float | None = None, **rules):
+    """A SuperNode's node config for us-east, with its own ledger under tmp_path and, given a cap, its policy."""
+    config = {"region": "us-east", "data-path": str(shard_root), "ledger-path": str(tmp_path / "us-east.sqlite")}
+    if cap is not None:
+        config["policy-path"] = write_policy(tmp_path / "us-east-policy.toml", cap, **rules)
+    return config
 
 
 def round_entry(cfg) -> tuple[float, float, int]:
@@ -92,7 +109,7 @@ def train_calls(monkeypatch):
 def test_cap_below_one_round_never_trains(tmp_path, shard_root, train_calls):
     cfg = make_config(tmp_path, shard_root)
     one_round = fresh_epsilon([round_entry(cfg)])
-    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": one_round / 2}), cfg)
+    identity = identify_region(node(shard_root, tmp_path, cap=one_round / 2), cfg)
     assert identity.max_epsilon == pytest.approx(one_round / 2)
     runtime = RegionRuntime(cfg, identity)
     values = get_trainable(runtime.split.model)
@@ -112,7 +129,7 @@ def test_region_near_its_cap_stops_exactly_before_exceeding_it(tmp_path, shard_r
     eps = [fresh_epsilon([entry] * k) for k in (1, 2, 3)]
     assert eps[0] < eps[1] < eps[2]
     cap = eps[1] * (1 + 1e-9)  # round 2 lands on the cap; round 3 would go above it
-    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": cap}), cfg)
+    identity = identify_region(node(shard_root, tmp_path, cap=cap), cfg)
     runtime = RegionRuntime(cfg, identity)
     values = get_trainable(runtime.split.model)
     for rnd in (1, 2):
@@ -139,13 +156,13 @@ def test_region_near_its_cap_stops_exactly_before_exceeding_it(tmp_path, shard_r
 
 def test_restarted_region_continues_its_history(tmp_path, shard_root):
     cfg = make_config(tmp_path, shard_root)
-    identity = identify_region(node(shard_root, tmp_path, **{"max-epsilon": 50.0}), cfg)
+    identity = identify_region(node(shard_root, tmp_path, cap=50.0), cfg)
     first = RegionRuntime(cfg, identity)
     values = get_trainable(first.split.model)
     for rnd in (1, 2):
         values = first.train(values, rnd, job_id="job-1", attempt_id="a1").result.values
     del first
-    restarted = RegionRuntime(cfg, identify_region(node(shard_root, tmp_path, **{"max-epsilon": 50.0}), cfg))
+    restarted = RegionRuntime(cfg, identify_region(node(shard_root, tmp_path, cap=50.0), cfg))
     outcome = restarted.train(values, 3, job_id="job-1", attempt_id="a1")
     releases = [r.history_entry for r in ledger_rows(identity.ledger_path)]
     assert len(releases) == 3 and len(outcome.history) == 3
@@ -155,23 +172,24 @@ def test_restarted_region_continues_its_history(tmp_path, shard_root):
     assert outcome.steps == sum(steps for _, _, steps in releases)
 
 
-def test_cap_comes_only_from_node_config(tmp_path, shard_root, train_calls):
-    cfg = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1e-3})
+def test_policy_comes_only_from_node_config(tmp_path, shard_root, train_calls):
+    """The behaviour change of the region policy: a deployed region without its own policy refuses to train
+    (no silent "no cap"), and no run-config key -- sim-max-epsilon, sim-region-policy -- reaches it."""
+    generous = tmp_path / "generous.toml"
+    generous.write_text("[policy]\ndelta = 0.5\nmax-lifetime-epsilon = 1000.0\nrequire-dp = false\n")
+    cfg = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1000.0, "sim-region-policy": str(generous)})
     one_round = fresh_epsilon([round_entry(cfg)])
-    # a deployment node without its own cap: the run config's simulated cap does not apply
-    identity = identify_region(node(shard_root, tmp_path), cfg)
-    assert identity.max_epsilon == 0.0
-    runtime = RegionRuntime(cfg, identity)
-    outcome = runtime.train(get_trainable(runtime.split.model), 1, job_id="job-1", attempt_id="a1")
-    assert outcome.epsilon == pytest.approx(one_round, rel=1e-9) and one_round > 1e-3
-    # nor can a generous run config raise a node's own cap
-    generous = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1000.0})
-    capped = identify_region(node(shard_root, tmp_path / "other", **{"max-epsilon": one_round / 2}), generous)
-    assert capped.max_epsilon == pytest.approx(one_round / 2)
+    with pytest.raises(PolicyRefusal, match="policy-path"):
+        identify_region(node(shard_root, tmp_path), cfg)
+    capped = identify_region(node(shard_root, tmp_path / "other", cap=one_round / 2), cfg)
+    assert capped.max_epsilon == pytest.approx(one_round / 2) and capped.policy.delta == DELTA
+    runtime = RegionRuntime(cfg, capped)
     with pytest.raises(BudgetExhausted):
-        RegionRuntime(generous, capped).train(get_trainable(runtime.split.model), 1, job_id="job-9", attempt_id="z")
-    assert len(train_calls) == 1
-    # in a simulation (no region in the node config) the simulated cap is what applies
-    simulated = identify_region({"partition-id": 0}, cfg)
+        runtime.train(get_trainable(runtime.split.model), 1, job_id="job-9", attempt_id="z")
+    assert train_calls == [] and ledger_rows(capped.ledger_path) == []
+    # in a simulation (no region in the node config) the simulation's own settings apply
+    sim = make_config(tmp_path, shard_root, **{"sim-max-epsilon": 1e-3})
+    simulated = identify_region({"partition-id": 0}, sim)
     assert simulated.name == "us-east" and simulated.max_epsilon == pytest.approx(1e-3)
     assert not math.isinf(simulated.max_epsilon)
+    assert identify_region({"partition-id": 0}, cfg).policy.delta == 0.5  # sim-region-policy, simulation only

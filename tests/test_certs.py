@@ -1,4 +1,5 @@
-"""`fedpriv certs`: CA, SuperLink certificate, SuperNode key pairs (no processes started)."""
+"""`fedpriv certs` (CA, SuperLink certificate), `fedpriv keygen` (keys born where they are used),
+`fedpriv register`'s key checks (no processes started)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
 from fedpriv.cli import main
-from fedpriv.deploy.certs import CertPaths, create_certs, normalize_hosts, parse_regions
+from fedpriv.deploy.certs import CertPaths, create_certs, create_region_key, normalize_hosts, parse_regions
 from fedpriv.errors import FedprivError
 
 
@@ -19,24 +20,125 @@ def _mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_certs_command_creates_everything_with_private_modes(tmp_path, capsys):
+def test_certs_command_makes_only_the_coordinator_side(tmp_path, capsys):
+    """Before: `fedpriv certs` wrote every regions/<r>.key on the operator's machine. Now: CA + server only."""
     d = tmp_path / "certs"
-    assert main(["certs", str(d), "--host", "coord.example.com", "--host", "10.1.2.3", "--regions", "us-east,eu-west"]) == 0
+    assert main(["certs", str(d), "--host", "coord.example.com", "--host", "10.1.2.3"]) == 0
     p = CertPaths(d)
     for f in (p.ca_cert, p.ca_key, p.server_cert, p.server_key, p.readme):
         assert f.is_file(), f
-    for key in (p.ca_key, p.server_key, p.region_key("us-east"), p.region_key("eu-west")):
+    for key in (p.ca_key, p.server_key):
         assert _mode(key) == 0o600, key
-    for pub in (p.ca_cert, p.server_cert, p.region_pub("us-east")):
-        assert _mode(pub) & 0o077 != 0o077  # public files are not private-only, but never world-writable
+    for pub in (p.ca_cert, p.server_cert):
         assert not _mode(pub) & 0o022
+    assert not p.regions_dir.exists() and not list(d.rglob("*.pub"))  # no region key was made here
+    readme = p.readme.read_text()
+    assert "server.key" in readme and "fedpriv keygen --region" in readme and "DEMO" not in readme
+    assert "fedpriv keygen --region" in capsys.readouterr().out
+
+
+def test_demo_region_keys_are_labelled_demo_only(tmp_path, capsys):
+    d = tmp_path / "certs"
+    assert main(["certs", str(d), "--demo-region-keys", "--regions", "us-east,eu-west"]) == 0
+    p = CertPaths(d)
     assert sorted(p.regions_with(".key")) == ["eu-west", "us-east"]
-    assert "server.key" in p.readme.read_text() and "ca.crt" in p.readme.read_text()
-    assert "us-east" in capsys.readouterr().out
+    for r in ("us-east", "eu-west"):
+        assert _mode(p.region_key(r)) == 0o600 and not _mode(p.region_pub(r)) & 0o022
+    out = capsys.readouterr().out
+    assert "demo only" in out.lower() and "every region's private key" in out
+    assert "DEMO ONLY" in p.readme.read_text() and "every region's private key" in p.readme.read_text()
+    # --regions without the demo flag would make region keys centrally: refused in one line.
+    assert main(["certs", str(tmp_path / "c2"), "--regions", "a"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fedpriv keygen --region" in err and "--demo-region-keys" in err
+    assert not (tmp_path / "c2").exists()
+
+
+def test_certs_help_labels_the_demo_path():
+    from fedpriv.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = " ".join(sub.choices["certs"].format_help().split())
+    assert "DEMO ONLY" in text and "impersonate any region" in text
+
+
+def test_keygen_region_writes_the_key_pair_in_the_region(tmp_path, capsys):
+    d = tmp_path / "us-east-creds"
+    assert main(["keygen", "--region", "us-east", str(d)]) == 0
+    key, pub = d / "regions" / "us-east.key", d / "regions" / "us-east.pub"
+    assert _mode(key) == 0o600 and not _mode(pub) & 0o022
+    out = capsys.readouterr().out
+    assert pub.read_text().strip() in out  # what travels is printed
+    assert "PRIVATE" not in out and key.read_text() not in out  # the private key is never printed
+    priv = load_ssh_private_key(key.read_bytes(), None)
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(priv.curve, ec.SECP384R1)
+    assert load_ssh_public_key(pub.read_bytes()).public_numbers() == priv.public_key().public_numbers()
+
+
+def test_keygen_never_overwrites_without_force(tmp_path, capsys):
+    d = tmp_path / "r"
+    assert main(["keygen", "--region", "a", str(d)]) == 0
+    old = (d / "regions" / "a.key").read_bytes()
+    capsys.readouterr()
+    assert main(["keygen", "--region", "a", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err and "--force" in err
+    assert (d / "regions" / "a.key").read_bytes() == old
+    assert main(["keygen", "--region", "a", str(d), "--force"]) == 0
+    assert (d / "regions" / "a.key").read_bytes() != old and _mode(d / "regions" / "a.key") == 0o600
+
+    assert main(["keygen", "--publisher", "acme", str(d)]) == 0
+    old = (d / "publisher.key").read_bytes()
+    capsys.readouterr()
+    assert main(["keygen", "--publisher", "acme", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "publisher.key already exists" in err
+    assert (d / "publisher.key").read_bytes() == old
+
+
+def test_keygen_publisher_prints_the_trust_line(tmp_path, capsys):
+    import yaml
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from fedpriv.deploy.app_signing import key_id, load_trust_file
+
+    d = tmp_path / "pub"
+    assert main(["keygen", "--publisher", "acme", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert _mode(d / "publisher.key") == 0o600
+    priv = load_ssh_private_key((d / "publisher.key").read_bytes(), None)
+    assert isinstance(priv, ed25519.Ed25519PrivateKey)
+    trust_line = next(line for line in out.splitlines() if line.startswith("acme: "))
+    (tmp_path / "trust.yaml").write_text(trust_line + "\n")
+    assert list(yaml.safe_load(trust_line)) == ["acme"]
+    [trusted] = load_trust_file(tmp_path / "trust.yaml")
+    assert trusted.label == "acme" and trusted.key_id == key_id(priv.public_key())
+
+
+def test_register_accepts_only_public_region_keys(tmp_path):
+    from fedpriv.commands.register import collect_public_keys
+
+    certs = create_certs(tmp_path / "c").paths
+    key, pub = create_region_key(tmp_path / "us", "us-east")
+    _, pub2 = create_region_key(tmp_path / "eu", "eu-west")
+    keys = collect_public_keys([f"us-east={pub}"], str(pub2.parent), certs)
+    assert keys == {"us-east": pub, "eu-west": pub2}
+    with pytest.raises(FedprivError, match="PRIVATE key"):
+        collect_public_keys([f"us-east={key}"], None, certs)
+    with pytest.raises(FedprivError, match="missing public key"):
+        collect_public_keys([f"us-east={tmp_path / 'nope.pub'}"], None, certs)
+    (tmp_path / "junk.pub").write_text("not a key\n")
+    with pytest.raises(FedprivError, match="not an OpenSSH public key"):
+        collect_public_keys([f"us-east={tmp_path / 'junk.pub'}"], None, certs)
+    with pytest.raises(FedprivError, match="NAME=FILE"):
+        collect_public_keys(["us-east"], None, certs)
+    with pytest.raises(FedprivError, match="no public keys given"):
+        collect_public_keys([], None, certs)
 
 
 def test_server_cert_verifies_against_ca_and_has_sans(tmp_path):
-    res = create_certs(tmp_path / "c", hosts=["coord.example.com", "10.1.2.3", "[2001:db8::1]"], regions=("r1",))
+    res = create_certs(tmp_path / "c", hosts=["coord.example.com", "10.1.2.3", "[2001:db8::1]"])
     p = res.paths
     ca = x509.load_pem_x509_certificate(p.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(p.server_cert.read_bytes())
@@ -58,7 +160,7 @@ def test_server_cert_passes_python_tls_verification(tmp_path):
     """The chain is accepted by Python's ssl (what uvicorn/httpx use), including strict X.509 checks."""
     import ssl
 
-    p = create_certs(tmp_path / "c", regions=("r1",)).paths
+    p = create_certs(tmp_path / "c").paths
     ctx = ssl.create_default_context(cafile=str(p.ca_cert))
     if hasattr(ssl, "VERIFY_X509_STRICT"):
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
@@ -85,7 +187,7 @@ def test_region_keys_are_what_flower_loads(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
-    p = create_certs(tmp_path / "c", regions=("us-east",)).paths
+    p = CertPaths(create_region_key(tmp_path / "c", "us-east")[0].parents[1])
     priv = load_ssh_private_key(p.region_key("us-east").read_bytes(), None)
     assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(priv.curve, ec.SECP384R1)
     line = p.region_pub("us-east").read_text()
@@ -100,27 +202,25 @@ def test_region_keys_are_what_flower_loads(tmp_path):
 
 def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     d = tmp_path / "c"
-    assert main(["certs", str(d), "--regions", "a"]) == 0
-    old_key = (d / "regions" / "a.key").read_bytes()
+    assert main(["certs", str(d)]) == 0
     old_ca = (d / "ca.key").read_bytes()
     capsys.readouterr()
-    assert main(["certs", str(d), "--regions", "a"]) == 2
+    assert main(["certs", str(d)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "already exists" in err and "--force" in err
-    assert (d / "regions" / "a.key").read_bytes() == old_key and (d / "ca.key").read_bytes() == old_ca
+    assert (d / "ca.key").read_bytes() == old_ca
 
-    # A region's key alone is enough to refuse, too (e.g. adding region b to a copy with a's key).
-    c2 = create_certs(tmp_path / "c2", regions=("a",)).paths
+    # A demo region's key alone is enough to refuse, too.
+    c2 = create_certs(tmp_path / "c2", demo_regions=("a",)).paths
     for f in (c2.ca_cert, c2.ca_key, c2.server_cert, c2.server_key):
         f.unlink()
     with pytest.raises(FedprivError, match=r"a\.key already exists"):
-        create_certs(c2.root, regions=("b", "a"))
+        create_certs(c2.root, demo_regions=("b", "a"))
     assert not c2.region_key("b").exists()
 
-    assert main(["certs", str(d), "--regions", "a", "--force"]) == 0
-    assert (d / "regions" / "a.key").read_bytes() != old_key and (d / "ca.key").read_bytes() != old_ca
-    assert _mode(d / "regions" / "a.key") == 0o600 and _mode(d / "ca.key") == 0o600
+    assert main(["certs", str(d), "--force"]) == 0
+    assert (d / "ca.key").read_bytes() != old_ca and _mode(d / "ca.key") == 0o600
 
 
 def test_private_key_mode_does_not_depend_on_umask(tmp_path):
@@ -128,18 +228,19 @@ def test_private_key_mode_does_not_depend_on_umask(tmp_path):
 
     old = os.umask(0)
     try:
-        p = create_certs(tmp_path / "c", regions=("a",)).paths
+        p = create_certs(tmp_path / "c").paths
+        key, _ = create_region_key(tmp_path / "r", "a")
     finally:
         os.umask(old)
-    assert _mode(p.server_key) == 0o600 and _mode(p.region_key("a")) == 0o600 and _mode(p.ca_key) == 0o600
+    assert _mode(p.server_key) == 0o600 and _mode(key) == 0o600 and _mode(p.ca_key) == 0o600
 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--regions", "us east"], "region name 'us east'"),
-        (["--regions", "a,a"], "unique"),
-        (["--regions", ","], "at least one"),
+        (["--demo-region-keys", "--regions", "us east"], "region name 'us east'"),
+        (["--demo-region-keys", "--regions", "a,a"], "unique"),
+        (["--demo-region-keys", "--regions", ","], "at least one"),
         (["--host", "0.0.0.0"], "wildcard"),
         (["--host", "bad host!"], "DNS name or an IP"),
     ],

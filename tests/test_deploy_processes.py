@@ -37,11 +37,32 @@ from fedpriv.deploy.processes import (
 from fedpriv.errors import FedprivError
 
 READY_TIMEOUT = 90.0  # generous: CI machines are shared
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
+
+
+def write_trust(root: Path, name: str = "tests") -> tuple[Path, Path]:
+    """A publisher key and a region trust file that lists it: (publisher.key, trust.yaml)."""
+    from fedpriv.deploy.app_signing import create_publisher_key, trust_line
+
+    key, pub = create_publisher_key(root / f"publisher-{name}", name)
+    trust = root / f"trust-{name}.yaml"
+    trust.write_text(trust_line(name, pub.read_text()))
+    return key, trust
+
+
+def write_policy(root: Path) -> Path:
+    """The region policy of the examples (or a minimal one while that file does not exist yet)."""
+    example = REPO / "examples" / "region-policy.toml"
+    if example.is_file():
+        return example
+    path = root / "region-policy.toml"
+    path.write_text("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 10.0\n")
+    return path
 
 
 def _tree(pid: int | None) -> set[int]:
@@ -125,12 +146,13 @@ def _https_status(host: str, port: int, cafile: Path, method: str = "GET", path:
 def deployment(tmp_path_factory):
     """One SuperLink (TLS + SuperNode auth + gateway) with region us-east registered, eu-west not."""
     root = tmp_path_factory.mktemp("deploy")
-    certs = create_certs(root / "certs", regions=("us-east", "eu-west")).paths
-    other = create_certs(root / "other-ca", regions=("us-east",)).paths
+    certs = create_certs(root / "certs", demo_regions=("us-east", "eu-west")).paths
+    other = create_certs(root / "other-ca", demo_regions=("us-east",)).paths
     data = root / "data"
     for r in ("us-east", "eu-west"):
         (data / "regions" / r).mkdir(parents=True)
         (data / "regions" / r / "train.jsonl").write_text("{}\n")
+    publisher_key, trust = write_trust(root)
     apps_home = root / "apps-home"  # FLWR_HOME of the Flower processes: submitted apps are unpacked here
     sl = SuperLinkProcess(
         certs.root, host="127.0.0.1", port=free_port(), control_port=free_port(),
@@ -146,6 +168,7 @@ def deployment(tmp_path_factory):
         assert status == "registered" and node_id
         yield SimpleNamespace(
             root=root, certs=certs, other=other, data=data, sl=sl, home=home, us_east_id=node_id, tracked=tracked, apps_home=apps_home,
+            publisher_key=publisher_key, trust=trust, policy=write_policy(root),
         )
     # _Tracked.__exit__ asserted that no process of the SuperLink is left.
 
@@ -262,13 +285,20 @@ def test_registered_supernode_connects(deployment):
     sn = SuperNodeProcess(
         "us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
         log_file=deployment.root / "sn-us-east.log", flwr_home=deployment.apps_home / "us-east",
+        trust_file=deployment.trust, policy_file=deployment.policy,
     )
-    assert "--auth-supernode-private-key" in sn.command() and "--root-certificates" in sn.command()
-    assert sn.node_config() == f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}' max-epsilon=0.0"
+    argv = sn.command()
+    assert "--auth-supernode-private-key" in argv and "--root-certificates" in argv
+    assert argv[argv.index("--isolation") + 1] == "process"  # Flower starts no ClientApp on its own
+    assert sn.node_config() == (f"region='us-east' data-path='{deployment.data / 'regions' / 'us-east'}' "
+                                f"policy-path='{deployment.policy}'")
     with _Tracked(sn) as node:
         assert node.wait_ready(READY_TIMEOUT) == deployment.us_east_id
         children = [" ".join(c.cmdline()) for c in psutil.Process(node.procs[0].pid).children(recursive=True)]
-        assert not any("--allow-runtime-dependency-installation" in c for c in children), children
+        assert not any("flower-superexec" in c for c in children), children  # no unverified SuperExec
+        superexec = " ".join(psutil.Process(node.procs[1].pid).cmdline())
+        assert "fedpriv.deploy.trusted_exec superexec --trust" in superexec
+        assert "--allow-runtime-dependency-installation" not in superexec
         nodes = {n["node-id"]: n["status"] for n in list_supernodes(deployment.home, deployment.sl.control_address, deployment.certs.ca_cert)}
         assert nodes[deployment.us_east_id] == "online"
     assert f"Activated node_id={deployment.us_east_id}" in _log(deployment.sl)
@@ -347,34 +377,107 @@ def train(msg: Message, context: Context) -> Message:
 @pytest.mark.slow
 def test_a_run_round_trips_messages_through_tls_auth_and_the_gateway(deployment):
     """`flwr run` on the Control port; the ClientApp sees its node config; ~1 MB each way via the gateway."""
-    app = deployment.root / "deploysmoke"
-    (app / "deploysmoke").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
-    (app / "deploysmoke" / "__init__.py").write_text("")
-    (app / "deploysmoke" / "server.py").write_text(ECHO_SERVER)
-    (app / "deploysmoke" / "client.py").write_text(ECHO_CLIENT)
+    app = _echo_app(deployment.root)
+    apps = deployment.apps_home / "us-east-run"
     sn = SuperNodeProcess(
         "us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
-        log_file=deployment.root / "sn-run.log", flwr_home=deployment.apps_home / "us-east-run",
+        log_file=deployment.root / "sn-run.log", flwr_home=apps, trust_file=deployment.trust,
     )
     with _Tracked(sn) as node:
         node.wait_ready(READY_TIMEOUT)
-        env = dict(os.environ, FLWR_HOME=str(deployment.home), FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0")
-        flwr = str(Path(sys.executable).parent / "flwr")
-        run = subprocess.Popen(
-            [flwr, "run", str(app), "fedpriv", "--stream"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )
-        try:
-            out, _ = run.communicate(timeout=180)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
+        out = _submit(deployment, _signed_echo_app(deployment, app))
         deployment.tracked.snapshot()
     expected = f"ECHO-REPLY region=us-east data={deployment.data / 'regions' / 'us-east'} match=True"
     assert expected in out, out[-3000:]
     assert "ECHO-ERROR" not in out
+    assert "fedpriv: app bundle verified: signed by 'tests'" in sn.log.path.read_text()
+    assert [p.name for p in (apps / "apps").iterdir()][0].startswith("fedpriv.deploysmoke.1.0.0.")
+
+
+def _echo_app(root: Path) -> Path:
+    app = root / "deploysmoke"
+    if not app.exists():
+        (app / "deploysmoke").mkdir(parents=True)
+        (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
+        (app / "deploysmoke" / "__init__.py").write_text("")
+        (app / "deploysmoke" / "server.py").write_text(ECHO_SERVER)
+        (app / "deploysmoke" / "client.py").write_text(ECHO_CLIENT)
+    return app
+
+
+def _signed_echo_app(deployment, app: Path, key: Path | None = None) -> Path:
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedpriv.deploy.app_signing import load_publisher_key, sign_bundle
+
+    fab = deployment.root / f"signed-{(key or deployment.publisher_key).parent.name}.fab"
+    fab.write_bytes(sign_bundle(build_fab_from_disk(app), load_publisher_key(key or deployment.publisher_key)))
+    return fab
+
+
+def _submit(deployment, fab: Path | None, app: Path | None = None) -> str:
+    """`flwr run APP --stream` with Flower's own bundle (fab=None) or with the given signed bundle."""
+    env = dict(os.environ, FLWR_HOME=str(deployment.home), FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0")
+    app = app or _echo_app(deployment.root)
+    if fab is None:
+        argv = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "fedpriv", "--stream"]
+    else:
+        argv = [sys.executable, "-m", "fedpriv.deploy.signed_run", str(fab), "run", str(app), "fedpriv", "--stream"]
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    return out
+
+
+@pytest.mark.slow
+def test_unsigned_modified_or_foreign_bundles_are_refused_by_a_real_supernode(deployment):
+    """Finding 6: before, a SuperNode ran whatever bundle the coordinator submitted. Now the region's
+    SuperExec refuses it before installing it: no file of it is unpacked, its ClientApp never runs, and
+    the coordinator gets an error reply naming the reason."""
+    import hashlib
+    import io
+    import zipfile
+
+    app = _echo_app(deployment.root)
+    apps = deployment.apps_home / "us-east-refuse"
+    log = deployment.root / "sn-refuse.log"
+    sn = SuperNodeProcess("us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
+                          log_file=log, flwr_home=apps, trust_file=deployment.trust)
+
+    # The coordinator edits the ClientApp after signing and fixes Flower's .info/CONTENT hashes to match.
+    signed = zipfile.ZipFile(_signed_echo_app(deployment, app))
+    entries = {i.filename: signed.read(i) for i in signed.infolist()}
+    evil = entries["deploysmoke/client.py"].replace(b"* 2", b"* 3")
+    entries["deploysmoke/client.py"] = evil
+    entries[".info/CONTENT"] = b"\n".join(
+        (f"deploysmoke/client.py,{hashlib.sha256(evil).hexdigest()},{len(evil)}".encode()
+         if line.startswith(b"deploysmoke/client.py,") else line)
+        for line in entries[".info/CONTENT"].split(b"\n"))
+    tampered = deployment.root / "tampered.fab"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    tampered.write_bytes(buf.getvalue())
+    mallory_key, _ = write_trust(deployment.root, "mallory")
+    foreign = _signed_echo_app(deployment, app, key=mallory_key)
+
+    with _Tracked(sn) as node:
+        node.wait_ready(READY_TIMEOUT)
+        outs = {name: _submit(deployment, fab) for name, fab in (("unsigned", None), ("tampered", tampered), ("foreign", foreign))}
+        deployment.tracked.snapshot()
+    text = log.read_text()
+    for name, reason in (("unsigned", "is not signed"), ("tampered", "modified after signing"),
+                         ("foreign", "not in this region's trust file")):
+        assert "ECHO-REPLY" not in outs[name] and "ECHO-ERROR" in outs[name], outs[name][-2000:]
+        assert reason in outs[name], outs[name][-2000:]  # the coordinator learns why, in the error reply
+        assert reason in text
+    assert text.count("fedpriv: REFUSED app bundle:") == 3 and "app bundle verified" not in text
+    assert not (apps / "apps").exists() or not any((apps / "apps").iterdir())  # nothing was unpacked
 
 
 @pytest.mark.slow
@@ -383,7 +486,8 @@ def test_unregistered_supernode_is_refused_with_a_visible_message(deployment, ca
     port = free_port()
     rc = main([
         "supernode", "--region", "eu-west", "--data", str(deployment.data), "--certs", str(deployment.certs.root),
-        "--superlink", deployment.sl.fleet_address, "--port", str(port),
+        "--superlink", deployment.sl.fleet_address, "--port", str(port), "--trust", str(deployment.trust),
+        "--policy", str(deployment.policy),
     ])
     err = capsys.readouterr().err
     assert rc == 2
@@ -401,7 +505,7 @@ def test_supernode_trusting_another_ca_is_refused(deployment):
     key = mixed / "regions" / "us-east.key"
     key.write_bytes(deployment.certs.region_key("us-east").read_bytes())
     key.chmod(0o600)
-    sn = SuperNodeProcess("us-east", deployment.data, mixed, deployment.sl.fleet_address, free_port())
+    sn = SuperNodeProcess("us-east", deployment.data, mixed, deployment.sl.fleet_address, free_port(), trust_file=deployment.trust)
     with _Tracked(sn) as node, pytest.raises(FedprivError, match="TLS verification of the SuperLink"):
         node.wait_ready(READY_TIMEOUT)
 
@@ -422,7 +526,7 @@ def test_register_command_is_idempotent(deployment, capsys):
 
 @pytest.mark.slow
 def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
-    certs = create_certs(tmp_path / "certs", regions=("a",)).paths
+    certs = create_certs(tmp_path / "certs", demo_regions=("a",)).paths
     fleet, control = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from fedpriv.cli import main; sys.exit(main())", "superlink",
@@ -463,7 +567,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path, capsys):
-    certs = create_certs(tmp_path / "certs", regions=("a",)).paths
+    certs = create_certs(tmp_path / "certs", demo_regions=("a",)).paths
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -483,7 +587,7 @@ def test_port_in_use_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_preflight_errors_name_the_problem(tmp_path):
-    certs = create_certs(tmp_path / "certs", regions=("us-east",)).paths
+    certs = create_certs(tmp_path / "certs", demo_regions=("us-east",)).paths
     data = tmp_path / "data"
     (data / "regions" / "us-east").mkdir(parents=True)
     (data / "regions" / "us-east" / "train.jsonl").write_text("{}\n")
@@ -495,8 +599,29 @@ def test_preflight_errors_name_the_problem(tmp_path):
     with pytest.raises(FedprivError, match="not a loopback address"):
         SuperLinkProcess(certs.root, port=free_port(), control_port=free_port(), control_host="0.0.0.0").start()
 
-    def node(region="us-east", data_dir=data, certs_dir=certs.root):
-        return SuperNodeProcess(region, data_dir, certs_dir, "127.0.0.1:1", free_port())
+    _, trust = write_trust(tmp_path)
+
+    def node(region="us-east", data_dir=data, certs_dir=certs.root, trust_file=trust, policy_file=None):
+        return SuperNodeProcess(region, data_dir, certs_dir, "127.0.0.1:1", free_port(), trust_file=trust_file,
+                                policy_file=policy_file)
+
+    # The region's own trust list and policy: one line each, nothing started.
+    with pytest.raises(FedprivError, match="missing --trust FILE"):
+        node(trust_file=None).start()
+    with pytest.raises(FedprivError, match="missing trust file"):
+        node(trust_file=tmp_path / "nope.yaml").start()
+    (tmp_path / "bad-trust.yaml").write_text("acme: 'ssh-rsa AAAA'\n")
+    with pytest.raises(FedprivError, match="bad-trust.yaml: entry 'acme'"):
+        node(trust_file=tmp_path / "bad-trust.yaml").start()
+    with pytest.raises(FedprivError, match="missing policy file"):
+        node(policy_file=tmp_path / "nope.toml").start()
+    (tmp_path / "bad.toml").write_text("[policy\n")
+    with pytest.raises(FedprivError, match="bad.toml"):
+        node(policy_file=tmp_path / "bad.toml").start()
+    certs.region_key("us-east").chmod(0o640)
+    with pytest.raises(FedprivError, match=r"readable by other users \(mode 640\): chmod 600"):
+        node().start()
+    certs.region_key("us-east").chmod(0o600)
 
     with pytest.raises(FedprivError, match=r"unknown region 'eu-central': .* has keys for us-east"):
         node("eu-central").start()
@@ -507,7 +632,7 @@ def test_preflight_errors_name_the_problem(tmp_path):
     with pytest.raises(FedprivError, match=r"missing CA certificate .*empty/ca.crt"):
         node(certs_dir=empty).start()
     with pytest.raises(FedprivError, match="expected HOST:PORT"):
-        SuperNodeProcess("us-east", data, certs.root, "no-port", free_port()).start()
+        SuperNodeProcess("us-east", data, certs.root, "no-port", free_port(), trust_file=trust).start()
     unreadable = tmp_path / "unreadable"
     unreadable.write_text("x")
     with pytest.raises(FedprivError, match="is not a directory"):
@@ -522,3 +647,29 @@ def test_preflight_errors_name_the_problem(tmp_path):
     assert resolve_region_data_dir(data, "us-east") == data / "regions" / "us-east"
     (empty / "train.jsonl").write_text("{}\n")
     assert resolve_region_data_dir(empty, "us-east") == empty
+
+
+def test_supernode_command_region_side_errors_are_one_line(tmp_path, capsys):
+    """What a region can get wrong about its own trust list, policy and key: one line each, nothing started."""
+    from fedpriv.deploy.certs import create_region_key
+
+    creds = create_region_key(tmp_path / "creds", "us-east")[0].parents[1]
+    (creds / "ca.crt").write_bytes(create_certs(tmp_path / "op").paths.ca_cert.read_bytes())
+    data = tmp_path / "data"
+    (data / "regions" / "us-east").mkdir(parents=True)
+    (data / "regions" / "us-east" / "train.jsonl").write_text("{}\n")
+    _, trust = write_trust(tmp_path)
+    policy = write_policy(tmp_path)
+    base = ["supernode", "--region", "us-east", "--data", str(data), "--certs", str(creds), "--superlink", "127.0.0.1:1",
+            "--port", str(free_port())]
+    (tmp_path / "empty.yaml").write_text("")
+    cases = [
+        (["--trust", str(tmp_path / "none.yaml"), "--policy", str(policy)], "missing trust file"),
+        (["--trust", str(tmp_path / "empty.yaml"), "--policy", str(policy)], "at least one publisher key"),
+        (["--trust", str(trust), "--policy", str(tmp_path / "none.toml")], "missing policy file"),
+        (["--trust", str(trust), "--policy", str(policy), "--region", "eu-west"], "unknown region 'eu-west'"),
+    ]
+    for extra, needle in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("fedpriv supernode: error: ") and needle in err, err

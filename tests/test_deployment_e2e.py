@@ -1,8 +1,9 @@
 """End to end: a real SuperLink and three SuperNodes as separate OS processes, then `fedpriv run`.
 
 127.0.0.1 only, free ports, TLS with the deployment's CA, SuperNode authentication
-(keys registered as `fedpriv register` does), each region reading only its own
-shard. Two rounds of the tiny model with DP; the privacy report is checked. All
+(each region's key made in its own directory, only the .pub registered, as `fedpriv
+register` does), a bundle signed with the publisher key every region trusts, each
+region reading only its own shard. Two rounds of the tiny model with DP; the privacy report is checked. All
 processes (SuperLink, gateway, SuperExecs, SuperNodes, ServerApp/ClientApps,
 `fedpriv run`) are stopped and checked gone, also when the test fails.
 """
@@ -56,6 +57,9 @@ def test_two_rounds_over_tls_with_node_auth_write_the_privacy_report(deployment)
         assert region["steps_by_round"][1] == 2 * region["steps_by_round"][0]
         # The reported ε is what a fresh Opacus RDP accountant gives for the region's recorded history.
         assert eps[-1] == pytest.approx(epsilon_of([tuple(h) for h in region["history"]], report["delta"], "rdp"), rel=1e-9)
+        # The region ran the bundle only after checking the publisher's signature against its trust file.
+        log = (deployment.root / f"supernode-{name}.log").read_text()
+        assert "fedpriv: app bundle verified: signed by 'tests'" in log and "REFUSED" not in log
         # Each region read only its own shard, and its ledger lives next to it.
         assert (deployment.data / "regions" / name / "privacy_ledger.sqlite").exists()
     assert (run_dir / "checkpoints" / "round-002.safetensors").exists()

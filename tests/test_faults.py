@@ -347,7 +347,7 @@ def test_stopped_coordinator_resumes_with_continuous_epsilon(deployment):
     print("\n".join(line for line in first_out.splitlines() if line.startswith(("fedpriv run", "  "))))
 
     with FedprivRun(["run", "--superlink", deployment.control, "--certs", str(deployment.certs.root),
-                     "--resume", str(run_dir)], deployment.root / "resume-second.log") as second:
+                     "--sign-key", str(deployment.publisher_key), "--resume", str(run_dir)], deployment.root / "resume-second.log") as second:
         rc = second.wait(RUN_TIMEOUT)
         out = second.output()
     assert rc == 0, second.tail()

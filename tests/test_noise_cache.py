@@ -64,3 +64,39 @@ def test_an_unwritable_cache_does_not_stop_training(tmp_path, monkeypatch):
         assert noise.noise_multiplier_for(TARGET, DELTA, STEPS, Q) > 0
     finally:
         noise._memoised.cache_clear()
+
+
+def _independent_pld_epsilon(sigma: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    acc = PLDAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), STEPS)
+    return acc.get_epsilon(DELTA)
+
+
+def test_pld_search_meets_the_target_is_cached_and_rechecked(cache, monkeypatch):
+    sigma = noise.noise_multiplier_for(TARGET, DELTA, STEPS, Q, "pld")
+    assert TARGET - 0.02 < _independent_pld_epsilon(sigma) <= TARGET  # within the search tolerance, never above
+    assert sigma < noise.noise_multiplier_for(TARGET, DELTA, STEPS, Q, "rdp")  # tighter: less noise for the same ε
+    key = next(k for k in json.loads(cache.read_text()) if "'pld'" in k)
+    assert "dp_accounting=" in key  # the answer depends on the library that computed it
+
+    noise._memoised.cache_clear()  # a fresh process: the file answers, no new search
+    with monkeypatch.context() as m:
+        m.setattr(noise, "_search", lambda *a: pytest.fail("searched again despite a valid cache entry"))
+        assert noise.noise_multiplier_for(TARGET, DELTA, STEPS, Q, "pld") == sigma
+
+    data = json.loads(cache.read_text())
+    data[key] = sigma * 0.9  # an edited entry that would overspend
+    cache.write_text(json.dumps(data))
+    noise._memoised.cache_clear()
+    assert noise.noise_multiplier_for(TARGET, DELTA, STEPS, Q, "pld") == pytest.approx(sigma)
+    assert json.loads(cache.read_text())[key] == pytest.approx(sigma)  # and the file is repaired
+
+
+def test_pld_target_out_of_reach_is_a_config_error(cache):
+    from fedpriv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="too small to reach"):
+        noise.noise_multiplier_for(1e-9, DELTA, 1000, 1.0, "pld")

@@ -25,9 +25,16 @@ REGIONS = ("us-east", "eu-west", "ap-south")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runcmd")
-    certs = create_certs(root / "certs", regions=REGIONS).paths
+    from fedpriv.deploy.app_signing import create_publisher_key
+
+    certs = create_certs(root / "certs", demo_regions=REGIONS).paths
     data = write_region_data(root, REGIONS)
+    create_publisher_key(root / "publisher", "tests")
     return root, certs, data
+
+
+def _key(certs) -> str:  # noqa: ANN001
+    return str(certs.root.parent / "publisher" / "publisher.key")
 
 
 def _closed_port() -> int:
@@ -54,6 +61,10 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     root, certs, data = setup
     base = ["--superlink", f"127.0.0.1:{_closed_port()}", "--certs", str(certs.root), "--data", str(data),
             "--run-dir", str(tmp_path / "r")]
+    signed = ["--sign-key", _key(certs)]
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(Path(_key(certs)).read_bytes())
+    loose.chmod(0o644)
     cases = {
         "unknown region 'eu-central': .*has keys for ap-south, eu-west, us-east":
             [*base, "--run-config", f"{TINY} regions='us-east,eu-central'"],
@@ -73,14 +84,22 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         "cannot reach the SuperLink's Control API at 127.0.0.1:[0-9]+: nothing is listening there": [*base, "--run-config", TINY],
         "no server data: pass --data DIR": [*base[:4], "--run-config", TINY],
     }
+    # The submission is signed: no (usable) publisher key, no run - every region would refuse it.
+    unsigned = {
+        "missing --sign-key FILE: regions run only app bundles signed": [],
+        "missing publisher key .*/nope.key: create it with `fedpriv keygen --publisher": ["--sign-key", str(tmp_path / "nope.key")],
+        r"loose.key is readable by other users \(mode 644\): chmod 600 it": ["--sign-key", str(loose)],
+        "is not an Ed25519 key": ["--sign-key", str(certs.region_key("us-east"))],
+    }
     import re
 
-    for pattern, args in cases.items():
+    for pattern, args in [*((p, [*signed, *a]) for p, a in cases.items()),
+                          *((p, [*base, "--run-config", TINY, *a]) for p, a in unsigned.items())]:
         line = _one_line_error(*_run(capsys, *args))
         assert re.search(pattern, line), (pattern, line)
     # Regions the data was not prepared for (keys exist, shards do not).
-    other = create_certs(tmp_path / "certs4", regions=(*REGIONS, "sa-east")).paths
-    line = _one_line_error(*_run(capsys, *base[:2], "--certs", str(other.root), "--data", str(data),
+    other = create_certs(tmp_path / "certs4", demo_regions=(*REGIONS, "sa-east")).paths
+    line = _one_line_error(*_run(capsys, *base[:2], "--certs", str(other.root), "--data", str(data), *signed,
                                  "--run-config", f"{TINY} regions='us-east,sa-east'"))
     assert "unknown region 'sa-east': " in line and "was prepared for ap-south, eu-west, us-east" in line
 
@@ -92,7 +111,8 @@ def test_unreadable_data_dir_is_a_one_line_error(setup, tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0)
     try:
-        line = _one_line_error(*_run(capsys, "--certs", str(certs.root), "--data", str(locked), "--run-config", TINY))
+        line = _one_line_error(*_run(capsys, "--certs", str(certs.root), "--data", str(locked), "--sign-key", _key(certs),
+                                     "--run-config", TINY))
         assert "cannot read data directory" in line
     finally:
         locked.chmod(0o700)
@@ -111,8 +131,10 @@ def _empty(tmp_path: Path) -> Path:
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(superlink="127.0.0.1:9093", certs=None, data=None, run_dir=None, run_config=[], preset=None,
-                resume=None, timeout=None, quiet=True)
+                resume=None, timeout=None, quiet=True, sign_key=None)
     base.update(kw)
+    if base["certs"] and base["sign_key"] is None:
+        base["sign_key"] = str(Path(base["certs"]).parent / "publisher" / "publisher.key")
     return argparse.Namespace(**base)
 
 

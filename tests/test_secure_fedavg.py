@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +26,7 @@ from client import secure_aggregation as secagg
 from client.app import app as client_app
 from fedpriv.config import FedprivConfig, resolve_config
 from fedpriv.errors import BudgetExhausted, ConfigError
+from privacy.policy import PolicyRefusal, RegionPolicy
 from privacy.report import RunReport
 from privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
 from strategies.private_fedavg import PrivateFedAvg
@@ -225,19 +227,21 @@ def test_secure_round_equals_plain_fedavg_within_the_error_bound(tmp_path, fake_
     assert rounds[0]["survivors"] == sorted(f"r{i}" for i in range(n)) and rounds[0]["dropped"] == []
     assert rounds[0]["threshold"] == n // 2 + 1
     assert rounds[0]["total_weight"] == sum(_examples(i) for i in range(n))
-    assert rounds[0]["clipped_coordinates"] == 0
+    assert "clipped_coordinates" not in rounds[0]  # a fact about one region's update: it stays in the region
     assert [r["secure_aggregation"] for r in report.rounds] == ["secure", "secure"]
     # Every region's secagg state is gone once a round is done.
     for ctx in grid.contexts.values():
         assert not any(k.startswith("fedpriv-secagg") for k in ctx.state)
 
 
-def test_seeded_secure_rounds_are_bit_for_bit_reproducible(tmp_path, fake_training):
-    # Fresh keys and round seeds every time, but the masks cancel exactly and the
-    # stochastic rounding is seeded per (run seed, region, round).
-    first, _, _ = _run(tmp_path / "a", 3, rounds=2)
+def test_stochastic_rounding_is_fresh_every_time_and_stays_within_the_error_bound(tmp_path, fake_training):
+    # The rounding seed comes from OS entropy, not from the run seed: two runs with the same
+    # config differ in the last bits, and both stay within the quantisation error bound.
+    first, report, _ = _run(tmp_path / "a", 3, rounds=2)
     second, _, _ = _run(tmp_path / "b", 3, rounds=2)
-    assert all(np.array_equal(first[k], second[k]) for k in SHAPES)
+    bound = sum(r["error_bound"] for r in report.secure_aggregation["rounds"])
+    assert not all(np.array_equal(first[k], second[k]) for k in SHAPES)
+    assert _max_diff(first, second) <= 2 * bound + 1e-6
 
 
 # ---------------------------------------------------------------------- dropouts
@@ -308,11 +312,13 @@ def test_sparse_secagg_plus_graph(tmp_path, fake_training):
     assert _max_diff(values, _expected([list(range(5))])) <= entry["error_bound"] + 1e-6
 
 
-def test_clipped_coordinates_are_counted_and_reported(tmp_path, fake_training):
-    values, report, _ = _run(tmp_path, 3, rounds=1, **{"secagg-clip-range": 0.05})
+def test_clipping_stays_in_the_region_and_only_the_masked_vector_leaves(tmp_path, fake_training):
+    values, report, grid = _run(tmp_path, 3, rounds=1, **{"secagg-clip-range": 0.05})
     entry = report.secure_aggregation["rounds"][0]
-    assert entry["clipped_coordinates"] > 0 and entry["coordinates"] == 3 * sum(int(np.prod(s)) for s in SHAPES.values())
+    assert "clipped_coordinates" not in entry and entry["coordinates"] == 3 * sum(int(np.prod(s)) for s in SHAPES.values())
     assert _max_diff(values, _expected([[0, 1, 2]])) > entry["error_bound"]  # clipping bit, visibly
+    masked = [r for r in grid.replies if r.metadata.message_type == secagg.MASKED_INPUT]
+    assert masked and all(set(r.content.keys()) == {"masked"} for r in masked)
 
 
 # ------------------------------------------------------------------- client side
@@ -344,13 +350,16 @@ def test_client_refuses_a_weaker_setup_than_its_run_config():
     assert set(secagg.advertise(_kept_state(), 11, _setup(), expected)) == {"c_pk", "s_pk", "seed_commitment"}
 
 
-def test_update_is_revealed_only_before_keys_were_advertised():
+def test_update_is_revealed_only_before_keys_were_advertised_and_only_if_the_policy_allows_it():
+    allows = RegionPolicy(delta=1e-5, max_lifetime_epsilon=10.0, max_job_epsilon=10.0, allow_plain_rounds=True)
     state = _kept_state()
     secagg.advertise(state, 11, _setup(), {})
-    with pytest.raises(SecAggProtocolError, match="needs phase trained"):
-        secagg.reveal(state, ConfigRecord({"round_id": 4}))
+    with pytest.raises(PolicyRefusal, match="joined a multi-party"):
+        secagg.reveal(state, ConfigRecord({"round_id": 4}), allows)
     fresh = _kept_state()
-    update = secagg.reveal(fresh, ConfigRecord({"round_id": 4}))["update"].numpy()
+    with pytest.raises(PolicyRefusal, match="allow-plain-rounds"):
+        secagg.reveal(fresh, ConfigRecord({"round_id": 4}), replace(allows, allow_plain_rounds=False))
+    update = secagg.reveal(fresh, ConfigRecord({"round_id": 4}), allows)["update"].numpy()
     np.testing.assert_allclose(update, 0.1, atol=1e-6)
     assert secagg.STATE_UPDATE not in fresh  # handed over once, then forgotten
 
@@ -380,3 +389,18 @@ def test_a_dp_off_run_reaches_the_report_as_not_private_through_the_real_wire(tm
     for region in data["regions"].values():
         assert region["dp"] is False and region["epsilon"] is None and region["epsilon_by_round"] == [None, None]
     assert "No differential privacy for r0, r1, r2" in (tmp_path / "privacy_report.md").read_text()
+
+
+def test_local_evaluation_is_refused_by_default_and_recorded_once_per_region(tmp_path, fake_training):
+    flat = _run_config(tmp_path, 2)
+    cfg = FedprivConfig.from_run_config(flat)
+    report = RunReport(tmp_path, flat, cfg.accountant, cfg.delta, list(cfg.regions))
+    grid = FakeGrid(flat, 2)
+    strategy = _strategy(SecureFedAvg, report, cfg, fraction_evaluate=1.0)
+    strategy.start(grid=grid, initial_arrays=_record(_initial()), num_rounds=2, timeout=5.0)
+    evaluations = [r for r in grid.replies if r.metadata.message_type == "evaluate"]
+    assert len(evaluations) == 4 and all(r.has_error() for r in evaluations)
+    for rec in report.regions.values():
+        assert rec.local_accuracy_by_round == [] and rec.rounds_participated == [1, 2]
+        assert [e["action"] for e in rec.enforcement] == ["refused by region policy"]
+        assert rec.enforcement[0]["reason"].startswith("release-local-evaluation:")

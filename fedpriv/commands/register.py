@@ -1,4 +1,11 @@
-"""``fedpriv register``: register each region's SuperNode public key with the SuperLink (idempotent)."""
+"""``fedpriv register``: register the regions' SuperNode public keys with the SuperLink (idempotent).
+
+The keys are the ``.pub`` files each region made with ``fedpriv keygen --region``
+and sent to the operator: ``--public-key NAME=FILE`` (repeatable), or
+``--keys DIR`` for a directory of ``NAME.pub`` files. Without either, the
+``regions/*.pub`` of the certs directory are used (where the demo path
+``fedpriv certs --demo-region-keys`` puts them).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from pathlib import Path
 from fedpriv.cli import command
 
 
-@command("register", "Register each region's SuperNode public key with the SuperLink (safe to repeat).")
+@command("register", "Register the regions' SuperNode public keys (.pub files the regions sent) with the SuperLink (safe to repeat).")
 class RegisterCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,8 +25,11 @@ class RegisterCommand:
             "--superlink", default=f"127.0.0.1:{CONTROL_PORT}", metavar="HOST:PORT",
             help=f"the SuperLink's Control API: its --control-port on loopback (default 127.0.0.1:{CONTROL_PORT})",
         )
-        p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt and regions/*.pub)")
-        p.add_argument("--regions", default=None, metavar="A,B", help="regions to register (default: every regions/*.pub in DIR)")
+        p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt)")
+        p.add_argument("--public-key", action="append", default=[], metavar="NAME=FILE",
+                       help="region NAME's public key, the .pub file it made with `fedpriv keygen --region NAME`; repeatable")
+        p.add_argument("--keys", default=None, metavar="KEYDIR", help="a directory of NAME.pub files, one per region")
+        p.add_argument("--regions", default=None, metavar="A,B", help="register only these regions (default: every key given)")
         p.add_argument(
             "--flwr-home", default=None, metavar="DIR",
             help="fedpriv-owned FLWR_HOME for the flwr CLI (default: DIR/flwr-home); its config.toml is rewritten",
@@ -35,24 +45,55 @@ class RegisterCommand:
         certs = CertPaths(Path(args.certs).expanduser().absolute())
         host, _ = parse_address(args.superlink)
         _require_file(certs.ca_cert, "CA certificate")
-        known = certs.regions_with(".pub")
-        if args.regions is None:
-            regions = tuple(known)
-            if not regions:
-                raise FedprivError(f"no public keys in {certs.regions_dir}: run `fedpriv certs {certs.root}` first")
-        else:
-            regions = parse_regions(args.regions)
-            unknown = [r for r in regions if r not in known]
+        keys = collect_public_keys(args.public_key, args.keys, certs)
+        if args.regions is not None:
+            wanted = parse_regions(args.regions)
+            unknown = [r for r in wanted if r not in keys]
             if unknown:
-                raise FedprivError(
-                    f"unknown region {unknown[0]!r}: {certs.regions_dir} has public keys for {', '.join(known) or 'no region'}"
-                )
+                raise FedprivError(f"unknown region {unknown[0]!r}: public keys were given for {', '.join(sorted(keys)) or 'no region'}")
+            keys = {r: keys[r] for r in wanted}
         if not is_loopback(host):
             print(f"fedpriv register: note: {host} is not a loopback address; the Control API of a fedpriv SuperLink only listens on 127.0.0.1")
         home = Path(args.flwr_home).expanduser().absolute() if args.flwr_home else certs.root / "flwr-home"
         write_flwr_home(home, args.superlink, certs.ca_cert)
-        for region in regions:
-            status, node_id = register_region(region, certs.root, home, args.superlink)
+        for region, pub in keys.items():
+            status, node_id = register_region(region, pub, home, args.superlink, certs.ca_cert)
             print(f"{region}: {status}" + (f" as SuperNode {node_id}" if node_id else ""), flush=True)
         print(f"check with: FLWR_HOME={home} flwr supernode list")
         return 0
+
+
+def collect_public_keys(pairs: list[str], keys_dir: str | None, certs) -> dict[str, Path]:  # noqa: ANN001 - CertPaths
+    """Region name -> checked ``.pub`` path, from ``NAME=FILE`` pairs, a directory, or the certs dir (demo)."""
+    from fedpriv.deploy.certs import check_region_name, load_region_public_key
+    from fedpriv.errors import FedprivError
+
+    keys: dict[str, Path] = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not name.strip() or not file.strip():
+            raise FedprivError(f"--public-key {pair!r}: expected NAME=FILE, e.g. us-east=us-east.pub")
+        name = check_region_name(name.strip())
+        if name in keys:
+            raise FedprivError(f"--public-key: region {name!r} given twice")
+        keys[name] = Path(file.strip()).expanduser().absolute()
+    if keys_dir is not None:
+        d = Path(keys_dir).expanduser().absolute()
+        if not d.is_dir():
+            raise FedprivError(f"--keys {d}: no such directory")
+        found = sorted(d.glob("*.pub"))
+        if not found:
+            raise FedprivError(f"--keys {d}: no NAME.pub files in it")
+        for pub in found:
+            name = check_region_name(pub.stem)
+            if name in keys:
+                raise FedprivError(f"region {name!r} has a key in --keys {d} and in --public-key")
+            keys[name] = pub
+    if not pairs and keys_dir is None:
+        keys = {r: certs.region_pub(r) for r in certs.regions_with(".pub")}
+        if not keys:
+            raise FedprivError("no public keys given: pass --public-key NAME=FILE (the .pub each region made with "
+                               "`fedpriv keygen --region NAME DIR`) or --keys DIR")
+    for name, pub in keys.items():
+        load_region_public_key(pub, name)
+    return keys

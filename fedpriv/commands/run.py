@@ -8,6 +8,10 @@ regions' SuperNode keys is **not** done here: ``fedpriv register`` does it
 (explicit, idempotent), and must run before the SuperNodes start - an unregistered
 SuperNode is refused when it connects, long before a run is submitted.
 
+The submitted app bundle is signed with the publisher key (``--sign-key``, from
+``fedpriv keygen --publisher``): every region runs only bundles signed by a key in
+its own trust file, so an unsigned submission would be refused by all of them.
+
 ``--resume RUN_DIR`` continues a run whose coordinator died: same job id and
 configuration (read from ``RUN_DIR/privacy_report.json``), ``resume-from`` =
 RUN_DIR; the ServerApp continues after the last completed round
@@ -52,6 +56,7 @@ class RunPlan:
     resumed_from_round: int | None = None
     previous_run_id: str = ""
     notes: list[str] = field(default_factory=list)
+    sign_key: Path | None = None
 
     @property
     def job_id(self) -> str:
@@ -71,6 +76,9 @@ class RunCommand:
             help=f"the SuperLink's Control API: its --control-port on loopback (default {DEFAULT_CONTROL})",
         )
         p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt; regions/*.pub name the known regions)")
+        p.add_argument("--sign-key", default=None, metavar="FILE",
+                       help="the publisher's private key (publisher.key from `fedpriv keygen --publisher`) that signs the "
+                            "submitted app bundle; regions run only bundles signed by keys in their trust file")
         p.add_argument("--data", default=None, metavar="DIR",
                        help="the directory `fedpriv prepare-data --out DIR` wrote: the coordinator reads DIR/server/test.jsonl "
                             "(default: data-dir of the run config, or of the resumed run)")
@@ -100,7 +108,7 @@ class RunCommand:
         cfg_rounds = int(plan.flat["num-server-rounds"])
         regions = str(plan.flat["regions"])
         started = time.time()
-        run_id = client.submit(APP_DIR, plan.flat)
+        run_id = client.submit(APP_DIR, plan.flat, sign_key=plan.sign_key)
         what = (f"resuming job {plan.job_id} after round {plan.resumed_from_round} of {cfg_rounds}"
                 if plan.resumed_from_round is not None else f"job {plan.job_id}, {cfg_rounds} round(s)")
         print(f"fedpriv run: run {run_id} submitted to {plan.superlink} ({what}; regions {regions}; "
@@ -130,6 +138,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         plan = _plan_resume(args, overrides, certs_dir, ca_cert)
     else:
         plan = _plan_new(args, overrides, certs_dir, ca_cert)
+    plan.sign_key = check_sign_key(getattr(args, "sign_key", None))
     cfg = _typed(plan.flat)
     check_regions_known(cfg.regions, certs_dir)
     check_server_data(plan.data_dir, cfg)
@@ -218,6 +227,18 @@ def check_certs(certs: str) -> tuple[Path, Path]:
     if not os.access(ca, os.R_OK):
         raise FedprivError(f"cannot read CA certificate {ca}: check its owner and permissions")
     return certs_dir, ca
+
+
+def check_sign_key(path: str | None) -> Path:
+    """The publisher key exists, is private to its owner and is an Ed25519 OpenSSH key."""
+    from fedpriv.deploy.app_signing import load_publisher_key
+
+    if not path:
+        raise FedprivError("missing --sign-key FILE: regions run only app bundles signed by a publisher they trust "
+                           "(create the key with `fedpriv keygen --publisher NAME DIR`, then pass DIR/publisher.key)")
+    key = Path(path).expanduser().absolute()
+    load_publisher_key(key)
+    return key
 
 
 def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
@@ -326,7 +347,8 @@ def check_previous_run_finished(client, plan: RunPlan) -> None:
 
 
 def resume_command(plan: RunPlan) -> str:
-    return f"fedpriv run --superlink {plan.superlink} --certs {plan.certs_dir} --resume {plan.run_dir}"
+    sign = f" --sign-key {plan.sign_key}" if plan.sign_key else ""
+    return f"fedpriv run --superlink {plan.superlink} --certs {plan.certs_dir}{sign} --resume {plan.run_dir}"
 
 
 def finish(plan: RunPlan, outcome, wall_s: float) -> int:

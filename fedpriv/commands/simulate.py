@@ -13,7 +13,7 @@ from fedpriv.config import parse_overrides
 class SimulateCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="default", help="named overrides from simulations/presets.toml (default, smoke, tiny)")
+        p.add_argument("--preset", default="default", help="named overrides from simulations/presets.toml (default, smoke, tiny, gpu)")
         p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
                        help="override [tool.flwr.app.config] keys (TOML values), as with `flwr run --run-config`")
         p.add_argument("--run-dir", type=Path, default=None, help="where checkpoints, the final model and the report go")

@@ -1,4 +1,10 @@
-"""``fedpriv supernode``: run one region's SuperNode in the foreground until Ctrl-C."""
+"""``fedpriv supernode``: run one region's SuperNode in the foreground until Ctrl-C.
+
+Everything it needs is the region's own: its key (``fedpriv keygen --region``), the
+CA certificate it was given, its data, its privacy policy (``--policy``) and the
+publisher keys it trusts (``--trust``): app bundles not signed by one of those are
+refused before any of their code is installed (:mod:`fedpriv.deploy.trusted_exec`).
+"""
 
 from __future__ import annotations
 
@@ -15,21 +21,25 @@ class SuperNodeCommand:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         from fedpriv.deploy.processes import CLIENTAPPIO_PORT
 
-        p.add_argument("--region", required=True, metavar="NAME", help="region name; its key is CERTS/regions/NAME.key")
+        p.add_argument("--region", required=True, metavar="NAME",
+                       help="region name; its key is CERTS/regions/NAME.key (from `fedpriv keygen --region NAME CERTS`)")
         p.add_argument(
             "--data", required=True, metavar="DIR",
             help="prepared data: DIR/regions/NAME/ is used, or DIR itself if it directly contains train.jsonl",
         )
-        p.add_argument("--certs", required=True, metavar="DIR", help="directory with ca.crt and regions/NAME.key")
+        p.add_argument("--certs", required=True, metavar="DIR", help="directory with ca.crt (from the operator) and regions/NAME.key")
+        p.add_argument("--trust", required=True, metavar="FILE",
+                       help="the publisher keys this region trusts (YAML `label: 'ssh-ed25519 AAAA...'`, Flower's "
+                            "--trusted-entities format); only app bundles signed by one of them run here")
+        p.add_argument("--policy", required=True, metavar="FILE",
+                       help="this region's privacy policy (TOML, e.g. examples/region-policy.toml); passed to the ClientApp "
+                            "as node config policy-path, checked at start")
         p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address (a name in its certificate)")
         p.add_argument(
             "--port", type=int, default=CLIENTAPPIO_PORT,
             help=f"local ClientApp IO port on 127.0.0.1 (default {CLIENTAPPIO_PORT}); each SuperNode on one machine needs its own",
         )
         p.add_argument("--log", default=None, metavar="FILE", help="also append all SuperNode output to FILE")
-        p.add_argument("--max-epsilon", type=float, default=0.0, metavar="EPS",
-                       help="this region's lifetime privacy budget over all runs (0 = no cap); "
-                            "the region refuses to train a round that would exceed it")
         p.add_argument("--ledger", default=None, metavar="FILE",
                        help="the region's privacy ledger (default: privacy_ledger.sqlite next to its data)")
 
@@ -39,13 +49,15 @@ class SuperNodeCommand:
         from fedpriv.errors import FedprivError
 
         sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True,
-                              max_epsilon=args.max_epsilon, ledger_path=args.ledger)
+                              ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy)
         old = install_stop_handlers()
         try:
             sn.start()
             for w in sn.warnings:
                 print(f"fedpriv supernode: warning: {w}", flush=True)
-            print(f"fedpriv supernode: region {args.region}, data {sn.data_dir}, connecting to {args.superlink} ...", flush=True)
+            print(f"fedpriv supernode: region {args.region}, data {sn.data_dir}, policy {sn.policy_file}, "
+                  f"runs only bundles signed by: {', '.join(sn.trusted)} ({sn.trust_file}); connecting to {args.superlink} ...",
+                  flush=True)
             proc = sn.procs[0]
             started, announced, hinted = time.monotonic(), False, False
             while True:
@@ -53,7 +65,9 @@ class SuperNodeCommand:
                     node_id = proc.seen["ready"].split(sn.READY, 1)[1].strip()
                     print(f"\nfedpriv supernode: connected: region {args.region} is SuperNode {node_id}. Press Ctrl-C to stop.\n", flush=True)
                     announced = True
-                if not proc.running():
+                if not sn.running():
+                    if proc.running():  # the verifying SuperExec died: never leave a SuperNode without it
+                        raise FedprivError(sn.failure_message())
                     proc.proc.wait()  # type: ignore[union-attr]
                     if proc._thread is not None:
                         proc._thread.join(timeout=5)

@@ -1,14 +1,19 @@
 """Certificates and SuperNode keys for a fedpriv deployment.
 
-One directory holds everything a deployment needs; each file is then copied to
-the machine that needs it (``README.txt`` in the directory says which)::
+Each private key is made on the machine that uses it, and only public parts travel:
 
-    DIR/ca.crt                 CA certificate: on every machine (trust anchor)
-    DIR/ca.key                 CA private key: offline / on the operator's machine only
-    DIR/server.crt             SuperLink TLS certificate (signed by the CA)
-    DIR/server.key             SuperLink TLS private key: coordinator only
-    DIR/regions/<region>.key   SuperNode authentication key: that region's datacenter only
-    DIR/regions/<region>.pub   its public half: registered on the SuperLink
+    coordinator (``fedpriv certs DIR``)
+      DIR/ca.crt                 CA certificate: copied to every region (trust anchor)
+      DIR/ca.key                 CA private key: offline / operator only
+      DIR/server.crt             SuperLink TLS certificate (signed by the CA)
+      DIR/server.key             SuperLink TLS private key: coordinator only
+    region (``fedpriv keygen --region NAME DIR``, run in that region)
+      DIR/regions/NAME.key       SuperNode authentication key: never leaves the region
+      DIR/regions/NAME.pub       its public half: sent to the operator, who registers it
+
+``fedpriv certs --demo-region-keys`` also writes every ``regions/<r>.key`` on the
+operator's machine: a one-machine quick path for demos only, since the operator
+then holds every region's private key and can impersonate any region.
 
 Formats (as flwr 1.41 reads them):
 
@@ -274,15 +279,17 @@ def make_node_keypair(comment: str) -> tuple[bytes, bytes]:
 def create_certs(
     directory: str | os.PathLike,
     hosts: list[str] | tuple[str, ...] | None = None,
-    regions: tuple[str, ...] = DEFAULT_REGIONS,
+    demo_regions: tuple[str, ...] = (),
     force: bool = False,
 ) -> CertsResult:
-    """Create the CA, the SuperLink certificate and one key pair per region in ``directory``."""
+    """Create the CA and the SuperLink certificate in ``directory``.
+
+    ``demo_regions`` (demo only) also creates those regions' SuperNode key pairs here,
+    on the operator's machine; a real region runs ``fedpriv keygen --region`` itself.
+    """
     paths = CertPaths(Path(directory).expanduser().absolute())
     all_hosts = normalize_hosts(hosts)
-    regions = tuple(check_region_name(r) for r in regions)
-    if not regions:
-        raise FedprivError("--regions: expected at least one region name")
+    regions = tuple(check_region_name(r) for r in demo_regions)
 
     targets = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
     for r in regions:
@@ -291,14 +298,13 @@ def create_certs(
     if existing and not force:
         raise FedprivError(
             f"{existing[0]} already exists: refusing to overwrite keys; pass --force to replace them "
-            "(every region must then get the new ca.crt and its new key, and be registered again)"
+            "(every region must then get the new ca.crt)"
         )
     if paths.root.exists() and not paths.root.is_dir():
         raise FedprivError(f"{paths.root} exists and is not a directory")
 
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
-        paths.regions_dir.mkdir(exist_ok=True)
         for p in existing:
             p.unlink()
 
@@ -311,6 +317,8 @@ def create_certs(
         write_private(paths.server_key, _pem_private(server_key))
         write_public(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
         result.written += [paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert]
+        if regions:
+            paths.regions_dir.mkdir(exist_ok=True)
         for r in regions:
             private, public = make_node_keypair(f"fedpriv-{r}")
             write_private(paths.region_key(r), private)
@@ -325,8 +333,64 @@ def create_certs(
     return result
 
 
-def readme_text(hosts: tuple[str, ...], regions: tuple[str, ...]) -> str:
-    region_lines = "\n".join(f"  regions/{r}.key   only in the {r} datacenter (with ca.crt)" for r in regions)
+def create_region_key(directory: str | os.PathLike, region: str, force: bool = False) -> tuple[Path, Path]:
+    """Run in the region: its SuperNode key pair as ``DIR/regions/<region>.key`` (0600) and ``.pub``.
+
+    Returns (private key path, public key path); only the ``.pub`` is sent to the operator.
+    """
+    paths = CertPaths(Path(directory).expanduser().absolute())
+    check_region_name(region)
+    key, pub = paths.region_key(region), paths.region_pub(region)
+    existing = [p for p in (key, pub) if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FedprivError(
+            f"{existing[0]} already exists: refusing to overwrite region {region}'s key; pass --force to replace it "
+            "(the operator must then register the new .pub)"
+        )
+    if paths.root.exists() and not paths.root.is_dir():
+        raise FedprivError(f"{paths.root} exists and is not a directory")
+    try:
+        paths.regions_dir.mkdir(parents=True, exist_ok=True)
+        for p in existing:
+            p.unlink()
+        private, public = make_node_keypair(f"fedpriv-{region}")
+        write_private(key, private)
+        write_public(pub, public)
+    except OSError as exc:
+        raise FedprivError(f"cannot write region key to {paths.regions_dir}: {exc.strerror or exc}") from exc
+    return key, pub
+
+
+def load_region_public_key(path: Path, region: str) -> str:
+    """Check that ``path`` is a SuperNode *public* key (one OpenSSH EC line); return the line."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    if not path.is_file():
+        raise FedprivError(f"missing public key {path} for region {region!r}: "
+                           f"the region creates it with `fedpriv keygen --region {region} DIR` and sends DIR/regions/{region}.pub")
+    if not os.access(path, os.R_OK):
+        raise FedprivError(f"cannot read public key {path}: check its owner and permissions")
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if "PRIVATE KEY" in text:
+        raise FedprivError(f"{path} is a PRIVATE key: only the region's .pub file travels to the operator; "
+                           f"the region should delete this copy and run `fedpriv keygen --region {region} DIR --force`")
+    try:
+        key = load_ssh_public_key(text.encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+        raise FedprivError(f"{path} is not an OpenSSH public key line (expected 'ecdsa-sha2-nistp384 AAAA... fedpriv-{region}')") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise FedprivError(f"{path} is not an EC key: SuperNode keys are EC P-384 (`fedpriv keygen --region`)")
+    return text
+
+
+def readme_text(hosts: tuple[str, ...], demo_regions: tuple[str, ...] = ()) -> str:
+    demo = ""
+    if demo_regions:
+        demo = "\n".join(
+            ["", "DEMO ONLY (--demo-region-keys): the operator holds every region's private key", *(
+                f"  regions/{r}.key   {r}'s SuperNode key, made HERE: copy it to {r} only for a demo" for r in demo_regions
+            ), "  regions/*.pub     their public halves, ready for `fedpriv register`", ""])
     return f"""fedpriv deployment credentials
 ==============================
 
@@ -338,19 +402,19 @@ Created by `fedpriv certs`. Which file goes where:
                     impersonate the coordinator. Only needed to issue a new server.crt.
   server.crt        coordinator only (public, but only the SuperLink uses it).
   server.key        coordinator only, never copied elsewhere (mode 0600).
-{region_lines}
-  regions/*.pub     coordinator (or wherever `fedpriv register` runs): the public
-                    halves registered with the SuperLink. Not secret.
-
+{demo}
 server.crt is valid for: {", ".join(hosts)}
 (SuperNodes must connect to one of these names; re-run `fedpriv certs --host NAME --force`
-to add one, which also replaces every key.)
+to add one, which also replaces the CA: every region then needs the new ca.crt.)
 
-A region's datacenter needs a directory with:   ca.crt  regions/<region>.key
-The coordinator needs:                          ca.crt  server.crt  server.key  regions/*.pub
+Each region makes its own SuperNode key, in the region:
+  fedpriv keygen --region NAME REGION_DIR     -> REGION_DIR/regions/NAME.key (stays there)
+                                                 REGION_DIR/regions/NAME.pub (send to the operator)
+and copies ca.crt from here into REGION_DIR. The operator registers the .pub files:
+  fedpriv register --certs DIR --public-key NAME=PATH/NAME.pub ...
 
-Private keys (*.key) are unencrypted and created with mode 0600; copy them with a
-channel you trust (scp/ssh) and keep the mode 0600 on the target.
+Private keys (*.key) are unencrypted and created with mode 0600; they never leave
+the machine that made them.
 """
 
 

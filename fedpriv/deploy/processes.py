@@ -495,17 +495,42 @@ def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
     return chosen
 
 
+def check_policy_file(path: Path) -> None:
+    """Fail fast on the region's privacy policy: parsed by ``privacy.policy`` when available, else readable."""
+    if not path.is_file():
+        raise FedprivError(f"missing policy file {path}: the region's privacy policy (see examples/region-policy.toml)")
+    if not os.access(path, os.R_OK):
+        raise FedprivError(f"cannot read policy file {path}: check its owner and permissions")
+    try:
+        from privacy.policy import load_policy
+    except ImportError:
+        import tomllib
+
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise FedprivError(f"policy file {path} is not valid TOML: {exc}") from None
+        return
+    load_policy(path)  # raises fedpriv.errors.ConfigError (a FedprivError) with one line
+
+
 class SuperNodeProcess(_Group):
-    """``flower-supernode`` for one region (TLS + SuperNode authentication).
+    """``flower-supernode`` for one region (TLS + SuperNode authentication) and its verifying SuperExec.
 
     ``data_dir`` is resolved with :func:`resolve_region_data_dir` and passed as node
     config ``data-path`` (with ``region``). ``clientappio_port`` is the SuperNode's
     local ClientApp IO (Runtime) API on 127.0.0.1; every SuperNode on a machine needs
     its own. ``flwr_home`` sets ``FLWR_HOME`` (where apps are unpacked).
+
+    ``trust_file`` (required) lists the publisher keys whose signed bundles this
+    region runs: the SuperNode runs with ``--isolation process`` and its only
+    SuperExec is :mod:`fedpriv.deploy.trusted_exec`, which verifies every bundle
+    against that file before installing it. ``policy_file`` (the region's privacy
+    policy) is passed as node config ``policy-path`` (absolute) and validated here.
     """
 
     READY = "SuperNode ID:"
-    FAILURES = ("refused", "tls", "badkey")
+    FAILURES = ("refused", "tls", "badkey", "superexec")
 
     def __init__(
         self,
@@ -518,14 +543,14 @@ class SuperNodeProcess(_Group):
         echo: bool = False,
         max_retries: int | None = None,
         flwr_home: str | os.PathLike | None = None,
-        max_epsilon: float = 0.0,
         ledger_path: str | os.PathLike | None = None,
+        trust_file: str | os.PathLike | None = None,
+        policy_file: str | os.PathLike | None = None,
     ) -> None:
-        if max_epsilon < 0:
-            raise FedprivError(f"--max-epsilon {max_epsilon}: expected 0 (no cap) or a privacy budget > 0")
         self.region = region
-        self.max_epsilon = float(max_epsilon)
         self.ledger_path = Path(ledger_path).expanduser().absolute() if ledger_path else None
+        self.trust_file = Path(trust_file).expanduser().absolute() if trust_file else None
+        self.policy_file = Path(policy_file).expanduser().absolute() if policy_file else None
         self.flwr_home = Path(flwr_home).expanduser().absolute() if flwr_home else None
         self.data_dir_arg = data_dir
         self.data_dir: Path | None = None
@@ -537,17 +562,20 @@ class SuperNodeProcess(_Group):
         self.procs: list[ManagedProcess] = []
         self.warnings: list[str] = []
         self.node_id: str | None = None
+        self.trusted: list[str] = []  # labels of the trusted publishers (after preflight)
 
     @property
     def key_file(self) -> Path:
         return self.certs.region_key(self.region)
 
     def node_config(self) -> str:
-        """Region identity and the region's *own* budget settings: the coordinator cannot change these."""
+        """Region identity and the region's *own* settings: the coordinator cannot change these."""
         assert self.data_dir is not None
-        config = f"region='{self.region}' data-path='{self.data_dir}' max-epsilon={self.max_epsilon}"
+        config = f"region='{self.region}' data-path='{self.data_dir}'"
         if self.ledger_path is not None:
             config += f" ledger-path='{self.ledger_path}'"
+        if self.policy_file is not None:
+            config += f" policy-path='{self.policy_file}'"
         return config
 
     def command(self) -> list[str]:
@@ -559,7 +587,7 @@ class SuperNodeProcess(_Group):
             "--root-certificates", str(self.certs.ca_cert),
             "--auth-supernode-private-key", str(self.key_file),
             "--node-config", self.node_config(),
-            "--isolation", "subprocess",
+            "--isolation", "process",  # the ClientApp is started only by our verifying SuperExec
             "--host", "127.0.0.1",
             "--port", str(self.clientappio_port),
         ]
@@ -567,27 +595,48 @@ class SuperNodeProcess(_Group):
             argv += ["--max-retries", str(self.max_retries)]
         return argv
 
+    def superexec_command(self, supernode_pid: int | None = None) -> list[str]:
+        """The region's SuperExec: verifies each bundle with ``trust_file`` before it is installed."""
+        assert self.trust_file is not None
+        argv = [
+            sys.executable, "-m", "fedpriv.deploy.trusted_exec", "superexec", "--trust", str(self.trust_file),
+            "--runtime-api-address", f"127.0.0.1:{self.clientappio_port}", "--insecure",
+        ]
+        if supernode_pid is not None:
+            argv += ["--parent-pid", str(supernode_pid)]
+        return argv
+
     def preflight(self) -> None:
+        from fedpriv.deploy.app_signing import load_trust_file
+
         check_region_name(self.region)
         parse_address(self.superlink_address, "--superlink")
-        _require_file(self.certs.ca_cert, "CA certificate", "copy ca.crt from the `fedpriv certs` directory into it")
+        _require_file(self.certs.ca_cert, "CA certificate", "copy ca.crt from the operator's `fedpriv certs` directory into it")
         if not self.key_file.is_file():
             known = self.certs.regions_with(".key")
             if known:
                 raise FedprivError(
                     f"unknown region {self.region!r}: {self.certs.regions_dir} has keys for {', '.join(known)} "
-                    "(check --region, or run `fedpriv certs` with this region)"
+                    f"(check --region, or run `fedpriv keygen --region {self.region} {self.certs.root}`)"
                 )
             raise FedprivError(
-                f"missing key {self.key_file} for region {self.region!r}: run `fedpriv certs DIR --regions ...` "
-                "and copy regions/<region>.key into this certs directory"
+                f"missing key {self.key_file} for region {self.region!r}: run `fedpriv keygen --region {self.region} "
+                f"{self.certs.root}` here and send regions/{self.region}.pub to the operator"
             )
         _require_file(self.key_file, "SuperNode key")
-        if os.stat(self.key_file).st_mode & 0o077:
-            self.warnings.append(f"{self.key_file} is readable by other users: chmod 600 it")
+        mode = os.stat(self.key_file).st_mode & 0o777
+        if mode & 0o077:
+            raise FedprivError(f"SuperNode key {self.key_file} is readable by other users (mode {mode:o}): chmod 600 it")
+        if self.trust_file is None:
+            raise FedprivError("missing --trust FILE: the publisher keys whose signed app bundles this region runs "
+                               "(a region never runs unsigned code)")
+        self.trusted = [t.label for t in load_trust_file(self.trust_file)]
+        if self.policy_file is not None:
+            check_policy_file(self.policy_file)
         self.data_dir = resolve_region_data_dir(self.data_dir_arg, self.region)
-        if any(ch in str(self.data_dir) for ch in "'\"\n\r"):
-            raise FedprivError(f"data directory {self.data_dir}: quotes and newlines are not supported in the path")
+        for what, path in (("data directory", self.data_dir), ("policy file", self.policy_file)):
+            if path is not None and any(ch in str(path) for ch in "'\"\n\r"):
+                raise FedprivError(f"{what} {path}: quotes and newlines are not supported in the path")
         check_port_free("127.0.0.1", self.clientappio_port, "--port")
         flower_executable("flower-supernode")
 
@@ -603,9 +652,14 @@ class SuperNodeProcess(_Group):
             "badkey": "Unable to parse the private key file",
         }
         env = _child_env({"FLWR_HOME": str(self.flwr_home)} if self.flwr_home else None)
-        self.procs = [ManagedProcess(f"supernode-{self.region}", self.command(), self.log, markers=markers, env=env)]
+        node = ManagedProcess(f"supernode-{self.region}", self.command(), self.log, markers=markers, env=env)
+        self.procs = [node]
         try:
-            self.procs[0].start()
+            node.start()
+            exec_markers = {"refused_app": "fedpriv: REFUSED app bundle:", "verified_app": "fedpriv: app bundle verified:"}
+            self.procs.append(ManagedProcess(f"superexec-{self.region}", self.superexec_command(node.pid), self.log,
+                                             markers=exec_markers, env=env))
+            self.procs[1].start()
         except BaseException:
             self.stop()
             raise
@@ -642,7 +696,9 @@ class SuperNodeProcess(_Group):
                 f"{self.certs.ca_cert} (or not issued for that host) - use the ca.crt of the same `fedpriv certs` run"
             )
         if "badkey" in p.seen:
-            return f"{self.key_file} is not a SuperNode private key (OpenSSH EC key from `fedpriv certs`)"
+            return f"{self.key_file} is not a SuperNode private key (OpenSSH EC key from `fedpriv keygen --region`)"
+        if len(self.procs) > 1 and self.procs[1].proc is not None and not self.procs[1].running() and p.running():
+            return f"the region's verifying SuperExec stopped: {_exit_message(self.procs[1])}"
         return _exit_message(p)
 
 
@@ -822,16 +878,27 @@ def _flwr_error(data: dict, control_address: str, ca_cert: str | os.PathLike | N
     return detail
 
 
-def register_region(region: str, certs_dir: str | os.PathLike, flwr_home: str | os.PathLike, control_address: str) -> tuple[str, str | None]:
-    """Register ``regions/<region>.pub``; return ("registered", node_id) or ("already registered", None)."""
-    certs = CertPaths(Path(certs_dir).expanduser().absolute())
-    pub = _require_file(certs.region_pub(region), "public key")
+def register_region(
+    region: str, public_key: str | os.PathLike, flwr_home: str | os.PathLike, control_address: str,
+    ca_cert: str | os.PathLike | None = None,
+) -> tuple[str, str | None]:
+    """Register a region's ``.pub`` file; return ("registered", node_id) or ("already registered", None).
+
+    ``public_key`` may also be a certs directory (then ``regions/<region>.pub`` in it is used).
+    """
+    from fedpriv.deploy.certs import load_region_public_key
+
+    pub = Path(public_key).expanduser().absolute()
+    if pub.is_dir():
+        certs = CertPaths(pub)
+        pub, ca_cert = certs.region_pub(region), ca_cert or certs.ca_cert
+    load_region_public_key(pub, region)
     data = _run_flwr(["supernode", "register", str(pub), FLWR_CONNECTION, "--name", region], Path(flwr_home))
     if data.get("success"):
         return "registered", str(data.get("node-id"))
     if "already in use" in str(data.get("error-message", "")):
         return "already registered", None
-    raise FedprivError(f"registering region {region!r} at {control_address} failed: {_flwr_error(data, control_address, certs.ca_cert)}")
+    raise FedprivError(f"registering region {region!r} at {control_address} failed: {_flwr_error(data, control_address, ca_cert)}")
 
 
 def list_supernodes(flwr_home: str | os.PathLike, control_address: str, ca_cert: str | os.PathLike | None = None) -> list[dict]:

@@ -1,0 +1,391 @@
+"""The utility yardstick's training runs, on any device: the ceiling, centralized DP, and fedpriv's DP-FL.
+
+Shared by ``bench/utility.py`` (the full study, data from the real partition) and
+``bench/gpu_session.py`` (a time-budgeted run on a GPU machine, data from ``.gpu/``). Everything
+that decides privacy or an update is fedpriv's own code:
+
+* a region's round is :class:`client.trainer.LocalTrainer` (Opacus, Poisson sampling,
+  ``BatchMemoryManager``, the configured local optimizer and precision);
+* σ is :func:`client.trainer.choose_noise_multiplier` for the configured accountant;
+* ε is :func:`privacy.accountant.epsilon_of` over each region's history, cross-checked by a
+  second accountant;
+* the server step on the aggregated update is ``strategies/server_optimizer.py`` (FedAvgM /
+  FedAdam, post-processing); plain FedAvg needs nothing beyond the weighted mean.
+
+Only the **ceiling** has its own loop, on purpose: it is the plain non-private fine-tune a
+practitioner would run (AdamW, shuffled mini-batches), not fedpriv. It trains the same module
+(:class:`task.features.ClassifierTop` over frozen embeddings) as ``trainable = all``.
+
+Nothing here imports flwr, ray or cryptography: it runs where only torch, transformers, peft
+and Opacus are installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+DELTA = 1e-5
+
+# Config keys other parts of fedpriv add; a run that needs one that this checkout lacks fails with a clear line.
+KEY_OWNERS = {
+    "local-optimizer": "the trainer change (client/trainer.py)",
+    "weight-decay": "the trainer change (client/trainer.py)",
+    "mixed-precision": "the trainer change (client/trainer.py)",
+    "insecure-deterministic-noise": "the trainer change (client/trainer.py)",
+    "server-optimizer": "strategies/server_optimizer.py",
+    "server-learning-rate": "strategies/server_optimizer.py",
+    "server-momentum": "strategies/server_optimizer.py",
+}
+
+
+class MissingFeature(RuntimeError):
+    """A configuration asks for something this checkout does not have yet (merge main)."""
+
+
+def known_keys() -> set[str]:
+    from fedpriv.config import load_app_defaults
+
+    return set(load_app_defaults())
+
+
+def make_config(overrides: dict):
+    """The typed run config for ``overrides`` (secure aggregation off: it does not change the model)."""
+    from fedpriv.config import resolve_config
+
+    missing = sorted(k for k in overrides if k not in known_keys())
+    if missing:
+        owners = sorted({KEY_OWNERS.get(k, "a later fedpriv change") for k in missing})
+        raise MissingFeature(f"config key(s) {', '.join(missing)} not in this checkout's pyproject.toml: "
+                             f"needs {', '.join(owners)} (merge main)")
+    return resolve_config({"secure-aggregation": False, **overrides})[1]
+
+
+def describe(o: dict) -> str:
+    """Short text of the settings that matter for a run."""
+    short = [("trainable", ""), ("lora-rank", "LoRA r="), ("local-optimizer", ""), ("learning-rate", "lr "),
+             ("weight-decay", "wd "), ("batch-size", "B "), ("physical-batch-size", "phys "), ("local-epochs", "E "),
+             ("num-server-rounds", "R "), ("max-grad-norm", "C "), ("server-optimizer", "server "),
+             ("server-learning-rate", "slr "), ("server-momentum", "smom "), ("grad-sample-mode", ""),
+             ("mixed-precision", ""), ("accountant", "")]
+    parts = []
+    for key, label in short:
+        if key in o and not (key == "lora-rank" and not o[key]):
+            v = o[key]
+            parts.append(f"{label}{v:g}" if isinstance(v, float) else f"{label}{v}")
+    return ", ".join(parts)
+
+
+# =============================================================== data as features
+
+
+@dataclass
+class PolicyData:
+    """One model (built once) and the frozen-prefix features of every split for its trainable policy."""
+
+    split: object  # task.features.SplitClassifier
+    initial: dict  # trainable values at initialisation
+    train: dict  # region -> FeatureDataset
+    val: object
+    test: object
+    seconds: float
+
+
+class Bench:
+    """Data, device and models for the runs; features are computed once per (policy, LoRA rank)."""
+
+    def __init__(self, regions: list[str], train: dict, val: dict, test, device, model_name: str = "minilm",
+                 seed: int = 42, log: Callable[[str], None] = print):
+        self.regions = list(regions)
+        self.train_enc, self.val_enc, self.test_enc = train, val, test  # EncodedDatasets
+        self.device = device
+        self.model_name = model_name
+        self.seed = seed
+        self.log = log
+        self._data: dict[tuple, PolicyData] = {}
+        self._features: dict[str, tuple] = {}
+
+    def data(self, policy: str, lora_rank: int = 0) -> PolicyData:
+        key = (policy, lora_rank)
+        if key not in self._data:
+            import torch
+
+            from task.features import FeatureDataset, SplitClassifier
+            from task.model import build_model, get_trainable
+
+            t0 = time.perf_counter()
+            model = build_model(self.model_name, policy, self.seed, "mean", lora_rank)
+            model.train()  # from_pretrained returns eval mode; Opacus records no activations then (GPU.md)
+            split = SplitClassifier(model, policy)
+            split.model.to(self.device)
+            if policy not in self._features:  # same prefix with or without LoRA (adapters sit above it)
+                feats = lambda enc: split.features(enc, self.device)  # noqa: E731
+                train = {r: feats(self.train_enc[r]) for r in self.regions}
+                vals = [feats(self.val_enc[r]) for r in self.regions]
+                val = FeatureDataset([f for v in vals for f in v.features], [y for v in vals for y in v.labels])
+                self._features[policy] = (train, val, feats(self.test_enc))
+            train, val, test = self._features[policy]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._data[key] = PolicyData(split, get_trainable(model), train, val, test, time.perf_counter() - t0)
+            self.log(f"  model + features for {policy}{f' LoRA r={lora_rank}' if lora_rank else ''}: "
+                     f"{self._data[key].seconds:.1f}s")
+        return self._data[key]
+
+    def sizes(self) -> dict[str, int]:
+        return {r: len(self.train_enc[r]) for r in self.regions}
+
+
+def evaluate(pd: PolicyData, which: str, device) -> tuple[float, float]:
+    from task.features import evaluate_top
+
+    return evaluate_top(pd.split.top, getattr(pd, which), device)
+
+
+# =============================================================== the ceiling
+
+
+@dataclass
+class RunResult:
+    label: str
+    settings: dict
+    val_acc: list[float] = field(default_factory=list)  # after each round / epoch
+    test_acc: float | None = None  # held-out, final model only
+    test_loss: float | None = None
+    test_by_epoch: list[float] = field(default_factory=list)  # fixed-schedule baselines only
+    epsilon: dict = field(default_factory=dict)
+    epsilon_check: dict = field(default_factory=dict)
+    accountant: str = ""
+    check_accountant: str = ""
+    sigma: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = ""
+    complete: bool = True
+    note: str = ""
+    final_values: dict | None = None
+
+    def row(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "final_values"}
+        return out
+
+
+def ceiling(bench: Bench, epochs: int = 3, lr: float = 5e-5, batch: int = 32, weight_decay: float = 0.01,
+            deadline: float = math.inf, policy: str = "all") -> RunResult:
+    """Non-private centralized fine-tune (AdamW, shuffled batches) of the whole encoder, embeddings frozen.
+
+    A fixed schedule (no choice is made), so held-out accuracy after every epoch is reported."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from task.features import FeatureDataset, collate_features
+    from task.model import set_trainable_values
+
+    pd = bench.data(policy)
+    set_trainable_values(pd.split.model, pd.initial)
+    pooled = FeatureDataset([f for r in bench.regions for f in pd.train[r].features],
+                            [y for r in bench.regions for y in pd.train[r].labels])
+    top = pd.split.top
+    params = [p for p in top.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loader = DataLoader(pooled, batch_size=batch, shuffle=True, collate_fn=collate_features,
+                        generator=torch.Generator().manual_seed(bench.seed))
+    res = RunResult("non-private centralized full fine-tune (ceiling)",
+                    {"trainable": policy, "optimizer": "adamw", "learning-rate": lr, "weight-decay": weight_decay,
+                     "batch-size": batch, "epochs": epochs}, device=str(bench.device))
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        top.train()
+        for i, b in enumerate(loader):
+            b = {k: v.to(bench.device, non_blocking=True) for k, v in b.items()}
+            loss = top(**b).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if time.perf_counter() > deadline:
+                res.complete = False
+                res.note = f"cut short in epoch {epoch + 1} after {i + 1} of {len(loader)} batches (time budget)"
+                break
+        res.val_acc.append(evaluate(pd, "val", bench.device)[1])
+        loss_t, acc_t = evaluate(pd, "test", bench.device)
+        res.test_by_epoch.append(acc_t)
+        res.test_acc, res.test_loss = acc_t, loss_t
+        bench.log(f"  ceiling epoch {epoch + 1}: val {100 * res.val_acc[-1]:.2f} held-out {100 * acc_t:.2f} "
+                  f"({time.perf_counter() - t0:.0f}s)")
+        if not res.complete:
+            break
+        if time.perf_counter() > deadline and epoch + 1 < epochs:
+            res.complete, res.note = False, f"cut short after {epoch + 1} of {epochs} epochs (time budget)"
+            break
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# =============================================================== fedpriv's DP-FL (and centralized DP)
+
+
+def _train_kwargs(trainer, seed: int, label: str) -> dict:
+    """LocalTrainer.train's optional arguments, whichever this checkout has."""
+    params = inspect.signature(trainer.train).parameters
+    kw = {}
+    if "seed" in params:
+        kw["seed"] = seed
+    if "label" in params:
+        kw["label"] = label
+    return kw
+
+
+class ServerStep:
+    """The server's step on the aggregated update: :class:`strategies.server_optimizer.ServerOptimizer`."""
+
+    def __init__(self, cfg):
+        self.kind = str(getattr(cfg, "server_optimizer", "fedavg") or "fedavg")
+        self.opt = None
+        if self.kind == "fedavg" and float(getattr(cfg, "server_learning_rate", 1.0)) == 1.0:
+            return  # the weighted mean as is (ServerOptimizer's identity case)
+        ServerOptimizer = import_server_optimizer()
+        self.opt = ServerOptimizer(self.kind, cfg.server_learning_rate, cfg.server_momentum,
+                                   getattr(cfg, "server_beta2", 0.99), getattr(cfg, "server_tau", 1e-3))
+
+    def __call__(self, current: dict, averaged: dict) -> dict:
+        if self.opt is None:
+            return averaged
+        return dict(self.opt.step(current, averaged))
+
+
+def import_server_optimizer():
+    """fedpriv's server update rules (numpy only: importable where flwr is not installed)."""
+    from strategies.server_update_rules import ServerOptimizer
+    return ServerOptimizer
+
+
+def _cross_check(history: list, delta: float, accountant: str) -> tuple[str, float]:
+    """ε of the same history under a second accountant (PLD if available, else the other Opacus one)."""
+    from privacy.accountant import epsilon_of
+
+    for other in (("rdp", "prv") if accountant == "pld" else ("pld", "prv", "rdp")):
+        if other == accountant:
+            continue
+        try:
+            return other, float(epsilon_of(history, delta, other))
+        except Exception:  # noqa: BLE001 - accountant not in this checkout / library missing
+            continue
+    return "", float("nan")
+
+
+def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf, pooled: bool = False,
+          keep_values: bool = False, rep: int = 0) -> RunResult:
+    """FedAvg over the regions with each region's round from LocalTrainer (``pooled``: one region holding
+    every training post and one round = centralized training through the same code).
+
+    Validation accuracy after every round; held-out accuracy is *not* computed here (call
+    :func:`held_out` on the chosen run), so a caller cannot pick on it by accident. After the first
+    round the run predicts its total time and stops early (``complete = False``) if it would pass
+    ``deadline``.
+    """
+    import torch
+
+    from client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
+    from privacy.accountant import epsilon_of
+    from task.features import FeatureDataset
+    from task.model import get_trainable, set_trainable_values
+
+    cfg = make_config(overrides)
+    pd = bench.data(cfg.trainable, cfg.lora_rank)
+    if pooled:
+        train = {"pooled": FeatureDataset([f for r in bench.regions for f in pd.train[r].features],
+                                          [y for r in bench.regions for y in pd.train[r].labels])}
+    else:
+        train = pd.train
+    names = list(train)
+    res = RunResult(label, dict(overrides), device=str(bench.device), accountant=cfg.accountant if cfg.dp else "")
+    server = ServerStep(cfg)
+    if cfg.dp:
+        for r in names:
+            res.sigma[r] = choose_noise_multiplier(region_schedule(len(train[r]), cfg), cfg)
+    else:
+        res.sigma = {r: 0.0 for r in names}
+    model = pd.split.model
+    set_trainable_values(model, pd.initial)
+    current = {k: v.copy() for k, v in pd.initial.items()}
+    history: dict[str, list] = {r: [] for r in names}
+    t0 = time.perf_counter()
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        updates = []
+        for index, region in enumerate(names):
+            set_trainable_values(model, current)
+            seed = int(np.random.SeedSequence([cfg.seed, 10_000 * rep, index, rnd]).generate_state(1)[0])
+            trainer = LocalTrainer(pd.split, train[region], cfg, bench.device)
+            out = trainer.train(history[region], res.sigma[region], **_train_kwargs(trainer, seed, region))
+            history[region] = out.history
+            updates.append((out.values, len(train[region])))
+        total = sum(n for _, n in updates)
+        averaged = {k: sum(v[k].astype(np.float64) * (n / total) for v, n in updates).astype(np.float32)
+                    for k in updates[0][0]}
+        current = server(current, averaged)
+        set_trainable_values(model, current)
+        res.val_acc.append(evaluate(pd, "val", bench.device)[1])
+        elapsed = time.perf_counter() - t0
+        bench.log(f"  {label} round {rnd}/{cfg.num_server_rounds}: val {100 * res.val_acc[-1]:.2f} ({elapsed:.0f}s)")
+        predicted = elapsed / rnd * cfg.num_server_rounds
+        if rnd < cfg.num_server_rounds and time.perf_counter() + (predicted - elapsed) > deadline:
+            res.complete = False
+            res.note = (f"stopped after {rnd} of {cfg.num_server_rounds} rounds: the whole run would take about "
+                        f"{predicted:.0f}s, past its time budget (accuracy is NOT that of the planned schedule)")
+            bench.log(f"  {label}: {res.note}")
+            break
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+    res.seconds = time.perf_counter() - t0
+    if cfg.dp:
+        res.epsilon = {r: float(epsilon_of(history[r], cfg.delta, cfg.accountant)) for r in names}
+        checks = {r: _cross_check(history[r], cfg.delta, cfg.accountant) for r in names}
+        res.check_accountant = next((a for a, _ in checks.values() if a), "")
+        res.epsilon_check = {r: e for r, (_, e) in checks.items()}
+    if keep_values:
+        res.final_values = get_trainable(model)
+    return res
+
+
+def held_out(bench: Bench, res: RunResult) -> RunResult:
+    """Held-out accuracy of a run's final model (a run whose settings were chosen on validation data)."""
+    from task.model import set_trainable_values
+
+    cfg = make_config(res.settings)
+    pd = bench.data(cfg.trainable, cfg.lora_rank)
+    if res.final_values is None:
+        raise ValueError("run without keep_values")
+    set_trainable_values(pd.split.model, res.final_values)
+    res.test_loss, res.test_acc = evaluate(pd, "test", bench.device)
+    return res
+
+
+def utility_table(rows: list[dict]) -> str:
+    """Markdown of utility rows (:meth:`RunResult.row` dicts); the ceiling is the row labelled as such."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import markdown_table
+
+    ceil = next((r["test_acc"] for r in rows if "ceiling" in r["label"] and r.get("test_acc") is not None), None)
+    out = []
+    for r in rows:
+        eps = max(r["epsilon"].values()) if r.get("epsilon") else None
+        chk = max(r["epsilon_check"].values()) if r.get("epsilon_check") else None
+        gap = 100 * (r["test_acc"] - ceil) if ceil is not None and r.get("test_acc") is not None else None
+        out.append((r["label"], "∞" if eps is None else f"{eps:.2f} ({r.get('accountant')})",
+                    "-" if chk is None or chk != chk else f"{chk:.2f} ({r.get('check_accountant')})",
+                    "-" if r.get("test_acc") is None else f"**{100 * r['test_acc']:.2f}**",
+                    "-" if gap is None else f"**{gap:+.2f}**",
+                    f"{100 * r['val_acc'][-1]:.2f}" if r.get("val_acc") else "-",
+                    ", ".join(f"{v:.2f}" for v in r["sigma"].values()) if r.get("sigma") and eps else "-",
+                    describe(r["settings"]) or ", ".join(f"{k} {v}" for k, v in r["settings"].items()),
+                    f"{r['seconds']:.0f}s", r["device"],
+                    "yes" if r.get("complete", True) else f"no: {r.get('note')}"))
+    return markdown_table(("setting", "ε", "ε cross-check", "held-out %", "vs ceiling (pts)", "validation %",
+                           "σ per region", "settings", "wall", "device", "complete"), out)

@@ -1,0 +1,50 @@
+"""``fedpriv keygen``: a key pair made where it is used; only its public half travels.
+
+* ``--region NAME DIR``, run **in the region**: the SuperNode authentication key
+  (``DIR/regions/NAME.key``, EC P-384 OpenSSH, mode 0600) and its public half
+  ``DIR/regions/NAME.pub``, which the region sends to the operator for
+  ``fedpriv register``.
+* ``--publisher NAME DIR``, run by whoever submits runs: the Ed25519 key that signs
+  app bundles (``DIR/publisher.key``) and ``DIR/publisher.pub``, which each region
+  may add to its trust file (``fedpriv supernode --trust``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fedpriv.cli import command
+
+
+@command("keygen", "Make a region's SuperNode key (run in the region) or the app publisher's signing key.")
+class KeygenCommand:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--region", metavar="NAME",
+                         help="run in region NAME: write its SuperNode key pair DIR/regions/NAME.key (stays) and .pub (send to the operator)")
+        who.add_argument("--publisher", metavar="NAME",
+                         help="write the app-signing key pair DIR/publisher.key (stays with whoever runs `fedpriv run`) "
+                              "and DIR/publisher.pub (regions put it in their trust file)")
+        p.add_argument("dir", metavar="DIR", help="directory to write into (created if missing)")
+        p.add_argument("--force", action="store_true", help="replace an existing key pair (it must then be registered / trusted again)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        if args.region is not None:
+            from fedpriv.deploy.certs import create_region_key
+
+            key, pub = create_region_key(args.dir, args.region, force=args.force)
+            print(f"wrote {key}  (private: stays in region {args.region}, mode 0600)")
+            print(f"wrote {pub}  (public: send this file to the operator)")
+            print(f"the operator registers it with: fedpriv register --certs CERTS_DIR --public-key {args.region}={pub.name}")
+            print(pub.read_text().strip())
+            return 0
+        from fedpriv.deploy.app_signing import create_publisher_key, trust_line
+
+        key, pub = create_publisher_key(args.dir, args.publisher, force=args.force)
+        print(f"wrote {key}  (private: signs app bundles; pass it to `fedpriv run --sign-key`, mode 0600)")
+        print(f"wrote {pub}  (public: send it to every region)")
+        print("a region trusts this publisher by adding this line to its trust file (fedpriv supernode --trust FILE):")
+        print(trust_line(args.publisher, pub.read_text()), end="")
+        return 0

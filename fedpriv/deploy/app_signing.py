@@ -1,0 +1,261 @@
+"""Signed app bundles: a region runs only code signed by a publisher it chose to trust.
+
+Why not Flower's own ``flower-supernode --trusted-entities``? In flwr 1.41 that
+check (``flwr/supernode/start_client_internal.py``: ``_pull_and_store_message`` ->
+``_verify_fab``) only accepts signatures that the SuperLink attaches to a FAB it
+downloaded from Flower Hub (``flwr app review`` signs on the Hub; the SuperLink's
+``control_handlers.start_run`` sets ``verifications = {}`` for a FAB submitted
+with ``flwr run``). A locally submitted bundle therefore has no signature the
+SuperNode could check, and every such run is refused ("App verification is not
+supported by the connected SuperLink"). fedpriv keeps Flower's *formats* - an
+Ed25519 publisher key in OpenSSH format (what ``flwr app review`` signs with) and
+a trust file in the ``--trusted-entities`` YAML format (``label: 'ssh-ed25519
+AAAA... comment'``) - and carries the signature inside the bundle:
+
+* ``.info/FEDPRIV-SIGNATURE`` (JSON) signs a digest of *every other entry* of the
+  FAB zip (name and SHA-256 of its bytes, sorted), so adding, removing or changing
+  any file - not only those listed in Flower's ``.info/CONTENT`` - breaks it.
+* The region verifies it with keys from its *own* trust file before the bundle is
+  installed or any of its code imported (:mod:`fedpriv.deploy.trusted_exec`).
+
+The coordinator cannot forge a signature, and the key id in the signature only
+says which trusted key to try: the key itself always comes from the region's file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import stat
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedpriv.errors import FedprivError
+
+SIGNATURE_ENTRY = ".info/FEDPRIV-SIGNATURE"
+SIGNATURE_FORMAT = "fedpriv-fab-signature/1"
+_DOMAIN = SIGNATURE_FORMAT.encode("ascii") + b"\0"  # never valid as any other kind of signed message
+
+
+class AppNotTrusted(FedprivError):
+    """The bundle is unsigned, modified, or signed by a key the region does not trust."""
+
+
+@dataclass(frozen=True)
+class TrustedPublisher:
+    label: str  # the region's own name for it (the trust file's key)
+    key: ed25519.Ed25519PublicKey
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key)
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+
+def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    """``fpk_`` + 32 hex digits of SHA-256 over the raw public key: names a key, cannot be chosen."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "fpk_" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def make_publisher_keypair(comment: str) -> tuple[bytes, bytes]:
+    """An Ed25519 publisher key pair: (OpenSSH private key, one OpenSSH public line)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b" " + comment.encode("ascii") + b"\n"
+
+
+PUBLISHER_KEY = "publisher.key"
+PUBLISHER_PUB = "publisher.pub"
+
+
+def create_publisher_key(directory: str | os.PathLike, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write ``DIR/publisher.key`` (0600, stays with whoever submits runs) and ``DIR/publisher.pub``."""
+    from fedpriv.deploy.certs import check_region_name, write_private, write_public
+
+    check_region_name(name)
+    root = Path(directory).expanduser().absolute()
+    key, pub = root / PUBLISHER_KEY, root / PUBLISHER_PUB
+    existing = [p for p in (key, pub) if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FedprivError(f"{existing[0]} already exists: refusing to overwrite the publisher key; pass --force to replace it "
+                           "(every region must then trust the new publisher.pub)")
+    if root.exists() and not root.is_dir():
+        raise FedprivError(f"{root} exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for p in existing:
+            p.unlink()
+        private, public = make_publisher_keypair(f"fedpriv-publisher-{name}")
+        write_private(key, private)
+        write_public(pub, public)
+    except OSError as exc:
+        raise FedprivError(f"cannot write the publisher key to {root}: {exc.strerror or exc}") from exc
+    return key, pub
+
+
+def trust_line(label: str, public_line: str) -> str:
+    """One trust-file entry (YAML) for a publisher's ``publisher.pub`` line."""
+    return f"{label}: {json.dumps(public_line.strip())}\n"
+
+
+def load_publisher_key(path: str | os.PathLike) -> ed25519.Ed25519PrivateKey:
+    """The publisher's private key; refused if missing, readable by others, or not Ed25519 OpenSSH."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FedprivError(f"missing publisher key {p}: create it with `fedpriv keygen --publisher DIR`")
+    if os.stat(p).st_mode & 0o077:
+        raise FedprivError(f"publisher key {p} is readable by other users (mode {stat.S_IMODE(os.stat(p).st_mode):o}): chmod 600 it")
+    try:
+        key = serialization.load_ssh_private_key(p.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise FedprivError(f"{p} is not an OpenSSH private key ({exc}): use publisher.key from `fedpriv keygen --publisher`") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise FedprivError(f"{p} is not an Ed25519 key: app bundles are signed with `fedpriv keygen --publisher` keys")
+    return key
+
+
+def load_trust_file(path: str | os.PathLike) -> list[TrustedPublisher]:
+    """The region's trust list: a YAML mapping ``label: 'ssh-ed25519 AAAA... [comment]'`` (Flower's format)."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FedprivError(f"missing trust file {p}: list the publisher keys this region trusts "
+                           "(`label: 'ssh-ed25519 AAAA...'`, one per line; the publisher's publisher.pub)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise FedprivError(f"trust file {p} is not readable YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not data:
+        raise FedprivError(f"trust file {p}: expected a mapping `label: 'ssh-ed25519 AAAA...'` with at least one publisher key")
+    out: list[TrustedPublisher] = []
+    for label, line in data.items():
+        if not isinstance(line, str):
+            raise FedprivError(f"trust file {p}: entry {label!r}: expected an OpenSSH public key line 'ssh-ed25519 AAAA...'")
+        try:
+            key = serialization.load_ssh_public_key(line.strip().encode("utf-8"))
+        except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+            raise FedprivError(f"trust file {p}: entry {label!r} is not an OpenSSH public key line") from None
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise FedprivError(f"trust file {p}: entry {label!r} is not an Ed25519 key (expected 'ssh-ed25519 AAAA...')")
+        out.append(TrustedPublisher(str(label), key))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The signed digest: every zip entry but the signature itself
+# ---------------------------------------------------------------------------
+
+
+def bundle_digest(fab: bytes) -> bytes:
+    """SHA-256 over ``name NUL sha256(content) LF`` of every entry except the signature, sorted by name.
+
+    Entry names must be canonical (no ``..``, ``.``, empty or absolute parts, no
+    backslashes), unique and not symlinks, so that what is extracted is exactly
+    what was signed.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(fab))
+    except zipfile.BadZipFile:
+        raise AppNotTrusted("the app bundle is not a FAB (zip) archive") from None
+    lines: list[bytes] = []
+    seen: set[str] = set()
+    with zf:
+        for info in zf.infolist():
+            name = info.filename
+            if name in seen:
+                raise AppNotTrusted(f"the app bundle has two entries named {name!r}")
+            seen.add(name)
+            parts = name.rstrip("/").split("/")
+            if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
+                raise AppNotTrusted(f"the app bundle has a non-canonical entry name {name!r}")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise AppNotTrusted(f"the app bundle has a symbolic link {name!r}")
+            if name == SIGNATURE_ENTRY:
+                continue
+            lines.append(name.encode("utf-8") + b"\0" + hashlib.sha256(zf.read(info)).hexdigest().encode("ascii") + b"\n")
+    return hashlib.sha256(b"".join(sorted(lines))).digest()
+
+
+def _message(digest: bytes, signed_at: int) -> bytes:
+    # Flower's layout (flwr.supercore.primitives.asymmetric_ed25519.create_message_to_sign:
+    # 8-byte big-endian timestamp + digest), behind a fedpriv domain prefix.
+    return _DOMAIN + signed_at.to_bytes(8, "big") + digest
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_bundle(fab: bytes, private_key: ed25519.Ed25519PrivateKey, signed_at: int | None = None) -> bytes:
+    """Return ``fab`` with ``.info/FEDPRIV-SIGNATURE`` added (an existing one is replaced)."""
+    signed_at = int(time.time()) if signed_at is None else int(signed_at)
+    src = zipfile.ZipFile(io.BytesIO(fab))
+    out = io.BytesIO()
+    with src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename != SIGNATURE_ENTRY:
+                dst.writestr(info, src.read(info))
+    digest = bundle_digest(out.getvalue())
+    doc = {
+        "format": SIGNATURE_FORMAT,
+        "key-id": key_id(private_key.public_key()),
+        "signed-at": signed_at,
+        "bundle-sha256": digest.hex(),
+        "signature": _b64(private_key.sign(_message(digest, signed_at))),
+    }
+    with zipfile.ZipFile(out, "a", zipfile.ZIP_DEFLATED) as dst:
+        dst.writestr(SIGNATURE_ENTRY, json.dumps(doc, indent=1, sort_keys=True))
+    return out.getvalue()
+
+
+def verify_bundle(fab: bytes, trusted: list[TrustedPublisher]) -> TrustedPublisher:
+    """The trusted publisher whose key signed ``fab``; :class:`AppNotTrusted` (one line) otherwise."""
+    short = hashlib.sha256(fab).hexdigest()[:12]
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            names = zf.namelist()
+            raw = zf.read(SIGNATURE_ENTRY) if SIGNATURE_ENTRY in names else None
+    except zipfile.BadZipFile:
+        raise AppNotTrusted(f"app bundle {short} is not a FAB (zip) archive") from None
+    if raw is None:
+        raise AppNotTrusted(f"app bundle {short} is not signed: this region runs only bundles signed by a publisher in its trust file")
+    try:
+        doc = json.loads(raw)
+        kid, signed_at, signature = str(doc["key-id"]), int(doc["signed-at"]), _unb64(str(doc["signature"]))
+        if doc.get("format") != SIGNATURE_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AppNotTrusted(f"app bundle {short} has an unreadable signature ({exc})") from None
+    publisher = next((t for t in trusted if t.key_id == kid), None)
+    if publisher is None:
+        raise AppNotTrusted(f"app bundle {short} is signed by {kid}, which is not in this region's trust file")
+    try:
+        digest = bundle_digest(fab)
+    except AppNotTrusted as exc:
+        raise AppNotTrusted(f"app bundle {short}: {exc}") from None
+    try:
+        publisher.key.verify(signature, _message(digest, signed_at))
+    except InvalidSignature:
+        raise AppNotTrusted(f"app bundle {short} does not match its signature by {publisher.label!r} "
+                            "(modified after signing)") from None
+    return publisher
