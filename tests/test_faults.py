@@ -377,9 +377,9 @@ def test_stopped_coordinator_resumes_with_continuous_epsilon(deployment):
         assert sorted({r.round for r in releases}) == [1, 2]
         assert [tuple(h) for h in region["history"]] == [r.history_entry for r in releases]
         assert region["steps_by_round"][-1] == sum(r.steps for r in releases)
-        fresh = epsilon_of([r.history_entry for r in releases], report["delta"], "rdp")
+        fresh = epsilon_of([r.history_entry for r in releases], report["delta"], report["accountant"])
         assert eps[-1] == pytest.approx(fresh, rel=1e-9)
-        assert eps[0] == pytest.approx(epsilon_of([releases[0].history_entry], report["delta"], "rdp"), rel=1e-9)
+        assert eps[0] == pytest.approx(epsilon_of([releases[0].history_entry], report["delta"], report["accountant"]), rel=1e-9)
     assert (run_dir / "final_model" / "config.json").exists()
 
 

@@ -44,7 +44,7 @@ def google_rdp_epsilon(history, delta):
 
 
 def test_epsilon_composes_over_rounds_and_matches_independent_accountants(tmp_path):
-    region = make_region(tmp_path, **{"num-server-rounds": 3, "target-epsilon": 4.0})
+    region = make_region(tmp_path, **{"num-server-rounds": 3, "target-epsilon": 4.0, "accountant": "rdp"})
     values = get_trainable(region.split.model)
     epsilons = []
     for rnd in (1, 2, 3):

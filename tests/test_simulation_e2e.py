@@ -29,7 +29,7 @@ def test_two_regions_two_rounds_write_the_report_with_composed_epsilon(tmp_path)
     run_dir = result.run_dir
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert (run_dir / "privacy_report.md").read_text().startswith("# fedpriv privacy-budget report")
-    assert report["status"] == "completed" and report["accountant"] == "rdp" and report["delta"] == 1e-5
+    assert report["status"] == "completed" and report["accountant"] == "pld" and report["delta"] == 1e-5
     assert set(report["regions"]) == {"us-east", "eu-west"}
     for region in report["regions"].values():
         eps = region["epsilon_by_round"]
