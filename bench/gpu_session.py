@@ -58,10 +58,19 @@ def dp_base(accountant: str) -> dict:
             "max-grad-norm": 1.0, "target-epsilon": 8.0}
 
 
-def grid(quick: bool) -> list[tuple[str, dict]]:
+def grid(quick: bool, name: str = "first") -> list[tuple[str, dict]]:
     """Candidates at ε = 8, most promising first (issue 10's measurements): the section runs as many as its
-    budget allows, at least the first two."""
+    budget allows, at least the first two. ``name = "long"``: the second session's grid, more rounds
+    (the first session's validation curves were still rising after 5-10 rounds)."""
     adam = {"local-optimizer": "adam", "weight-decay": 0.0}
+    if name == "long" and not quick:
+        long = {"local-epochs": 1.0, "num-server-rounds": 25, "batch-size": 1024,
+                "server-optimizer": "fedavgm", "server-momentum": 0.5,
+                "grad-sample-mode": "hooks", "physical-batch-size": 512}  # the first session's fastest DP setting
+        return [("LoRA r=16 all layers, Adam 3e-3, B 1024, E 1 x R 25, FedAvgM 0.5",
+                 {"trainable": "all", "lora-rank": 16, **adam, "learning-rate": 3e-3, **long}),
+                ("all, Adam 1e-3, B 1024, E 1 x R 25, FedAvgM 0.5",
+                 {"trainable": "all", **adam, "learning-rate": 1e-3, **long})]
     if quick:
         sched = {"batch-size": 64, "physical-batch-size": 64, "local-epochs": 1.0, "num-server-rounds": 2}
         return [("all, Adam 5e-4, FedAvg", {"trainable": "all", **adam, "learning-rate": 5e-4, **sched}),
@@ -328,7 +337,7 @@ def _describe(o: dict) -> str:
 def section_c(s: Session, bench, env, budget: float) -> None:
     end = time.perf_counter() + budget
     results = []
-    for i, (name, g) in enumerate(grid(s.quick)):
+    for i, (name, g) in enumerate(grid(s.quick, s.args.grid)):
         if i >= 2 and time.perf_counter() > end:
             break
         try:
@@ -438,7 +447,7 @@ def plan_only(s: Session, accountant: str) -> int:
     sizes = {r: len(splits.train[r]) for r in splits.regions}
     if s.args.val_from == "train":
         sizes = {r: n - max(1, n // 10) for r, n in sizes.items()}
-    todo = [(g, eps, False) for _, g in grid(s.quick) for eps in (8.0, 3.0, 1.0)]
+    todo = [(g, eps, False) for _, g in grid(s.quick, s.args.grid) for eps in (8.0, 3.0, 1.0)]
     todo += [(central_dp(s.quick), 8.0, True), (head_default(s.quick), 8.0, False)]
     n_done = 0
     for o, eps, pooled in todo:
@@ -467,6 +476,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 posts per split, tiny schedules: a CPU smoke run")
     parser.add_argument("--sections", default="abcdef", help="which sections, in priority order (default abcdef)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--grid", choices=("first", "long"), default="first",
+                        help="section c's candidates: the first session's, or the longer schedules tried second")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="the folder prepare_gpu.sh filled (default .gpu)")
     parser.add_argument("--val-from", choices=("local-test", "train"), default="local-test",
                         help="validation = the regions' local test posts (default; never trained on) or 10%% of "
