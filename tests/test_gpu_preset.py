@@ -113,7 +113,8 @@ def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_pat
     root = tmp_path / "shards"
     write_shards(partition_corpus(load_corpus(corpus_dir), partition_spec(cfg)), root)
     _, cfg = resolve_config({**small, "data-dir": str(root), "run-dir": str(tmp_path / "run")}, preset)
-    assert (cfg.trainable, cfg.server_optimizer, cfg.server_momentum, cfg.grad_sample_mode) == ("all", "fedavgm", 0.5, "ghost")
+    assert (cfg.trainable, cfg.local_optimizer, cfg.server_optimizer, cfg.server_momentum, cfg.grad_sample_mode) == \
+        ("all", "adam", "fedavgm", 0.5, "hooks")
     regions = [RegionRuntime(cfg, identify_region({"partition-id": i}, cfg)) for i in range(2)]
     optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum,
                                 cfg.server_beta2, cfg.server_tau)
