@@ -20,8 +20,6 @@ no SuperNodes and submits unsigned.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from fedpriv.deploy.processes import child_env, flower_executable, stop_process_tree
 from fedpriv.errors import FedprivError
 
 CONNECTION = "fedpriv"
@@ -64,10 +63,10 @@ class FlowerRunClient:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        return child_env({"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"})
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([flwr_executable(), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run([flower_executable("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None,
@@ -120,14 +119,15 @@ class FlowerRunClient:
 
     def wait(self, run_id: int, stream: bool = True, poll_s: float = 5.0, timeout_s: float | None = None,
              unreachable_s: float = 90.0) -> RunOutcome:
-        """Stream the run's logs until it finishes; Ctrl-C stops the run on the SuperLink too.
+        """Stream the run's logs until it finishes; Ctrl-C or SIGTERM (``StopRequested``, a
+        ``KeyboardInterrupt``) stops the run on the SuperLink too.
 
         Returns ``finished:timeout`` (after stopping the run) once ``timeout_s`` has passed, and
         status ``unknown`` when the SuperLink has not answered for ``unreachable_s`` (it died).
         """
         log_proc = None
         if stream:
-            log_proc = subprocess.Popen([flwr_executable(), "log", str(run_id), CONNECTION, "--stream"], env=self.env,
+            log_proc = subprocess.Popen([flower_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         started = time.monotonic()
@@ -153,35 +153,13 @@ class FlowerRunClient:
             raise
         finally:
             if log_proc is not None:
-                _stop_group(log_proc)
+                stop_process_tree(log_proc)
 
     def stop(self, run_id: int) -> None:
         try:
             self._flwr("stop", str(run_id), CONNECTION, timeout=60)
         except subprocess.TimeoutExpired:
             pass
-
-
-def flwr_executable() -> str:
-    """The ``flwr`` CLI next to this interpreter (the venv), else the one on PATH."""
-    local = Path(sys.executable).parent / "flwr"
-    return str(local) if local.is_file() and os.access(local, os.X_OK) else "flwr"
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop a child started with ``start_new_session=True`` and everything in its group."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _toml_value(value: Any) -> str:

@@ -62,3 +62,17 @@ def test_region_too_small_for_the_batch_size(tmp_path):
 def test_report_of_a_directory_without_a_report(tmp_path):
     proc = run_cli("report", str(tmp_path))
     assert_one_line_error(proc, "privacy_report.json")
+
+
+@pytest.mark.parametrize("where, fragments", [
+    ("/proc/forbidden", ["/proc/forbidden", "No such file or directory", "expected"]),
+    ("FILE/data", ["FILE/data", "Not a directory", "expected a directory"]),
+])
+def test_unusable_data_dir_is_one_line_naming_the_path(tmp_path, where, fragments):
+    """An OSError from a path the user gave (here: a corpus cache that cannot be created) was a
+    FileNotFoundError traceback; now it is one line naming the path and what is expected."""
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    where = where.replace("FILE", str(tmp_path / "FILE"))
+    proc = run_cli("prepare-data", "--data-dir", where)
+    assert_one_line_error(proc, *[f.replace("FILE", str(tmp_path / "FILE")) for f in fragments])
+    assert proc.stderr.startswith("fedpriv prepare-data: error: ")

@@ -20,7 +20,7 @@ the job id.
 
 Exit status: 0 when the run completed and its report says so, 1 when the run
 failed, was stopped, timed out or ended early (e.g. no region left), 2 for input
-errors, 130 on Ctrl-C (the run is stopped on the SuperLink).
+errors, 130 on Ctrl-C and 143 on SIGTERM (the run is stopped on the SuperLink).
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ class RunCommand:
               f"{online} SuperNode(s) online); run dir {plan.run_dir}", flush=True)
         try:
             outcome = client.wait(run_id, stream=not args.quiet, timeout_s=args.timeout, poll_s=5.0)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as StopRequested
             print(f"\nfedpriv run: interrupted: run {run_id} stopped on the SuperLink. Continue it with:\n  "
                   f"{resume_command(plan)}", flush=True)
-            return 130
+            return int(getattr(exc, "exit_status", 130))
         return finish(plan, outcome, time.time() - started)
 
 

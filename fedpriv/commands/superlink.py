@@ -64,7 +64,7 @@ class SuperLinkCommand:
                     raise FedprivError(_exit_message(dead))
                 time.sleep(0.5)
         except (KeyboardInterrupt, StopRequested) as exc:
-            print(f"fedpriv superlink: {'SIGINT' if isinstance(exc, KeyboardInterrupt) else exc}: stopping", flush=True)
+            print(f"fedpriv superlink: {exc if isinstance(exc, StopRequested) else 'SIGINT'}: stopping", flush=True)
             return 0
         finally:
             ignore_stop_signals()  # a second Ctrl-C must not interrupt the cleanup

@@ -77,7 +77,7 @@ class SuperNodeCommand:
                     hinted = True
                 proc.wait_marker(("ready",) if not announced else (), 0.5)
         except (KeyboardInterrupt, StopRequested) as exc:
-            print(f"fedpriv supernode: {'SIGINT' if isinstance(exc, KeyboardInterrupt) else exc}: stopping", flush=True)
+            print(f"fedpriv supernode: {exc if isinstance(exc, StopRequested) else 'SIGINT'}: stopping", flush=True)
             return 0
         finally:
             ignore_stop_signals()  # a second Ctrl-C must not interrupt the cleanup

@@ -11,10 +11,12 @@
 * ``flwr`` CLI helpers: :func:`write_flwr_home`, :func:`register_region`,
   :func:`list_supernodes`.
 
-Every child runs in its own session (``start_new_session=True``); :meth:`stop`
-sends SIGTERM to the process group, then SIGKILL after a grace period, and also
-stops descendants that left the group (Flower starts ``flower-superexec`` in a new
-session). Output goes through a pipe to ``log_file`` (and the console with
+Every child runs in its own session (``start_new_session=True``) and is stopped by
+:func:`stop_process_tree` - the one stopper every fedpriv command uses: SIGTERM to
+the process group, then SIGKILL after a grace period, and also the descendants that
+left the group (Flower starts ``flower-superexec`` in a new session, Ray its own
+daemons). :func:`install_stop_handlers` turns SIGINT/SIGTERM/SIGHUP into
+:class:`StopRequested` so that cleanup runs whichever way a command is stopped. Output goes through a pipe to ``log_file`` (and the console with
 ``echo=True``); readiness and failures are recognized from it.
 """
 
@@ -54,10 +56,20 @@ FLWR_CONNECTION = "fedpriv"
 CHILD_ENV_DEFAULTS = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower child: ours, no phoning home, and this interpreter's scripts first on PATH.
+
+    Flower's processes start each other by name (``flower-superexec``, ``flwr-serverapp``,
+    ``flwr-clientapp``...): with the scripts installed beside this interpreter first on the
+    children's PATH they are found - and are the pinned ones - also when the virtualenv is not
+    activated. Only the children's environment changes, never this process's.
+    """
     env = dict(os.environ)
     for k, v in CHILD_ENV_DEFAULTS.items():
         env.setdefault(k, v)
+    bindir = os.path.dirname(sys.executable)
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
+    env["PATH"] = os.pathsep.join([bindir, *parts])
     env.update(extra or {})
     return env
 
@@ -161,25 +173,37 @@ class ManagedProcess:
             return list(self.tail)[-n:]
 
     def stop(self, grace: float = STOP_GRACE) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``grace``; then sweep stray descendants."""
+        """Stop the child and everything it started (:func:`stop_process_tree`); then the log pump."""
         if self.proc is None:
             return None
-        strays = _descendants(self.proc.pid)
-        pgid = self.proc.pid  # session leader: its pid is its process-group id
-        if self.proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                _killpg(pgid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        _killpg(pgid, signal.SIGKILL)  # anything left in the group (no-op if empty)
-        _terminate_all(strays, grace=min(grace, 5.0))
+        stop_process_tree(self.proc, grace)
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = STOP_GRACE) -> int | None:
+    """Stop a child started with ``start_new_session=True`` and every process under it.
+
+    SIGTERM to its process group, SIGKILL after ``grace``; then the descendants that left the
+    group (seen before the first signal: Flower starts ``flower-superexec`` in a new session,
+    which starts the ServerApp or ``flwr-simulation`` and its Ray daemons) get SIGTERM, and
+    SIGKILL if they outlive a shorter grace. Safe to call twice or after the child exited.
+    """
+    strays = _descendants(proc.pid)
+    pgid = proc.pid  # session leader: its pid is its process-group id
+    if proc.poll() is None:
+        _killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _killpg(pgid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    _killpg(pgid, signal.SIGKILL)  # anything left in the group (no-op if empty)
+    _terminate_all(strays, grace=min(grace, 5.0))
+    return proc.returncode
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -431,7 +455,7 @@ class SuperLinkProcess(_Group):
             raise RuntimeError("SuperLinkProcess already started")
         self.preflight()
         self.log.open()
-        env = _child_env({"FLWR_HOME": str(self.flwr_home)} if self.flwr_home else None)
+        env = child_env({"FLWR_HOME": str(self.flwr_home)} if self.flwr_home else None)
         self.procs = [
             ManagedProcess("superlink", self.superlink_command(), self.log, env=env),
             ManagedProcess("gateway", self.gateway_command(), self.log, env=env),
@@ -651,7 +675,7 @@ class SuperNodeProcess(_Group):
             "tls": "CERTIFICATE_VERIFY_FAILED",
             "badkey": "Unable to parse the private key file",
         }
-        env = _child_env({"FLWR_HOME": str(self.flwr_home)} if self.flwr_home else None)
+        env = child_env({"FLWR_HOME": str(self.flwr_home)} if self.flwr_home else None)
         node = ManagedProcess(f"supernode-{self.region}", self.command(), self.log, markers=markers, env=env)
         self.procs = [node]
         try:
@@ -749,22 +773,52 @@ def _last_line_hint(procs: list[ManagedProcess]) -> str:
 # ---------------------------------------------------------------------------
 
 
-class StopRequested(Exception):
-    """SIGINT/SIGTERM/SIGHUP received by a foreground fedpriv command."""
+class StopRequested(KeyboardInterrupt):
+    """SIGINT/SIGTERM/SIGHUP received by a foreground fedpriv command.
+
+    A :class:`KeyboardInterrupt`, so every ``except KeyboardInterrupt`` cleanup (stop the run
+    on the SuperLink, stop the process tree) handles SIGTERM as it handles Ctrl-C, and no
+    ``except Exception`` swallows it. ``exit_status`` is the shell's 128 + signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+_stop_requested = threading.Event()
 
 
 def _raise_stop(signum: int, _frame: object) -> None:
-    raise StopRequested(signal.Signals(signum).name)
+    if _stop_requested.is_set():
+        return  # a second signal must not interrupt the cleanup the first one started
+    _stop_requested.set()
+    raise StopRequested(signum)
 
 
 def install_stop_handlers() -> dict:
-    """Turn SIGINT/SIGTERM/SIGHUP into :class:`StopRequested` and return the old handlers.
+    """Turn SIGINT/SIGTERM/SIGHUP into :class:`StopRequested` (once) and return the old handlers.
 
-    SIGINT is handled explicitly so that Ctrl-C stops the children even when the
-    command was started with SIGINT ignored (e.g. as a background job of a script).
-    The children run in their own sessions, so a terminal's Ctrl-C reaches only
-    fedpriv, which then stops them (SIGTERM to each process group, SIGKILL later).
+    SIGTERM is how ``timeout``, systemd, CI runners and container runtimes stop a program;
+    without a handler Python dies at once and the children (in their own sessions) are left
+    running. SIGINT is handled explicitly so that Ctrl-C stops the children even when the
+    command was started with SIGINT ignored (e.g. as a background job of a script). The
+    children run in their own sessions, so a terminal's Ctrl-C reaches only fedpriv, which
+    then stops them (:func:`stop_process_tree`). Only the first signal raises: later ones are
+    ignored until the handlers are installed again, so they cannot cut the cleanup short.
+    Outside the main thread (where Python cannot set handlers) nothing changes and {} is returned.
     """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    _stop_requested.clear()
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         old[sig] = signal.signal(sig, _raise_stop)
@@ -778,7 +832,8 @@ def ignore_stop_signals() -> None:
 
 def restore_handlers(old: dict) -> None:
     for sig, handler in old.items():
-        signal.signal(sig, handler)
+        if handler is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------
@@ -822,7 +877,7 @@ def _run_flwr(args: list[str], flwr_home: Path, timeout: float = 60.0) -> dict:
     argv = [flower_executable("flwr"), *args, "--format", "json"]
     try:
         cp = subprocess.run(
-            argv, env=_child_env({"FLWR_HOME": str(flwr_home)}), stdin=subprocess.DEVNULL,
+            argv, env=child_env({"FLWR_HOME": str(flwr_home)}), stdin=subprocess.DEVNULL,
             capture_output=True, text=True, timeout=timeout, start_new_session=True,
         )
     except subprocess.TimeoutExpired:
