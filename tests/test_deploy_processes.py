@@ -525,7 +525,9 @@ def test_register_command_is_idempotent(deployment, capsys):
 
 
 @pytest.mark.slow
-def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path, sig):
+    """Ctrl-C, and SIGTERM (how timeout, systemd and container runtimes stop a service), stop it cleanly."""
     certs = create_certs(tmp_path / "certs", demo_regions=("a",)).paths
     fleet, control = free_port(), free_port()
     proc = subprocess.Popen(
@@ -550,7 +552,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
         time.sleep(0.5)
         pids |= _tree(proc.pid)
         assert len(pids) >= 3  # fedpriv, flower-superlink, gateway (+ flower-superexec)
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, sig)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
@@ -563,7 +565,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path):
                 pass
     reader.join(timeout=5)
     _assert_gone(pids)
-    assert any("stopping" in line for line in out)
+    assert any(f"{sig.name}: stopping" in line for line in out)
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path, capsys):
