@@ -92,7 +92,7 @@ def os_error_line(exc: OSError) -> str:
     """One line for an OSError: the path, what went wrong, and what is expected instead."""
     what = exc.strerror or type(exc).__name__
     if exc.filename is None:
-        return f"{what}" if exc.strerror else str(exc) or what
+        return what if exc.strerror else (str(exc).strip().splitlines() or [what])[0]
     path = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
     expected = _EXPECTED.get(exc.errno or 0)
     return f"{path}: {what}" + (f": expected {expected}" if expected else "")

@@ -21,8 +21,6 @@ import pytest
 
 from conftest import write_corpus
 
-pytestmark = pytest.mark.slow
-
 SERVER_LINE = "round 0: global model on"  # the ServerApp (coordinator.py) logs it once, before round 1
 TRAINING = "[ROUND 1/"  # Flower's ServerApp line: round 1 (and the ClientApps) started
 
@@ -50,6 +48,7 @@ def _names(procs: dict[int, psutil.Process]) -> str:
     return " | ".join(cmd for cmd in _alive(procs).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_simulate_stopped_by_a_signal_stops_its_whole_process_tree(tmp_path: Path, sig: signal.Signals):
     data = write_corpus(tmp_path / "data", 600)
@@ -111,3 +110,41 @@ def test_simulate_stopped_by_a_signal_stops_its_whole_process_tree(tmp_path: Pat
     assert "Traceback" not in text, text[-3000:]
     # Each ServerApp log line reaches the console once (not once coloured and once timestamped).
     assert len([ln for ln in text.splitlines() if SERVER_LINE in ln]) == 1, text[-3000:]
+
+
+def test_sigterm_becomes_stop_requested_once_and_not_during_a_tree_stop():
+    """SIGTERM raises StopRequested (a KeyboardInterrupt: every Ctrl-C cleanup runs for it too); a signal
+    arriving while a process tree is being stopped does not cut that stop short."""
+    from fedpriv.deploy import processes
+
+    old = processes.install_stop_handlers()
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        # The parent takes a second to stop on SIGTERM (the signal to fedpriv lands meanwhile) and has a
+        # child in a session of its own, as Flower's SuperLink starts its SuperExec.
+        grandchild_code = ("import signal, subprocess, sys, time; "
+                           "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.0), sys.exit(0))); "
+                           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+                           "time.sleep(60)")
+        parent = subprocess.Popen([sys.executable, "-c", grandchild_code], start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (escaped,) = psutil.Process(parent.pid).children()  # in its own session: not in the group
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        processes.stop_process_tree(parent, grace=5)  # the SIGTERM lands meanwhile: ignored
+        assert time.monotonic() - started > 0.5  # (so it did land during the stop)
+        assert parent.poll() == 0
+        assert not escaped.is_running() or escaped.status() == psutil.STATUS_ZOMBIE
+        with pytest.raises(KeyboardInterrupt) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert isinstance(caught.value, processes.StopRequested)
+        assert caught.value.signal_name == "SIGTERM" and caught.value.exit_status == 143
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while the first one's cleanup runs: ignored
+        time.sleep(0.2)
+        processes.stop_process_tree(child, grace=5)
+        assert child.poll() is not None
+    finally:
+        processes.restore_handlers(old)

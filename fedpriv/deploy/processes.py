@@ -16,8 +16,9 @@ Every child runs in its own session (``start_new_session=True``) and is stopped 
 the process group, then SIGKILL after a grace period, and also the descendants that
 left the group (Flower starts ``flower-superexec`` in a new session, Ray its own
 daemons). :func:`install_stop_handlers` turns SIGINT/SIGTERM/SIGHUP into
-:class:`StopRequested` so that cleanup runs whichever way a command is stopped. Output goes through a pipe to ``log_file`` (and the console with
-``echo=True``); readiness and failures are recognized from it.
+:class:`StopRequested` so that cleanup runs whichever way a command is stopped.
+Output goes through a pipe to ``log_file`` (and the console with ``echo=True``);
+readiness and failures are recognized from it.
 """
 
 from __future__ import annotations
@@ -191,19 +192,27 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = STOP_GRACE) -> int 
     group (seen before the first signal: Flower starts ``flower-superexec`` in a new session,
     which starts the ServerApp or ``flwr-simulation`` and its Ray daemons) get SIGTERM, and
     SIGKILL if they outlive a shorter grace. Safe to call twice or after the child exited.
+    A stop signal arriving meanwhile does not cut it short (see :func:`install_stop_handlers`).
     """
-    strays = _descendants(proc.pid)
-    pgid = proc.pid  # session leader: its pid is its process-group id
-    if proc.poll() is None:
-        _killpg(pgid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _killpg(pgid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    _killpg(pgid, signal.SIGKILL)  # anything left in the group (no-op if empty)
-    _terminate_all(strays, grace=min(grace, 5.0))
-    return proc.returncode
+    shield = threading.current_thread() is threading.main_thread() and not _stop_requested.is_set()
+    if shield:
+        _stop_requested.set()  # the handler ignores signals while the tree is being stopped
+    try:
+        strays = _descendants(proc.pid)
+        pgid = proc.pid  # session leader: its pid is its process-group id
+        if proc.poll() is None:
+            _killpg(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _killpg(pgid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        _killpg(pgid, signal.SIGKILL)  # anything left in the group (no-op if empty)
+        _terminate_all(strays, grace=min(grace, 5.0))
+        return proc.returncode
+    finally:
+        if shield:
+            _stop_requested.clear()
 
 
 def _killpg(pgid: int, sig: int) -> None:
