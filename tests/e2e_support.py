@@ -203,13 +203,13 @@ class Deployment:
                 self.pids |= tree_pids(mp.pid)
 
     def node_pids(self, region: str) -> set[int]:
-        node = self.nodes[region]
-        return tree_pids(node.procs[0].pid)  # type: ignore[attr-defined]
+        """The region's SuperNode, its verifying SuperExec (which starts the ClientApps), and their children."""
+        return set().union(*(tree_pids(p.pid) for p in self.nodes[region].procs))  # type: ignore[attr-defined]
 
     def crash_node(self, region: str) -> list[int]:
-        """SIGKILL a region's SuperNode and everything it started (its running ClientApp included)."""
+        """SIGKILL a region's SuperNode, its SuperExec and everything they started (its running ClientApp included)."""
         self.snapshot()
-        return kill_tree(self.nodes[region].procs[0].pid)  # type: ignore[attr-defined]
+        return [pid for p in self.nodes[region].procs for pid in kill_tree(p.pid)]  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         self.snapshot()

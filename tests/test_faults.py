@@ -440,8 +440,10 @@ def _is_clientapp(pid: int, since: float) -> bool:
 
     try:
         p = psutil.Process(pid)
+        cmd = p.cmdline()
+        verifying = "fedpriv.deploy.trusted_exec" in cmd and "clientapp" in cmd  # the region's verifying ClientApp
         return (p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE
-                and any("flwr-clientapp" in part for part in p.cmdline()))
+                and (verifying or any("flwr-clientapp" in part for part in cmd)))
     except psutil.Error:
         return False
 
