@@ -167,8 +167,10 @@ class Coordinator:
         export_model(self.run_dir, self.model, self.tokenizer)
         self.segment.update(wall_time_s=round(time.time() - self.started, 1))
         self.report.run_info.update(wall_time_s=total_wall_time(self.report),
-                                    coordinator_peak_memory_mb=round(peak_memory_mb(), 1),
-                                    region_peak_memory_mb=max((r.peak_memory_mb or 0 for r in self.report.regions.values()), default=0))
+                                    coordinator_peak_memory_mb=round(peak_memory_mb(), 1))
+        released = [r.peak_memory_mb for r in self.report.regions.values() if r.peak_memory_mb]
+        if released:  # a region sends its peak memory only when its policy releases train metrics
+            self.report.run_info["region_peak_memory_mb"] = max(released)
         self.report.write()
         return self.report
 

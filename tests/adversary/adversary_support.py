@@ -13,8 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv import contract
 from fedpriv.config import FedprivConfig, resolve_config
@@ -118,3 +120,19 @@ def refusal(reply: Message) -> contract.RegionError:
     err = contract.parse_error(reply.error.reason, "?")
     assert reply.error.code == contract.REFUSED and err.refused, reply.error.reason
     return err
+
+
+# Fixtures the curious-coordinator test modules import: a ClientApp task identity and one set of tiny shards.
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("shards"))

@@ -12,28 +12,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 import client.region as region_mod
-from adversary_support import DELTA, Region, build_shards, global_arrays, refusal, run_config
+from adversary_support import DELTA, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from fedpriv import contract
 from privacy.accountant import epsilon_of
 from privacy.report import NOT_PRIVATE, RunReport, render_markdown
 from strategies.private_fedavg import PrivateFedAvg
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory):
-    return build_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture

@@ -11,25 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 
-from adversary_support import REGIONS, Region, build_shards, global_arrays, refusal, run_config
+from adversary_support import REGIONS, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from client import secure_aggregation as secagg
 from fedpriv import contract
 from privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory):
-    return build_shards(tmp_path_factory.mktemp("shards"))
 
 
 def _setup(n: int, t: int, round_id: int = 1) -> ConfigRecord:
