@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import resource
 import sys
 from collections import OrderedDict
@@ -91,7 +92,12 @@ class LocalTrainer:
         rng = release_randomness(self.device, seed if self.cfg.insecure_deterministic_noise else None)
         loader = DataLoader(self.data, batch_size=self.cfg.batch_size, collate_fn=collate_features,
                             generator=rng.sampling)  # Opacus' Poisson sampler draws from the loader's generator
-        engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: privacy.accountant
+        with warnings.catch_warnings():
+            # Opacus warns "Secure RNG turned off" because its own secure_mode (which needs torchcsprng) is off.
+            # It does not apply here: fedpriv passes OS-entropy generators and turns on secure-mode noise itself
+            # (client/randomness.py), so the warning would tell an operator the opposite of what is true.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: privacy.accountant
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, noise_generator=rng.noise)
