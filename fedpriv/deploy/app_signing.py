@@ -85,27 +85,13 @@ PUBLISHER_PUB = "publisher.pub"
 
 def create_publisher_key(directory: str | os.PathLike, name: str, force: bool = False) -> tuple[Path, Path]:
     """Write ``DIR/publisher.key`` (0600, stays with whoever submits runs) and ``DIR/publisher.pub``."""
-    from fedpriv.deploy.certs import check_region_name, write_private, write_public
+    from fedpriv.deploy.certs import check_region_name, write_new_keypair
 
     check_region_name(name)
     root = Path(directory).expanduser().absolute()
-    key, pub = root / PUBLISHER_KEY, root / PUBLISHER_PUB
-    existing = [p for p in (key, pub) if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise FedprivError(f"{existing[0]} already exists: refusing to overwrite the publisher key; pass --force to replace it "
-                           "(every region must then trust the new publisher.pub)")
-    if root.exists() and not root.is_dir():
-        raise FedprivError(f"{root} exists and is not a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for p in existing:
-            p.unlink()
-        private, public = make_publisher_keypair(f"fedpriv-publisher-{name}")
-        write_private(key, private)
-        write_public(pub, public)
-    except OSError as exc:
-        raise FedprivError(f"cannot write the publisher key to {root}: {exc.strerror or exc}") from exc
-    return key, pub
+    return write_new_keypair(root / PUBLISHER_KEY, root / PUBLISHER_PUB,
+                             lambda: make_publisher_keypair(f"fedpriv-publisher-{name}"), what="the publisher key",
+                             replace_note="every region must then trust the new publisher.pub", force=force)
 
 
 def trust_line(label: str, public_line: str) -> str:

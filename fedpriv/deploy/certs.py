@@ -333,6 +333,34 @@ def create_certs(
     return result
 
 
+def write_new_keypair(private_path: Path, public_path: Path, make, *, what: str, replace_note: str,
+                      force: bool = False) -> tuple[Path, Path]:
+    """Write a freshly made key pair (private key 0600) without ever silently replacing one.
+
+    ``make()`` returns (private bytes, public bytes). A key that exists is kept unless ``force``:
+    replacing it means redistributing its public half (``replace_note`` says to whom).
+    """
+    existing = [p for p in (private_path, public_path) if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FedprivError(f"{existing[0]} already exists: refusing to overwrite {what}; pass --force to replace it "
+                           f"({replace_note})")
+    for parent in private_path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FedprivError(f"{parent} exists and is not a directory")
+            break
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        for p in existing:
+            p.unlink()
+        private, public = make()
+        write_private(private_path, private)
+        write_public(public_path, public)
+    except OSError as exc:
+        raise FedprivError(f"cannot write {what} to {private_path.parent}: {exc.strerror or exc}") from exc
+    return private_path, public_path
+
+
 def create_region_key(directory: str | os.PathLike, region: str, force: bool = False) -> tuple[Path, Path]:
     """Run in the region: its SuperNode key pair as ``DIR/regions/<region>.key`` (0600) and ``.pub``.
 
@@ -340,25 +368,9 @@ def create_region_key(directory: str | os.PathLike, region: str, force: bool = F
     """
     paths = CertPaths(Path(directory).expanduser().absolute())
     check_region_name(region)
-    key, pub = paths.region_key(region), paths.region_pub(region)
-    existing = [p for p in (key, pub) if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise FedprivError(
-            f"{existing[0]} already exists: refusing to overwrite region {region}'s key; pass --force to replace it "
-            "(the operator must then register the new .pub)"
-        )
-    if paths.root.exists() and not paths.root.is_dir():
-        raise FedprivError(f"{paths.root} exists and is not a directory")
-    try:
-        paths.regions_dir.mkdir(parents=True, exist_ok=True)
-        for p in existing:
-            p.unlink()
-        private, public = make_node_keypair(f"fedpriv-{region}")
-        write_private(key, private)
-        write_public(pub, public)
-    except OSError as exc:
-        raise FedprivError(f"cannot write region key to {paths.regions_dir}: {exc.strerror or exc}") from exc
-    return key, pub
+    return write_new_keypair(paths.region_key(region), paths.region_pub(region),
+                             lambda: make_node_keypair(f"fedpriv-{region}"), what=f"region {region}'s key",
+                             replace_note="the operator must then register the new .pub", force=force)
 
 
 def load_region_public_key(path: Path, region: str) -> str:
