@@ -17,11 +17,11 @@ for ``trainable = top-1`` and ``top-2``:
 * ``non-private LoRA`` and ``DP LoRA ghost`` for reference.
 
 fedpriv's split model (``task/features.py``): the frozen prefix runs once per post
-(features cached), and only :class:`~task.features.ClassifierTop` trains:
+(features cached), and only :class:`~fedpriv.task.features.ClassifierTop` trains:
 
 * ``trainable = head`` (the default): non-private, DP hooks, DP ghost, per step on
   pre-collated batches, and a whole local round through the real code path
-  (:class:`client.trainer.LocalTrainer`: Poisson sampling, ``BatchMemoryManager``,
+  (:class:`fedpriv.client.trainer.LocalTrainer`: Poisson sampling, ``BatchMemoryManager``,
   collation, the accountant) with ``dp`` on and off;
 * ``trainable = top-1`` on cached layer-5 inputs (non-private, DP hooks, DP LoRA);
 * the one-time feature extraction cost per post.
@@ -228,9 +228,9 @@ def accelerator_main(args) -> int:
     if args.device == "cuda" and device.type != "cuda":
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
-    from task.encoding import EncodedDataset
-    from task.features import SplitClassifier
-    from task.model import build_model, load_tokenizer
+    from fedpriv.task.encoding import EncodedDataset
+    from fedpriv.task.features import SplitClassifier
+    from fedpriv.task.model import build_model, load_tokenizer
 
     model_name = "tiny" if args.quick else "minilm"
     texts, labels = _texts(64 if args.quick else 1024)
@@ -309,8 +309,8 @@ def closed_form_matches_opacus(model_name: str) -> float:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from task.features import SplitClassifier
-    from task.model import build_model
+    from fedpriv.task.features import SplitClassifier
+    from fedpriv.task.model import build_model
 
     torch.manual_seed(0)
     batch = 16
@@ -338,8 +338,8 @@ def closed_form_matches_opacus(model_name: str) -> float:
 def _texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     import numpy as np
 
-    from fedpriv.config import default_data_dir
-    from task.data import load_corpus
+    from fedpriv.core.config import default_data_dir
+    from fedpriv.task.data import load_corpus
 
     try:
         corpus = load_corpus(default_data_dir())
@@ -387,11 +387,11 @@ def _private(module, params, batch: int, ghost: bool, n_examples: int):
 
 
 def _build_full(spec):
-    from task.model import build_model, count_trainable
+    from fedpriv.task.model import build_model, count_trainable
 
     model = build_model(spec["model"], spec["trainable"], 42, "mean")
     if "LoRA" in spec["mode"]:
-        from task.lora import apply_lora
+        from fedpriv.task.lora import apply_lora
 
         apply_lora(model, spec["trainable"], LORA_RANK, seed=42)
     model.train()
@@ -415,7 +415,7 @@ def worker_step(spec: dict) -> dict:
     set_threads(spec["threads"])
     import torch
 
-    from task.model import load_tokenizer
+    from fedpriv.task.model import load_tokenizer
 
     family, mode, batch = spec["family"], spec["mode"], spec["batch"]
     tokenizer = load_tokenizer()
@@ -428,7 +428,7 @@ def worker_step(spec: dict) -> dict:
         forward = lambda m, inputs: m(**inputs).logits  # noqa: E731
         module = model
     else:  # split: precomputed prefix features, only ClassifierTop trains
-        from task.features import SplitClassifier
+        from fedpriv.task.features import SplitClassifier
 
         model, n_params = _build_full(spec if spec["trainable"] != "head" else {**spec, "mode": "non-private"})
         split = SplitClassifier(model, spec["trainable"])
@@ -480,10 +480,10 @@ def worker_round(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from client.trainer import LocalTrainer
-    from fedpriv.config import resolve_config
-    from task.features import FeatureDataset, SplitClassifier
-    from task.model import build_model
+    from fedpriv.client.trainer import LocalTrainer
+    from fedpriv.core.config import resolve_config
+    from fedpriv.task.features import FeatureDataset, SplitClassifier
+    from fedpriv.task.model import build_model
 
     batch, n = spec["batch"], spec["examples"]
     _, cfg = resolve_config({"dp": spec["mode"] != "non-private", "batch-size": batch, "physical-batch-size": batch,
@@ -517,10 +517,10 @@ def worker_extract(spec: dict) -> dict:
     set_threads(spec["threads"])
     import torch
 
-    from task.encoding import encode
-    from task.data import Example
-    from task.features import SplitClassifier, compute_features
-    from task.model import build_model, load_tokenizer
+    from fedpriv.task.encoding import encode
+    from fedpriv.task.data import Example
+    from fedpriv.task.features import SplitClassifier, compute_features
+    from fedpriv.task.model import build_model, load_tokenizer
 
     tokenizer = load_tokenizer()
     texts, labels = _texts(spec["examples"], seed=1)
@@ -552,13 +552,13 @@ def worker_lora_verify(spec: dict) -> dict:
     import torch
     from opacus import GradSampleModule
 
-    from client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
-    from fedpriv.config import resolve_config
-    from task.data import Example
-    from task.encoding import encode
-    from task.features import SplitClassifier, evaluate_top
-    from task.lora import adapter_names, apply_lora
-    from task.model import build_model, get_trainable, load_tokenizer
+    from fedpriv.client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
+    from fedpriv.core.config import resolve_config
+    from fedpriv.task.data import Example
+    from fedpriv.task.encoding import encode
+    from fedpriv.task.features import SplitClassifier, evaluate_top
+    from fedpriv.task.lora import adapter_names, apply_lora
+    from fedpriv.task.model import build_model, get_trainable, load_tokenizer
 
     out: dict = {"closed_form_max_diff": closed_form_matches_opacus(spec["model"])}
     tokenizer = load_tokenizer()
@@ -614,7 +614,7 @@ def worker_lora_verify(spec: dict) -> dict:
         return cfg, LocalTrainer(split, train, cfg, torch.device("cpu"))
 
     def reset():
-        from task.model import set_trainable_values
+        from fedpriv.task.model import set_trainable_values
 
         set_trainable_values(model, start)
 
@@ -630,7 +630,7 @@ def worker_lora_verify(spec: dict) -> dict:
     cfg, tr = trainer_for({**common, "dp": False})
     torch.manual_seed(0)
     fixed = torch.utils.data.Subset(train, range(64))
-    from task.features import collate_features
+    from fedpriv.task.features import collate_features
 
     batch = collate_features([fixed[i] for i in range(64)])
     params = [p for p in split.top.parameters() if p.requires_grad]
@@ -678,7 +678,7 @@ def worker_lora_verify(spec: dict) -> dict:
                trainable_params=sum(v.size for v in after.values()),
                full_top1_params=sum(p.numel() for p in build_model(model_name, "top-1", 42, "mean").parameters()
                                     if p.requires_grad))
-    from task.lora import merge_lora
+    from fedpriv.task.lora import merge_lora
 
     split.top.eval()
     merged_logits_before = split.top(**collate_features([test[i] for i in range(8)])).logits.detach()
@@ -760,7 +760,7 @@ def lora_section(lora: dict, lora_spec: dict) -> list[str]:
             f"- Trainable (= transmitted) parameters: {lora['trainable_params']:,} with LoRA vs "
             f"{lora['full_top1_params']:,} for full top-1 ({lora['full_top1_params'] / lora['trainable_params']:.1f}x "
             f"smaller update).",
-            f"- Merging the adapters into the base weights for export (`task.lora.merge_lora`): max logit difference "
+            f"- Merging the adapters into the base weights for export (`fedpriv.task.lora.merge_lora`): max logit difference "
             f"{lora['merge_max_diff']:.1e}.",
         ]
     return lora_lines
@@ -940,7 +940,7 @@ def main(argv=None) -> int:
         f"as {next((a['method'] for a in (agg(key(c))[0] for c in configs) if a), '?')}); 'added by training' = peak "
         f"minus the resident size just before the first step. 'split, LocalTrainer round' = whole local rounds of "
         f"{next(c['examples'] for c in configs if c['kind'] == 'round')} cached head features "
-        f"through `client.trainer.LocalTrainer` (DataLoader, Poisson sampling, BatchMemoryManager, collation, "
+        f"through `fedpriv.client.trainer.LocalTrainer` (DataLoader, Poisson sampling, BatchMemoryManager, collation, "
         f"PrivacyEngine setup, accountant), the ClientApp's code path; steps/s = logical steps per second.",
         "",
         "## Steps per second and memory",

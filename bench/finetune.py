@@ -4,17 +4,17 @@ Shared by ``bench/utility.py`` (the full study, data from the real partition) an
 ``bench/gpu_session.py`` (a time-budgeted run on a GPU machine, data from ``.gpu/``). Everything
 that decides privacy or an update is fedpriv's own code:
 
-* a region's round is :class:`client.trainer.LocalTrainer` (Opacus, Poisson sampling,
+* a region's round is :class:`fedpriv.client.trainer.LocalTrainer` (Opacus, Poisson sampling,
   ``BatchMemoryManager``, the configured local optimizer and precision);
-* σ is :func:`client.trainer.choose_noise_multiplier` for the configured accountant;
-* ε is :func:`privacy.accountant.epsilon_of` over each region's history, cross-checked by a
+* σ is :func:`fedpriv.client.trainer.choose_noise_multiplier` for the configured accountant;
+* ε is :func:`fedpriv.privacy.accountant.epsilon_of` over each region's history, cross-checked by a
   second accountant;
 * the server step on the aggregated update is ``strategies/server_optimizer.py`` (FedAvgM /
   FedAdam, post-processing); plain FedAvg needs nothing beyond the weighted mean.
 
 Only the **ceiling** has its own loop, on purpose: it is the plain non-private fine-tune a
 practitioner would run (AdamW, shuffled mini-batches), not fedpriv. It trains the same module
-(:class:`task.features.ClassifierTop` over frozen embeddings) as ``trainable = all``.
+(:class:`fedpriv.task.features.ClassifierTop` over frozen embeddings) as ``trainable = all``.
 
 Nothing here imports flwr, ray or cryptography: it runs where only torch, transformers, peft
 and Opacus are installed.
@@ -49,14 +49,14 @@ class MissingFeature(RuntimeError):
 
 
 def known_keys() -> set[str]:
-    from fedpriv.config import load_app_defaults
+    from fedpriv.core.config import load_app_defaults
 
     return set(load_app_defaults())
 
 
 def make_config(overrides: dict):
     """The typed run config for ``overrides`` (secure aggregation off: it does not change the model)."""
-    from fedpriv.config import resolve_config
+    from fedpriv.core.config import resolve_config
 
     missing = sorted(k for k in overrides if k not in known_keys())
     if missing:
@@ -88,7 +88,7 @@ def describe(o: dict) -> str:
 class PolicyData:
     """One model (built once) and the frozen-prefix features of every split for its trainable policy."""
 
-    split: object  # task.features.SplitClassifier
+    split: object  # fedpriv.task.features.SplitClassifier
     initial: dict  # trainable values at initialisation
     train: dict  # region -> FeatureDataset
     val: object
@@ -115,8 +115,8 @@ class Bench:
         if key not in self._data:
             import torch
 
-            from task.features import FeatureDataset, SplitClassifier
-            from task.model import build_model, get_trainable
+            from fedpriv.task.features import FeatureDataset, SplitClassifier
+            from fedpriv.task.model import build_model, get_trainable
 
             t0 = time.perf_counter()
             model = build_model(self.model_name, policy, self.seed, "mean", lora_rank)
@@ -142,7 +142,7 @@ class Bench:
 
 
 def evaluate(pd: PolicyData, which: str, device) -> tuple[float, float]:
-    from task.features import evaluate_top
+    from fedpriv.task.features import evaluate_top
 
     return evaluate_top(pd.split.top, getattr(pd, which), device)
 
@@ -182,8 +182,8 @@ def ceiling(bench: Bench, epochs: int = 3, lr: float = 5e-5, batch: int = 32, we
     import torch
     from torch.utils.data import DataLoader
 
-    from task.features import FeatureDataset, collate_features
-    from task.model import set_trainable_values
+    from fedpriv.task.features import FeatureDataset, collate_features
+    from fedpriv.task.model import set_trainable_values
 
     pd = bench.data(policy)
     set_trainable_values(pd.split.model, pd.initial)
@@ -240,7 +240,7 @@ def _train_kwargs(trainer, seed: int, label: str) -> dict:
 
 
 class ServerStep:
-    """The server's step on the aggregated update: :class:`strategies.server_optimizer.ServerOptimizer`."""
+    """The server's step on the aggregated update: :class:`fedpriv.strategies.server_optimizer.ServerOptimizer`."""
 
     def __init__(self, cfg):
         self.kind = str(getattr(cfg, "server_optimizer", "fedavg") or "fedavg")
@@ -259,13 +259,13 @@ class ServerStep:
 
 def import_server_optimizer():
     """fedpriv's server update rules (numpy only: importable where flwr is not installed)."""
-    from strategies.server_update_rules import ServerOptimizer
+    from fedpriv.strategies.server_update_rules import ServerOptimizer
     return ServerOptimizer
 
 
 def _cross_check(history: list, delta: float, accountant: str) -> tuple[str, float]:
     """ε of the same history under a second accountant (PLD if available, else the other Opacus one)."""
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
     for other in (("rdp", "prv") if accountant == "pld" else ("pld", "prv", "rdp")):
         if other == accountant:
@@ -289,10 +289,10 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
     """
     import torch
 
-    from client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
-    from privacy.accountant import epsilon_of
-    from task.features import FeatureDataset
-    from task.model import get_trainable, set_trainable_values
+    from fedpriv.client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
+    from fedpriv.privacy.accountant import epsilon_of
+    from fedpriv.task.features import FeatureDataset
+    from fedpriv.task.model import get_trainable, set_trainable_values
 
     cfg = make_config(overrides)
     pd = bench.data(cfg.trainable, cfg.lora_rank)
@@ -353,7 +353,7 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
 
 def held_out(bench: Bench, res: RunResult) -> RunResult:
     """Held-out accuracy of a run's final model (a run whose settings were chosen on validation data)."""
-    from task.model import set_trainable_values
+    from fedpriv.task.model import set_trainable_values
 
     cfg = make_config(res.settings)
     pd = bench.data(cfg.trainable, cfg.lora_rank)

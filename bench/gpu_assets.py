@@ -9,16 +9,16 @@ environment; it writes into ``.gpu/`` (git-ignored):
   ``from_pretrained`` gives the float32 model fedpriv trains (fp16 storage rounds each weight once:
   relative error <= 2^-11, far below what fine-tuning moves);
 * ``data.npz`` -- the default split, made by fedpriv's own partition code
-  (:func:`task.partition.partition_corpus` with the default run config) and tokenised with the packaged
+  (:func:`fedpriv.task.partition.partition_corpus` with the default run config) and tokenised with the packaged
   tokenizer at ``max-length``: per split, token ids as ``uint16`` (flat) with per-post lengths (the
   attention mask is "the first ``length`` tokens") and ``int8`` labels; plus a JSON ``meta`` entry
   (regions, partition spec, corpus checksum, tokenizer);
 * ``cache/noise_multipliers.json`` -- σ for every DP schedule ``bench/gpu_session.py`` will ask for
   (``gpu_session.py --plan-only``), so the GPU does not wait on seconds-long σ searches;
-  :mod:`privacy.noise` re-checks every cached σ against the accountant before using it.
+  :mod:`fedpriv.privacy.noise` re-checks every cached σ against the accountant before using it.
 
-On the GPU machine :func:`load_splits` reads the data back as :class:`task.encoding.EncodedDataset`s and
-:func:`use_gpu_model` points :func:`task.model.build_model` at ``.gpu/model``: nothing here imports flwr,
+On the GPU machine :func:`load_splits` reads the data back as :class:`fedpriv.task.encoding.EncodedDataset`s and
+:func:`use_gpu_model` points :func:`fedpriv.task.model.build_model` at ``.gpu/model``: nothing here imports flwr,
 ray, cryptography or the tokenizer.
 """
 
@@ -58,7 +58,7 @@ def build_model(out: Path) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from task.model import packaged_model_dir
+    from fedpriv.task.model import packaged_model_dir
 
     src = packaged_model_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -92,11 +92,12 @@ def partition_splits(overrides: dict | None = None, limit: int = 0) -> tuple[Spl
 
     import numpy as np
 
-    from fedpriv.config import partition_spec, resolve_config
-    from task.data import CORPUS_FILE, load_corpus
-    from task.encoding import EncodedDataset, encode
-    from task.model import load_tokenizer
-    from task.partition import partition_corpus
+    from fedpriv.core.config import resolve_config
+
+    from fedpriv.task.data import CORPUS_FILE, load_corpus
+    from fedpriv.task.encoding import EncodedDataset, encode
+    from fedpriv.task.model import load_tokenizer
+    from fedpriv.task.partition import partition_corpus, partition_spec
 
     _, cfg = resolve_config(overrides or {})
     corpus_path = cfg.data_dir.expanduser() / CORPUS_FILE
@@ -141,7 +142,7 @@ def build_data(out_file: Path, overrides: dict | None = None) -> dict:
 def _unpack(z, prefix: str):
     import numpy as np
 
-    from task.encoding import EncodedDataset
+    from fedpriv.task.encoding import EncodedDataset
 
     lengths = z[f"{prefix}/lengths"].astype(np.int64)
     flat = z[f"{prefix}/ids"].astype(np.int64)
@@ -154,7 +155,7 @@ def load_splits(path: Path, limit: int = 0) -> Splits:
     """The npz written by :func:`build_data`; ``limit`` keeps the first posts of every split (quick runs)."""
     import numpy as np
 
-    from task.encoding import EncodedDataset
+    from fedpriv.task.encoding import EncodedDataset
 
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `bash scripts/prepare_gpu.sh` on a machine with the full environment")
@@ -172,12 +173,12 @@ def load_splits(path: Path, limit: int = 0) -> Splits:
 
 
 def use_gpu_model(model_dir: Path) -> None:
-    """Make :func:`task.model.build_model` load all-MiniLM from ``model_dir`` instead of the (absent) package."""
-    import task.model
+    """Make :func:`fedpriv.task.model.build_model` load all-MiniLM from ``model_dir`` instead of the (absent) package."""
+    import fedpriv.task.model
 
     if not (model_dir / "model.safetensors").exists():
         raise SystemExit(f"{model_dir}/model.safetensors is missing: run `bash scripts/prepare_gpu.sh`")
-    task.model.packaged_model_dir = lambda: model_dir
+    fedpriv.task.model.packaged_model_dir = lambda: model_dir
 
 
 def main(argv=None) -> int:

@@ -118,7 +118,7 @@ def central_dp(quick: bool) -> dict:
 
 def head_default(quick: bool) -> dict:
     """fedpriv's CPU default (pyproject.toml): head on frozen mean-pooled embeddings, SGD."""
-    from fedpriv.config import load_app_defaults
+    from fedpriv.core.config import load_app_defaults
 
     d = load_app_defaults()
     o = {k: d[k] for k in ("learning-rate", "momentum", "batch-size", "physical-batch-size", "local-epochs",
@@ -196,7 +196,7 @@ def setup(s: Session):
     else:  # 10 % of each region's training posts, seeded; the regions then train on the other 90 %
         import numpy as np
 
-        from task.encoding import EncodedDataset
+        from fedpriv.task.encoding import EncodedDataset
 
         train, val = {}, {}
         for i, r in enumerate(splits.regions):
@@ -222,7 +222,7 @@ def setup(s: Session):
             env[mod] = version(mod.replace("_", "-"))
         except Exception as exc:  # noqa: BLE001
             env[mod] = f"missing ({type(exc).__name__})"
-    from fedpriv.config import ACCOUNTANTS, load_app_defaults
+    from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 
     env["accountant"] = "pld" if "pld" in ACCOUNTANTS else load_app_defaults()["accountant"]
     env["config_keys_missing"] = sorted(k for k in ("local-optimizer", "weight-decay", "mixed-precision", "server-optimizer",
@@ -439,7 +439,7 @@ def summary(s: Session) -> str:
 def plan_only(s: Session, accountant: str) -> int:
     """Compute (and cache in FEDPRIV_CACHE_DIR) every σ the session may ask for: run on the CPU machine."""
     import gpu_assets
-    from client.trainer import choose_noise_multiplier, region_schedule
+    from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
     from finetune import MissingFeature, make_config
 
     os.environ.setdefault("FEDPRIV_CACHE_DIR", str(s.args.assets / "cache"))
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     s = Session(args)
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
     if args.plan_only:
-        from fedpriv.config import ACCOUNTANTS, load_app_defaults
+        from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 
         return plan_only(s, "pld" if "pld" in ACCOUNTANTS else load_app_defaults()["accountant"])
     try:

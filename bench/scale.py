@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How a simulation scales with the number of regions: wall time and memory of the whole process tree.
 
-Real Flower simulations (:class:`simulations.runner.Simulation`: a private
+Real Flower simulations (:class:`fedpriv.simulations.runner.Simulation`: a private
 SuperLink, the ServerApp, Ray and its ClientApp actors) with the ``tiny`` preset
 (a small random BERT, DP-SGD on), N = 10, 50, 100 regions named ``r000``...,
 2 rounds, at most 64 training posts per region, batch 16, ``num-threads = 1`` (so
@@ -52,7 +52,7 @@ def overrides(n: int, rounds: int, secagg: bool, run_dir: str) -> dict:
 
 def worker(spec: dict) -> dict:
     """Run one simulation in this (fresh) process; summarise its outcome from the run report."""
-    from simulations.runner import Simulation
+    from fedpriv.simulations.runner import Simulation
 
     sim = Simulation(overrides(spec["n"], spec["rounds"], spec["secagg"], spec["run_dir"]), preset="tiny",
                      run_dir=Path(spec["run_dir"]))

@@ -6,7 +6,7 @@ vectors, and reports per-round compute time and payload bytes:
 
 * ``plain``   -- FedAvg on float32 vectors: clients serialise their update, the
   server deserialises and forms the weighted mean.
-* ``fedpriv`` -- :mod:`privacy.secagg` (X25519, HKDF, AES-GCM share bundles, AES-CTR
+* ``fedpriv`` -- :mod:`fedpriv.privacy.secagg` (X25519, HKDF, AES-GCM share bundles, AES-CTR
   masks, prime-field Shamir), including the client state round trip through
   ``to_state``/``from_state`` between stages that a process-per-message client pays.
 * ``flower``  -- Flower 1.41's legacy SecAgg+ primitives from
@@ -46,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from privacy.secagg import SecAggClient, SecAggConfig, SecAggServer  # noqa: E402
+from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer  # noqa: E402
 
 CLIP = 8.0
 QUANT_BITS = 22

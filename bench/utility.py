@@ -9,9 +9,9 @@ pooling, ``trainable = head`` on cached frozen features). Rows:
   trainable policy (and, if affordable, a stronger ``trainable = top-2`` baseline);
 * non-private **federated**: FedAvg over the 3 regions;
 * **DP federated** at epsilon = 1, 3, 8 (delta = 1e-5): each region's noise multiplier
-  chosen for its own schedule by ``client.trainer.choose_noise_multiplier`` (Opacus'
+  chosen for its own schedule by ``fedpriv.client.trainer.choose_noise_multiplier`` (Opacus'
   ``get_noise_multiplier`` over all rounds x local steps, as the ClientApp does),
-  cross-checked with ``privacy.planner.plan_schedule``;
+  cross-checked with ``fedpriv.privacy.planner.plan_schedule``;
 * the current ``pyproject.toml`` defaults at epsilon = 8, and one real ``Simulation``
   (Flower, SuperLink, Ray, secure aggregation as configured) to confirm epsilon = 8.
 
@@ -27,7 +27,7 @@ fast in-process round on stacked head features (Poisson sampling at Opacus' rate
 two Linear layers, Gaussian noise, Opacus' expected batch size; bit-for-bit the
 DP-SGD step of Opacus up to float rounding, see ``bench/dp_cost.py``), because
 Opacus' per-sample hooks are 5-20x slower on this head. Every reported number
-comes from :class:`client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
+comes from :class:`fedpriv.client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
 ``PrivacyEngine``, ``BatchMemoryManager``) -- with FedAvg weighted by examples,
 repeated over ``--seeds`` seeds (different sampling/noise/dropout; the model
 initialisation and the data split are the run config's).
@@ -69,7 +69,7 @@ class Data:
 
 
 def _subset(fd, n: int | None):
-    from task.features import FeatureDataset
+    from fedpriv.task.features import FeatureDataset
 
     if not n or n >= len(fd):
         return fd
@@ -80,12 +80,12 @@ def load_data(policy: str, limit: int | None, log) -> Data:
     """Frozen-prefix features of the default split (cached like the regions cache them)."""
     import torch
 
-    from fedpriv.config import resolve_config
-    from simulations.runner import prepare_shards
-    from task.encoding import encode
-    from task.features import FeatureDataset, SplitClassifier, cache_key
-    from task.model import build_model, load_tokenizer
-    from task.partition import load_region, load_server_test, region_dir
+    from fedpriv.core.config import resolve_config
+    from fedpriv.simulations.runner import prepare_shards
+    from fedpriv.task.encoding import encode
+    from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key
+    from fedpriv.task.model import build_model, load_tokenizer
+    from fedpriv.task.partition import load_region, load_server_test, region_dir
 
     _, cfg = resolve_config({"trainable": policy})
     root = prepare_shards(cfg, cfg.data_dir)
@@ -120,7 +120,7 @@ def load_data(policy: str, limit: int | None, log) -> Data:
 
 
 def config(overrides: dict):
-    from fedpriv.config import resolve_config
+    from fedpriv.core.config import resolve_config
 
     return resolve_config({"secure-aggregation": False, **overrides})[1]
 
@@ -139,7 +139,7 @@ _MODELS: dict[tuple, tuple] = {}
 
 def sigmas(cfg, data: Data) -> dict[str, float]:
     """Each region's noise multiplier, exactly as the ClientApp chooses it (cached: the search is slow)."""
-    from client.trainer import choose_noise_multiplier, region_schedule
+    from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
 
     if not cfg.dp:
         return {r: 0.0 for r in data.regions}
@@ -169,7 +169,7 @@ class FastHead:
         import torch
         import torch.nn.functional as F
 
-        from client.trainer import region_schedule
+        from fedpriv.client.trainer import region_schedule
 
         x, y = self.train[region]
         n = len(y)
@@ -236,10 +236,10 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
     import numpy as np
     import torch
 
-    from client.trainer import LocalTrainer
-    from privacy.accountant import epsilon_of
-    from task.features import FeatureDataset, SplitClassifier, evaluate_top
-    from task.model import build_model, get_trainable, set_trainable_values
+    from fedpriv.client.trainer import LocalTrainer
+    from fedpriv.privacy.accountant import epsilon_of
+    from fedpriv.task.features import FeatureDataset, SplitClassifier, evaluate_top
+    from fedpriv.task.model import build_model, get_trainable, set_trainable_values
 
     cfg = config({"trainable": data.policy, **overrides})
     if pooled:
@@ -270,7 +270,7 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
                 fast.local_round(split.top, region, cfg, sig[region], seed)
                 values = get_trainable(model)
                 if cfg.dp:
-                    from client.trainer import region_schedule
+                    from fedpriv.client.trainer import region_schedule
 
                     s = region_schedule(len(train[region]), cfg)
                     history[region] = history[region] + [(sig[region], s.sample_rate, s.steps_per_round)]
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
 
     data = load_data("head", limit, log)
     fast = FastHead(data)
-    from fedpriv.config import load_app_defaults
+    from fedpriv.core.config import load_app_defaults
 
     defaults = load_app_defaults()
     current = {k: defaults[k] for k in ("batch-size", "learning-rate", "momentum", "local-epochs",
@@ -428,8 +428,8 @@ def main(argv=None) -> int:
                                f"{100 * mean_v:.2f} (3 seeds: {', '.join(f'{100 * x:.1f}' for x in vals)})"))
 
     # ---------------------------------------------------------- 4. reported runs: several seeds + LocalTrainer
-    from privacy.planner import plan_schedule
-    from client.trainer import region_schedule
+    from fedpriv.privacy.planner import plan_schedule
+    from fedpriv.client.trainer import region_schedule
 
     def report_run(label: str, o: dict, pooled: bool = False) -> dict:
         runs = [federated(data, o, rep=rep, pooled=pooled, fast=fast) for rep in range(seeds)]
@@ -534,7 +534,7 @@ def main(argv=None) -> int:
         f"max-length 64, seed 42 (model init and split), SGD; DP: Opacus RDP accountant, delta = {DELTA:g}, clipping "
         f"norm C, sigma per region from its own schedule; FedAvg weighted by examples. Accuracy: mean ± sd over "
         f"{seeds} seed(s) (sampling, noise, dropout) of the fast in-process round, and the same run (seed 0 = the "
-        f"ClientApp's round seeds) through `client.trainer.LocalTrainer` (Opacus `PrivacyEngine`, per-sample hooks, "
+        f"ClientApp's round seeds) through `fedpriv.client.trainer.LocalTrainer` (Opacus `PrivacyEngine`, per-sample hooks, "
         f"`BatchMemoryManager`), the ClientApp's code path; 'time per run' is the LocalTrainer run's. 'vs centralized' "
         f"compares the seed means.",
         "",
@@ -567,7 +567,7 @@ def run_simulation(o: dict, log) -> dict:
     import json
     import tempfile
 
-    from simulations.runner import Simulation
+    from fedpriv.simulations.runner import Simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-bench-utility-"))
     overrides = {k: v for k, v in o.items() if k not in ("delta",)}
@@ -637,7 +637,7 @@ def yardstick(argv=None) -> int:
     splits, _ = partition_splits(limit=256 if args.quick else 0)
     bench = Bench(splits.regions, splits.train, splits.local_test, splits.server_test, device,
                   model_name=args.model or ("tiny" if args.quick else "minilm"), log=log)
-    from fedpriv.config import ACCOUNTANTS, load_app_defaults
+    from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 
     accountant = "pld" if "pld" in ACCOUNTANTS else load_app_defaults()["accountant"]
     epsilons = [float(e) for e in args.epsilons.split(",")]

@@ -1,8 +1,8 @@
 """fedpriv ClientApp: one region's side of a round (Flower Message API).
 
-Thin wiring only: decode the message, let :class:`client.region.RegionRuntime`
+Thin wiring only: decode the message, let :class:`fedpriv.client.region.RegionRuntime`
 do the work, reply. What a reply may carry, the error codes and the
-``"<region>|<kind>: <reason>"`` error format are :mod:`fedpriv.contract`'s. A region
+``"<region>|<kind>: <reason>"`` error format are :mod:`fedpriv.core.contract`'s. A region
 that must not train (its policy forbids the request, its privacy budget would be
 exceeded, its data is unusable) replies with an error message, so the coordinator
 can record why and carry on with the other regions.
@@ -11,12 +11,12 @@ What leaves a region (:func:`train_metrics`): the DP release and its public fact
 only -- N as the region declares it, the mechanism (σ, q, C, steps, δ, accountant)
 and ε of this job, which is a function of those public parameters. Train loss and
 accuracy, peak memory, lifetime ε and local evaluation leave only when the region's
-policy releases them (:mod:`privacy.policy`); the report labels them "not private".
+policy releases them (:mod:`fedpriv.privacy.policy`); the report labels them "not private".
 
 With secure aggregation (a train message whose config carries ``secagg-round``,
-see :mod:`strategies.secure_fedavg`) the train reply carries *no* weights: the
+see :mod:`fedpriv.strategies.secure_fedavg`) the train reply carries *no* weights: the
 update stays in ``context.state`` and leaves the region only masked, through the
-``query.secagg_*`` handlers below (:mod:`client.secure_aggregation`). Those handlers
+``query.secagg_*`` handlers below (:mod:`fedpriv.client.secure_aggregation`). Those handlers
 import nothing heavy (no torch), so a stage handled by a fresh process is cheap;
 the train and evaluate handlers import the model code when they run.
 """
@@ -29,12 +29,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secure_aggregation as secagg
-from fedpriv import contract as wire
-from fedpriv.config import FedprivConfig
-from fedpriv.errors import BudgetExhausted, FedprivError
-from privacy.policy import PolicyRefusal, RegionPolicy, deterministic_noise_requested, node_region, region_policy
-from privacy.secagg import SecAggError
+from fedpriv.client import secure_aggregation as secagg
+from fedpriv.core import contract as wire
+from fedpriv.core.config import FedprivConfig
+from fedpriv.core.errors import BudgetExhausted, FedprivError
+from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, deterministic_noise_requested, node_region, region_policy
+from fedpriv.privacy.secagg import SecAggError
 
 app = ClientApp()
 
@@ -85,8 +85,8 @@ def train_metrics(policy: RegionPolicy, cfg: FedprivConfig, outcome: Any) -> dic
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from client.region import RegionRuntime, identify_region
-    from task.model import from_array_record, to_array_record
+    from fedpriv.client.region import RegionRuntime, identify_region
+    from fedpriv.task.model import from_array_record, to_array_record
 
     cfg: FedprivConfig | None = None
     try:
@@ -123,11 +123,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         cfg = FedprivConfig.from_run_config(context.run_config)
         policy = region_policy(context.node_config, cfg)
         if not policy.release_local_evaluation:  # refused before the model is even loaded
-            from client.region import LOCAL_EVALUATION_REFUSED
+            from fedpriv.client.region import LOCAL_EVALUATION_REFUSED
 
             raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
-        from client.region import RegionRuntime, identify_region
-        from task.model import from_array_record
+        from fedpriv.client.region import RegionRuntime, identify_region
+        from fedpriv.task.model import from_array_record
 
         identity = identify_region(context.node_config, cfg)
         loss, accuracy, n = RegionRuntime(cfg, identity).evaluate(from_array_record(msg.content[wire.ARRAYS]))

@@ -6,7 +6,7 @@ region's ledger), or ``partition-id`` in a simulation (mapped to the run's
 ``regions`` list, data under ``data-dir``, policy from ``sim-region-policy``).
 The region only ever reads its own shard.
 
-The region's privacy policy (:mod:`privacy.policy`) is enforced here, *before*
+The region's privacy policy (:mod:`fedpriv.privacy.policy`) is enforced here, *before*
 training and before anything is recorded: a refused request leaves the ledger and
 the model untouched. ε is always computed at the policy's δ, never the run's.
 
@@ -27,17 +27,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from client.device import select_device
-from client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
-from fedpriv.config import FedprivConfig
-from fedpriv.errors import BudgetExhausted
-from privacy.accountant import epsilon_of
-from privacy.ledger import PrivacyLedger, Release, default_ledger_path
-from privacy.policy import PolicyRefusal, RegionPolicy, check_train_request, node_region, region_policy
-from task.encoding import encode
-from task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
-from task.model import build_model, load_tokenizer, set_trainable_values
-from task.partition import load_region, region_dir
+from fedpriv.task.device import select_device
+from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
+from fedpriv.core.config import FedprivConfig
+from fedpriv.core.errors import BudgetExhausted
+from fedpriv.privacy.accountant import epsilon_of
+from fedpriv.privacy.ledger import PrivacyLedger, Release, default_ledger_path
+from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_train_request, node_region, region_policy
+from fedpriv.task.encoding import encode
+from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
+from fedpriv.task.model import build_model, load_tokenizer, set_trainable_values
+from fedpriv.task.partition import load_region, region_dir
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 With ``secure-aggregation = true`` a region never sends its model update in the
 clear. The round runs as five message exchanges driven by
-:class:`strategies.secure_fedavg.SecureFedAvg`; each message may be handled by a
+:class:`fedpriv.strategies.secure_fedavg.SecureFedAvg`; each message may be handled by a
 fresh process (as in a deployment), so everything a region must remember between
 them lives in ``context.state``:
 
@@ -11,8 +11,8 @@ them lives in ``context.state``:
   values`` (flattened in the received parameter order), its example count and a
   rounding seed *locally*. The reply carries metrics, but no weights.
 * ``query.secagg_advertise`` -- :func:`advertise`: build the
-  :class:`~privacy.secagg.SecAggClient` from the coordinator's setup (checked
-  against the run config and the region's own threshold floor, :mod:`privacy.policy`),
+  :class:`~fedpriv.privacy.secagg.SecAggClient` from the coordinator's setup (checked
+  against the run config and the region's own threshold floor, :mod:`fedpriv.privacy.policy`),
   reply with two public keys and a seed commitment.
 * ``query.secagg_share_keys`` -- :func:`share_keys`: Shamir-share the secrets among
   the neighbours, reply with the sealed share bundles (the coordinator cannot open them).
@@ -27,10 +27,10 @@ them lives in ``context.state``:
   only if the region's policy allows plain rounds, and never for a round in which
   the region advertised keys.
 
-Message types and record keys are :mod:`fedpriv.contract`'s (re-exported here).
-Every function raises :class:`~privacy.secagg.SecAggError`, ``ValueError`` or
-:class:`~privacy.policy.PolicyRefusal` to refuse; the ClientApp turns that into an error reply, which the coordinator treats
-as a dropout. Only ``numpy``, Flower records and :mod:`privacy.secagg` are imported
+Message types and record keys are :mod:`fedpriv.core.contract`'s (re-exported here).
+Every function raises :class:`~fedpriv.privacy.secagg.SecAggError`, ``ValueError`` or
+:class:`~fedpriv.privacy.policy.PolicyRefusal` to refuse; the ClientApp turns that into an error reply, which the coordinator treats
+as a dropout. Only ``numpy``, Flower records and :mod:`fedpriv.privacy.secagg` are imported
 here, so a secagg stage does not pay for loading torch.
 """
 
@@ -44,12 +44,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 
-from fedpriv.contract import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS, TRAIN_FLAG, UNMASK, UPDATE,
+from fedpriv.core.contract import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS, TRAIN_FLAG, UNMASK, UPDATE,
                               flatten_values, keys_request, routed_request, setup_record, shares_reply,
                               unflatten_values, unmask_reply, unmask_request)
-from privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold
-from privacy.secagg import SecAggClient, SecAggConfig, SecAggProtocolError, unpack_ids
-from privacy.secagg.graph import neighbour_graph, share_holders
+from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold
+from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggProtocolError, unpack_ids
+from fedpriv.privacy.secagg.graph import neighbour_graph, share_holders
 
 # context.state keys
 STATE_ROUND = "fedpriv-secagg-round"     # ConfigRecord: round, region, num-examples, rounding seed, phase

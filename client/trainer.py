@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-import resource
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,14 +30,14 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from client.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision
-from client.randomness import enable_secure_noise, release_randomness
-from fedpriv.config import FedprivConfig
-from fedpriv.errors import DataError
-from privacy.accountant import Entry
-from privacy.schedule import Schedule, choose_noise_multiplier, region_schedule  # noqa: F401  (re-exported)
-from task.features import FeatureDataset, SplitClassifier, collate_features
-from task.model import get_trainable
+from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
+from fedpriv.client.randomness import enable_secure_noise, release_randomness
+from fedpriv.core.config import FedprivConfig
+from fedpriv.core.errors import DataError
+from fedpriv.privacy.accountant import Entry
+from fedpriv.privacy.schedule import Schedule, choose_noise_multiplier, region_schedule  # noqa: F401  (re-exported)
+from fedpriv.task.features import FeatureDataset, SplitClassifier, collate_features
+from fedpriv.task.model import get_trainable
 
 
 @dataclass
@@ -97,7 +96,7 @@ class LocalTrainer:
             # It does not apply here: fedpriv passes OS-entropy generators and turns on secure-mode noise itself
             # (client/randomness.py), so the warning would tell an operator the opposite of what is true.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: privacy.accountant
+            engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: fedpriv.privacy.accountant
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, noise_generator=rng.noise)
@@ -119,7 +118,7 @@ class LocalTrainer:
         return result
 
     def physical_batch_size(self) -> int:
-        """``physical-batch-size``, or with 0 the device's choice for this model (client/device.py)."""
+        """``physical-batch-size``, or with 0 the device's choice for this model (task/device.py)."""
         if self.cfg.physical_batch_size:
             return self.cfg.physical_batch_size
         tokens = self.cfg.max_length if len(self.top.layers) else 1  # the longest a post can be: no data needed
@@ -220,8 +219,3 @@ def grad_samples_to_param_dtype(dp_optimizer) -> None:
             p.grad_sample = gs.to(p.dtype)
         elif isinstance(gs, list):
             p.grad_sample = [g.to(p.dtype) for g in gs]
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

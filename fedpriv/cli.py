@@ -1,7 +1,7 @@
 """The ``fedpriv`` command: one subcommand per thing an operator does.
 
 Each subcommand lives in its own small function registered in ``COMMANDS``; user
-mistakes surface as :class:`~fedpriv.errors.FedprivError` and are printed as one
+mistakes surface as :class:`~fedpriv.core.errors.FedprivError` and are printed as one
 line (exit status 2), never as a traceback; so is an :class:`OSError` (a path the
 user gave that cannot be read, created or written).
 
@@ -17,22 +17,9 @@ import argparse
 import errno
 import signal
 import sys
-from typing import Callable
 
-from fedpriv.errors import FedprivError
-
-Handler = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
-
-
-def command(name: str, help: str) -> Callable:
-    """Register ``add_arguments`` / ``run`` for a subcommand (decorates a module-level class)."""
-
-    def wrap(cls: type) -> type:
-        COMMANDS[name] = (cls.add_arguments, cls.run, help)
-        return cls
-
-    return wrap
+from fedpriv.commands.registry import COMMANDS
+from fedpriv.core.errors import FedprivError
 
 
 def build_parser() -> argparse.ArgumentParser:

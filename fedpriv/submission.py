@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from fedpriv.deploy.processes import child_env, flower_executable, stop_process_tree
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 CONNECTION = "fedpriv"
 

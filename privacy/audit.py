@@ -36,7 +36,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fedpriv.errors import DataError, FedprivError
+from fedpriv.core.errors import DataError, FedprivError
 
 __all__ = [
     "AUDIT_KEY",
@@ -132,7 +132,7 @@ def bound_check(member_scores: Sequence[float], non_member_scores: Sequence[floa
     upper limit; ``"violated"``: it is, at ``confidence`` (two-sided, per point) — then suspect the
     accounting, not the attack. ``"no bound"`` without a finite ε.
     """
-    from privacy.html_report import tpr_bound
+    from fedpriv.privacy.html_report import tpr_bound
 
     if epsilon is None or not math.isfinite(epsilon):
         return "no bound"
@@ -155,7 +155,7 @@ def bound_check(member_scores: Sequence[float], non_member_scores: Sequence[floa
 
 def dp_bounds(epsilon: float | None, delta: float) -> dict[str, float | None]:
     """What any membership test can reach against (ε, δ)-DP, at the FPRs the audit reports."""
-    from privacy.html_report import tpr_bound
+    from fedpriv.privacy.html_report import tpr_bound
 
     if epsilon is None:
         return {"tpr_bound_at_1pct_fpr": None, "tpr_bound_at_10pct_fpr": None, "advantage_bound": None}
@@ -204,8 +204,8 @@ def per_example_losses(model, trainable: str, examples: Sequence[Any], tokenizer
     import torch
     import torch.nn.functional as F
 
-    from task.encoding import encode
-    from task.features import SplitClassifier, collate_features
+    from fedpriv.task.encoding import encode
+    from fedpriv.task.features import SplitClassifier, collate_features
 
     if not examples:
         return np.zeros(0)
@@ -239,8 +239,8 @@ def load_final_model(run_dir: Path, cfg):
     Falls back to the exported ``final_model/`` when the run has no checkpoint.
     Returns ``(model, round)``; round is None when loaded from ``final_model/``.
     """
-    from server.checkpoints import FINAL_MODEL_DIR, latest_checkpoint
-    from task.model import build_model, set_trainable, set_trainable_values
+    from fedpriv.server.checkpoints import FINAL_MODEL_DIR, latest_checkpoint
+    from fedpriv.task.model import build_model, set_trainable, set_trainable_values
 
     found = latest_checkpoint(run_dir)
     if found is not None:
@@ -256,7 +256,7 @@ def load_final_model(run_dir: Path, cfg):
     if (final / "config.json").exists():
         from transformers import BertForSequenceClassification
 
-        from task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
+        from fedpriv.task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
 
         cls = MeanPoolingBertForSequenceClassification if cfg.pooling == "mean" else BertForSequenceClassification
         model = cls.from_pretrained(final)
@@ -268,7 +268,7 @@ def load_final_model(run_dir: Path, cfg):
 
 def run_config(report: Mapping[str, Any]):
     """The run's typed config; keys added to fedpriv after the run was written take their defaults."""
-    from fedpriv.config import FedprivConfig, load_app_defaults
+    from fedpriv.core.config import FedprivConfig, load_app_defaults
 
     return FedprivConfig.from_run_config({**load_app_defaults(), **report["config"]})
 
@@ -276,11 +276,11 @@ def run_config(report: Mapping[str, Any]):
 def audit_run(run_dir: str | Path, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int | None = None,
               data_dir: str | Path | None = None, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the attack on ``run_dir``'s final model; returns the ``audit`` dict (does not write it)."""
-    from client.device import select_device
-    from privacy.plots import max_region_epsilon
-    from privacy.report import load_report
-    from task.model import load_tokenizer
-    from task.partition import load_region, load_server_test
+    from fedpriv.task.device import select_device
+    from fedpriv.privacy.plots import max_region_epsilon
+    from fedpriv.privacy.report import load_report
+    from fedpriv.task.model import load_tokenizer
+    from fedpriv.task.partition import load_region, load_server_test
 
     run_dir = Path(run_dir)
     if max_examples < 1:
@@ -374,7 +374,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
 
 def save_audit(run_dir: str | Path, audit: Mapping[str, Any]) -> Path:
     """Add ``audit`` to the run's ``privacy_report.json`` and re-render its Markdown (and HTML, if present)."""
-    from privacy.report import JSON_NAME, MD_NAME, _atomic_write, _json_default, load_report, render_markdown
+    from fedpriv.privacy.report import JSON_NAME, MD_NAME, _atomic_write, _json_default, load_report, render_markdown
 
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir):
@@ -384,7 +384,7 @@ def save_audit(run_dir: str | Path, audit: Mapping[str, Any]) -> Path:
         _atomic_write(run_dir / MD_NAME, render_markdown(data))
         html = run_dir / "privacy_report.html"
         if html.exists():
-            from privacy.html_report import render_html
+            from fedpriv.privacy.html_report import render_html
 
             render_html([data], html)
     return run_dir / JSON_NAME

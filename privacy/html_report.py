@@ -5,7 +5,7 @@ means, which accountant and δ, what secure aggregation adds and what nothing he
 protects — then the per-region, enforcement, per-round, partition and audit tables
 and the plots. CSS is inline and the plots are PNGs embedded as base64 data URIs, so
 the file can be mailed or archived on its own. Missing or unknown keys are tolerated.
-Load the JSON with :func:`privacy.report.load_report`.
+Load the JSON with :func:`fedpriv.privacy.report.load_report`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from privacy import plots
-from privacy.plots import (_num, _regions, _rounds, epsilon_value, final_accuracy, max_region_epsilon,
+from fedpriv.privacy import plots
+from fedpriv.privacy.plots import (_num, _regions, _rounds, epsilon_value, final_accuracy, max_region_epsilon,
                            region_final_epsilon)
-from privacy.report import no_dp_guarantee, released_values, secure_aggregation_rounds
+from fedpriv.privacy.report import no_dp_guarantee, released_values, secure_aggregation_rounds
 
 __all__ = ["SCHEMA_VERSION", "render_html", "tpr_bound"]
 

@@ -64,8 +64,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
-from fedpriv.errors import DataError, FedprivError
-from privacy.accountant import ACCOUNTANTS
+from fedpriv.core.errors import DataError, FedprivError
+from fedpriv.privacy.accountant import ACCOUNTANTS
 
 __all__ = [
     "ACCOUNTANTS",
@@ -192,7 +192,7 @@ def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float
     hist = compact_history(history)
     if not hist:
         return 0.0
-    from privacy.accountant import epsilon_of  # memoised Opacus RDP; identical to RDPAccountant
+    from fedpriv.privacy.accountant import epsilon_of  # memoised Opacus RDP; identical to RDPAccountant
 
     return epsilon_of(hist, delta, accountant)
 

@@ -8,7 +8,7 @@ are memoised in the process and persisted in one small JSON file
 (``$FEDPRIV_CACHE_DIR`` or ``~/.cache/fedpriv``, ``noise_multipliers.json``).
 
 Opacus' search covers its own accountants (``rdp``, ``prv``); for ``pld`` the same bisection runs
-here over ``privacy.accountant.epsilon_of`` (dp_accounting's PLD): double σ from 10 until the schedule
+here over ``fedpriv.privacy.accountant.epsilon_of`` (dp_accounting's PLD): double σ from 10 until the schedule
 spends less than the target, then halve the interval until ε is within the tolerance below the
 target (σ starts at 20, as in Opacus), and return the upper end (the side that spends at most the target). About 15 PLD
 evaluations, a second or two on a small CPU, and cached like the others.
@@ -28,7 +28,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from fedpriv.errors import ConfigError
+from fedpriv.core.errors import ConfigError
 
 CACHE_NAME = "noise_multipliers.json"
 
@@ -74,7 +74,7 @@ def _key(*parts: object) -> str:
     if "pld" in parts:  # the answer also depends on dp_accounting and the PLD discretisation
         import dp_accounting
 
-        from privacy.accountant import PLD_DISCRETIZATION
+        from fedpriv.privacy.accountant import PLD_DISCRETIZATION
 
         versions += [f"dp_accounting={getattr(dp_accounting, '__version__', '?')}", f"pld={PLD_DISCRETIZATION!r}"]
     return "|".join([*versions, *(repr(p) for p in parts)])
@@ -108,7 +108,7 @@ def _bisect(target_epsilon: float, delta: float, total_steps: int, sample_rate: 
             epsilon_tolerance: float) -> float:
     """Opacus' ``get_noise_multiplier`` algorithm over fedpriv's accountant: the smallest probed σ whose ε
     is at most the target and within ``epsilon_tolerance`` of it."""
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
     def eps(sigma: float) -> float:
         return epsilon_of([(sigma, sample_rate, total_steps)], delta, accountant)
@@ -133,7 +133,7 @@ def _bisect(target_epsilon: float, delta: float, total_steps: int, sample_rate: 
 
 def _within_target(sigma: float, target_epsilon: float, delta: float, total_steps: int, sample_rate: float,
                    accountant: str) -> bool:
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
     if not (sigma > 0 and math.isfinite(sigma)):
         return False

@@ -1,17 +1,17 @@
 """Plan a region's DP-SGD schedule: the noise multiplier for a target ε, and ε round by round.
 
-The schedule (Poisson rate q and steps per round) is :mod:`privacy.schedule`'s, the one a run
-uses; σ comes from the same cached search the regions use (:mod:`privacy.noise`), over the
+The schedule (Poisson rate q and steps per round) is :mod:`fedpriv.privacy.schedule`'s, the one a run
+uses; σ comes from the same cached search the regions use (:mod:`fedpriv.privacy.noise`), over the
 *whole* schedule (all rounds × local steps, since ε composes across rounds); and ε after each
-round is :func:`privacy.accountant.epsilon_of` of the history the region's ledger will hold
+round is :func:`fedpriv.privacy.accountant.epsilon_of` of the history the region's ledger will hold
 after that round. So a plan is not an estimate of a run: it is the ε trajectory the run records
 (``tests/adversary/test_plan_matches_run.py``).
 
-Each value is cross-checked by the second accountant of :data:`privacy.accountant.CROSS_CHECK`
+Each value is cross-checked by the second accountant of :data:`fedpriv.privacy.accountant.CROSS_CHECK`
 (PLD for RDP and PRV, PRV for PLD), so an accounting bug or a misconfigured accountant shows up
 as a disagreement. Expect RDP to sit 10–25% *above* PLD in typical DP-SGD regimes: RDP is a valid
 but looser upper bound. That gap is conservative, not an error; PRV and PLD are both near-tight
-and agree to well within :data:`~privacy.accountant.CROSS_CHECK_TOLERANCE`. An accountant
+and agree to well within :data:`~fedpriv.privacy.accountant.CROSS_CHECK_TOLERANCE`. An accountant
 reporting *less* ε than its check beyond the tolerance is the alarming case.
 """
 
@@ -21,13 +21,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from fedpriv.errors import ConfigError
-from privacy.accountant import ACCOUNTANTS, CROSS_CHECK_TOLERANCE, CheckedEpsilon, cross_check_accountant, epsilon_of
-from privacy.noise import noise_multiplier_for
-from privacy.schedule import Schedule, choose_noise_multiplier, region_schedule, sample_rate_for, steps_per_round
+from fedpriv.core.errors import ConfigError
+from fedpriv.privacy.accountant import ACCOUNTANTS, CROSS_CHECK_TOLERANCE, CheckedEpsilon, cross_check_accountant, epsilon_of
+from fedpriv.privacy.noise import noise_multiplier_for
+from fedpriv.privacy.schedule import Schedule, choose_noise_multiplier, region_schedule, sample_rate_for, steps_per_round
 
 if TYPE_CHECKING:
-    from fedpriv.config import FedprivConfig
+    from fedpriv.core.config import FedprivConfig
 
 __all__ = [
     "ACCOUNTANTS",
@@ -123,7 +123,7 @@ def plan_schedule(
     Returns the plan with the cumulative ε after each round and, if ``cross_check``, the cross-check
     accountant's ε per round plus warnings where the two disagree. ``noise_multiplier``, if given, is used
     instead of the search (as ``noise-multiplier`` in a run config). ``num_examples``, if given, only enables
-    a warning when δ ≥ 1/num_examples. Raises :class:`~fedpriv.errors.ConfigError` on invalid input.
+    a warning when δ ≥ 1/num_examples. Raises :class:`~fedpriv.core.errors.ConfigError` on invalid input.
     """
     if noise_multiplier is None:
         _check(_finite(target_epsilon) and target_epsilon > 0, "target-epsilon", target_epsilon,
@@ -155,8 +155,8 @@ def plan_schedule(
 
 def plan_region(num_examples: int, cfg: "FedprivConfig", *, cross_check: bool = True) -> Plan:
     """The plan of a region with ``num_examples`` training examples under run config ``cfg``: the schedule, σ
-    and accountant the region's runtime uses (:func:`privacy.schedule.region_schedule`,
-    :func:`privacy.schedule.choose_noise_multiplier`), so this is the trajectory its ledger will record."""
+    and accountant the region's runtime uses (:func:`fedpriv.privacy.schedule.region_schedule`,
+    :func:`fedpriv.privacy.schedule.choose_noise_multiplier`), so this is the trajectory its ledger will record."""
     schedule = region_schedule(num_examples, cfg)
     return plan_schedule(cfg.target_epsilon, cfg.delta, schedule.rounds,
                          schedule.steps_per_round, schedule.sample_rate, cfg.accountant, cross_check=cross_check,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.core.errors import ConfigError, FedprivError
 
 BUILTIN_SIMULATION_POLICY = Path(__file__).resolve().parents[1] / "simulations" / "region-policy.toml"
 """The policy every simulated region gets when ``sim-region-policy = ""``."""
@@ -227,10 +227,10 @@ def deterministic_noise_requested(cfg: Any) -> bool:
 def check_train_request(policy: RegionPolicy, cfg: Any, secure_round: bool) -> None:
     """Refuse, before anything is trained or recorded, a train request the policy forbids.
 
-    ``cfg`` is the coordinator's run config (a :class:`fedpriv.config.FedprivConfig`);
+    ``cfg`` is the coordinator's run config (a :class:`fedpriv.core.config.FedprivConfig`);
     ``secure_round`` whether the train message itself announced a secure-aggregation round.
     The ε-based rules (job ceiling at the planned σ, lifetime cap) need the region's data
-    and ledger and are checked by :class:`client.region.RegionRuntime`.
+    and ledger and are checked by :class:`fedpriv.client.region.RegionRuntime`.
     """
     if deterministic_noise_requested(cfg) and not policy.allow_deterministic_noise:
         raise PolicyRefusal("allow-deterministic-noise", "the run asks for insecure-deterministic-noise (DP noise a "

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpriv.errors import FedprivError
-from privacy.accountant import Entry, cross_check_accountant, epsilon_of
+from fedpriv.core.errors import FedprivError
+from fedpriv.privacy.accountant import Entry, cross_check_accountant, epsilon_of
 
 SCHEMA_VERSION = 1
 JSON_NAME = "privacy_report.json"
@@ -98,7 +98,7 @@ class RunReport:
             rec.lifetime_epsilon = max(0.0, float(metrics["lifetime-epsilon"]))
         if metrics.get("max-epsilon", 0) > 0:
             rec.max_epsilon = float(metrics["max-epsilon"])
-        from fedpriv.contract import NOT_PRIVATE_TRAIN_METRICS
+        from fedpriv.core.contract import NOT_PRIVATE_TRAIN_METRICS
 
         rec.not_private = sorted(set(rec.not_private) | {k for k in metrics if k in NOT_PRIVATE_TRAIN_METRICS})
 
@@ -195,7 +195,7 @@ def epsilon_text(region: dict[str, Any], key: str = "epsilon", digits: int = 3) 
 
 def enforcement_text(event: dict[str, Any]) -> str:
     """``round 3: refused by region policy: max-job-epsilon: ...`` or ``round 3: failed (reason)``."""
-    from fedpriv.contract import POLICY
+    from fedpriv.core.contract import POLICY
 
     if event["action"] == POLICY:
         return f"round {event['round']}: {POLICY}: {event['reason']}"

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from fedpriv.errors import ConfigError, DataError
+from fedpriv.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from fedpriv.config import FedprivConfig
+    from fedpriv.core.config import FedprivConfig
 
 __all__ = [
     "Schedule",
@@ -120,7 +120,7 @@ def choose_noise_multiplier(schedule: Schedule, cfg: "FedprivConfig") -> float:
     configured accountant (cached: ``privacy/noise.py``)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    from privacy.noise import noise_multiplier_for
+    from fedpriv.privacy.noise import noise_multiplier_for
 
     return noise_multiplier_for(cfg.target_epsilon, cfg.delta, schedule.total_steps, schedule.sample_rate,
                                 cfg.accountant)

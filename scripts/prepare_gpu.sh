@@ -46,8 +46,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: absent on the GPU machine)", name=name)
 sys.meta_path.insert(0, Block())
 bad = []
-for m in ["fedpriv.config", "fedpriv.errors", "task.model", "task.features", "task.encoding", "task.lora",
-          "client.trainer", "client.device", "privacy.accountant", "privacy.noise", "gpu_assets", "finetune",
+for m in ["fedpriv.core.config", "fedpriv.core.errors", "fedpriv.task.model", "fedpriv.task.features", "fedpriv.task.encoding", "fedpriv.task.lora",
+          "fedpriv.client.trainer", "fedpriv.task.device", "fedpriv.privacy.accountant", "fedpriv.privacy.noise", "gpu_assets", "finetune",
           "dp_cost", "gpu_session"]:
     try:
         importlib.import_module(m)

@@ -9,8 +9,8 @@ from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.config import FedprivConfig
-from server.coordinator import Coordinator
+from fedpriv.core.config import FedprivConfig
+from fedpriv.server.coordinator import Coordinator
 
 app = ServerApp()
 

@@ -82,7 +82,7 @@ def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
     LoRA adapters are folded into their base weights first (on a copy), so the exported
     model is an ordinary checkpoint that loads without ``peft``.
     """
-    from task.lora import is_lora, merge_lora
+    from fedpriv.task.lora import is_lora, merge_lora
 
     if is_lora(model):
         model = merge_lora(copy.deepcopy(model))

@@ -1,16 +1,16 @@
 """The coordinator's side of a run: model, strategy, evaluation, checkpoints, report.
 
 :class:`Coordinator` is what the ServerApp runs. It owns the run's
-:class:`~privacy.report.RunReport` and writes it after every round, so a crash or
+:class:`~fedpriv.privacy.report.RunReport` and writes it after every round, so a crash or
 a lost region never loses what was already learned and spent.
 
 Faults: every round is bounded by ``round-timeout``; a region that does not answer
 (its process died, its SuperNode is gone) is recorded as failed for that round
-(:class:`server.faults.WatchedGrid`) and the round goes on with the others, as
+(:class:`fedpriv.server.faults.WatchedGrid`) and the round goes on with the others, as
 long as ``min-train-regions`` updates arrive. A coordinator that dies is continued
 by a new one with ``resume-from`` = its run dir (``fedpriv run --resume``): the
 last completed round's checkpoint, the report so far, and only the remaining
-rounds (:mod:`server.resume`). One coordinator at a time writes a run dir.
+rounds (:mod:`fedpriv.server.resume`). One coordinator at a time writes a run dir.
 """
 
 from __future__ import annotations
@@ -24,23 +24,22 @@ from flwr.app import MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from client.device import select_device
-from client.trainer import peak_memory_mb
-from fedpriv.config import FedprivConfig
-from fedpriv.errors import FedprivError
-from privacy.report import RunReport
-from server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state, save_checkpoint,
+from fedpriv.task.device import peak_memory_mb, select_device
+from fedpriv.core.config import FedprivConfig
+from fedpriv.core.errors import FedprivError
+from fedpriv.privacy.report import RunReport
+from fedpriv.server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state, save_checkpoint,
                                 save_server_optimizer_state)
-from server.evaluation import CentralEvaluator
-from server.faults import WatchedGrid
-from server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
+from fedpriv.server.evaluation import CentralEvaluator
+from fedpriv.server.faults import WatchedGrid
+from fedpriv.server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
                            restore_report, total_wall_time)
-from strategies.private_fedavg import PrivateFedAvg, RunAborted
-from strategies.secure_fedavg import SecureFedAvg
-from strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
-from task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
-from task.features import SplitClassifier
-from task.partition import read_partition_stats
+from fedpriv.strategies.private_fedavg import PrivateFedAvg, RunAborted
+from fedpriv.strategies.secure_fedavg import SecureFedAvg
+from fedpriv.strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
+from fedpriv.task.model import build_model, count_trainable, from_array_record, get_trainable, load_tokenizer, set_trainable_values, to_array_record
+from fedpriv.task.features import SplitClassifier
+from fedpriv.task.partition import read_partition_stats
 
 
 class Coordinator:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from task.encoding import encode
-from task.features import FeatureDataset, SplitClassifier, evaluate_top
-from task.model import set_trainable_values
-from task.partition import load_server_test
+from fedpriv.task.encoding import encode
+from fedpriv.task.features import FeatureDataset, SplitClassifier, evaluate_top
+from fedpriv.task.model import set_trainable_values
+from fedpriv.task.partition import load_server_test
 
 
 class CentralEvaluator:

@@ -7,7 +7,7 @@ its SuperNode has missed its heartbeats - answered for by the SuperLink with a
 strategy cannot tell which region was lost. :class:`WatchedGrid` wraps the Grid
 for train/evaluate messages and turns both cases into an error reply from the
 lost node that reads ``"<region>|<reason>"`` - the format fedpriv ClientApps use
-for their own errors - so :class:`~strategies.private_fedavg.PrivateFedAvg`
+for their own errors - so :class:`~fedpriv.strategies.private_fedavg.PrivateFedAvg`
 records the failed region, per round, in the report.
 
 It also rides out *transient* SuperLink errors while waiting for replies (an HTTP

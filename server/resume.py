@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 if TYPE_CHECKING:  # torch/opacus load lazily: `fedpriv run` plans a resume without them
     import numpy as np
 
-    from privacy.report import RunReport
+    from fedpriv.privacy.report import RunReport
 
-JSON_NAME = "privacy_report.json"  # == privacy.report.JSON_NAME
-CHECKPOINT_DIR = "checkpoints"  # == server.checkpoints.CHECKPOINT_DIR
+JSON_NAME = "privacy_report.json"  # == fedpriv.privacy.report.JSON_NAME
+CHECKPOINT_DIR = "checkpoints"  # == fedpriv.server.checkpoints.CHECKPOINT_DIR
 LOCK_NAME = ".coordinator.lock"
 DISCARDED_SUFFIX = ".discarded"
 _STANDARD_KEYS = {"schema_version", "run_id", "created", "status", "accountant", "delta", "unit_of_privacy",
@@ -160,7 +160,7 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
     (e.g. the list of Flower runs) are kept -- except an earlier ``audit``: it attacked
     the model as it was then, and the resumed run trains it further (re-run ``fedpriv audit``).
     """
-    from privacy.report import RegionRecord
+    from fedpriv.privacy.report import RegionRecord
     report.rounds = [dict(r) for r in data.get("rounds", []) if int(r.get("round", 0)) <= upto_round]
     for name, saved in (data.get("regions") or {}).items():
         rec = report.regions.setdefault(name, RegionRecord())

@@ -18,7 +18,7 @@ import httpx
 
 from fedpriv.deploy.ports import free_port
 from fedpriv.deploy.processes import STOP_GRACE, child_env, flower_executable, stop_process_tree
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 
 class LocalSimulationSuperLink:

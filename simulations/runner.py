@@ -17,16 +17,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedpriv.config import APP_DIR, FedprivConfig, partition_spec, resolve_config
-from fedpriv.errors import ConfigError, DataError
+from fedpriv.core.config import APP_DIR, FedprivConfig, resolve_config
+
+from fedpriv.core.errors import ConfigError, DataError
 from fedpriv.submission import FlowerRunClient, RunOutcome
-from simulations.local_superlink import LocalSimulationSuperLink
-from task.data import load_corpus
-from task.partition import PARTITION_FILE, partition_corpus, write_shards
+from fedpriv.simulations.local_superlink import LocalSimulationSuperLink
+from fedpriv.task.data import load_corpus
+from fedpriv.task.partition import PARTITION_FILE, partition_corpus, partition_spec, write_shards
 
 
 def load_presets() -> dict[str, dict[str, Any]]:
-    with resources.files("simulations").joinpath("presets.toml").open("rb") as fh:
+    with resources.files("fedpriv.simulations").joinpath("presets.toml").open("rb") as fh:
         return tomllib.load(fh)
 
 
@@ -101,7 +102,7 @@ def federation_options(cfg: FedprivConfig, num_gpus: int) -> dict[str, Any]:
 
 def check_region_policies(cfg: FedprivConfig) -> None:
     """Every simulated region's policy (``sim-region-policy``, "" = the built-in one) loads, before anything starts."""
-    from privacy.policy import policy_for_node
+    from fedpriv.privacy.policy import policy_for_node
 
     for region in cfg.regions:
         policy_for_node({}, region, cfg.sim_region_policy, cfg.sim_max_epsilon)

@@ -4,9 +4,9 @@
 real deployment needs:
 
 * every region's reply (ε so far, steps, σ, q, its DP history) is recorded in the
-  :class:`~privacy.report.RunReport` — FedAvg would only average the metrics;
+  :class:`~fedpriv.privacy.report.RunReport` — FedAvg would only average the metrics;
 * refusals (a region whose policy forbids the request, or whose budget would be
-  exceeded: :mod:`privacy.policy`) and failures are recorded with their reasons, and a round with fewer than ``min_train_regions`` usable
+  exceeded: :mod:`fedpriv.privacy.policy`) and failures are recorded with their reasons, and a round with fewer than ``min_train_regions`` usable
   replies leaves the global model unchanged instead of averaging a handful;
 * waiting for regions to connect is bounded by ``connect_timeout`` (Flower's
   sampler waits forever), so a run whose regions are gone ends with a message;
@@ -38,9 +38,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpriv import contract
-from fedpriv.errors import FedprivError
-from privacy.report import RegionRecord, RunReport
+from fedpriv.core import contract
+from fedpriv.core.errors import FedprivError
+from fedpriv.privacy.report import RegionRecord, RunReport
 
 REFUSAL_PREFIX = contract.BUDGET + ":"  # kept for importers of the old name; the contract owns the format
 
@@ -169,6 +169,6 @@ class PrivateFedAvg(FedAvg):
 
 
 def _split_error(reason: str, default_region: str) -> tuple[str, str]:
-    """``(region, reason)`` of an error reply (:func:`fedpriv.contract.parse_error` is the parser)."""
+    """``(region, reason)`` of an error reply (:func:`fedpriv.core.contract.parse_error` is the parser)."""
     err = contract.parse_error(reason, default_region)
     return err.region, str(err)

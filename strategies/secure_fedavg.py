@@ -1,7 +1,7 @@
 """FedAvg over secure aggregation: the coordinator learns only the sum of the regions' updates.
 
-See :class:`SecureFedAvg` for the round; the region's side is :mod:`client.secure_aggregation`,
-the protocol itself :mod:`privacy.secagg`.
+See :class:`SecureFedAvg` for the round; the region's side is :mod:`fedpriv.client.secure_aggregation`,
+the protocol itself :mod:`fedpriv.privacy.secagg`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedpriv import contract as wire
-from fedpriv.errors import ConfigError
-from privacy.report import RunReport
-from privacy.secagg import SecAggConfig, SecAggError, SecAggResult, SecAggServer
-from strategies.private_fedavg import PrivateFedAvg
+from fedpriv.core import contract as wire
+from fedpriv.core.errors import ConfigError
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.secagg import SecAggConfig, SecAggError, SecAggResult, SecAggServer
+from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
 #: Polling while waiting for a stage's replies: every ``_POLL_FAST`` s for the first
 #: ``_FAST_FOR`` s (replies to these small messages usually come back within that),
@@ -37,7 +37,7 @@ class _RoundAborted(Exception):
 class SecureFedAvg(PrivateFedAvg):
     """FedAvg over secure aggregation: the coordinator learns only the sum of the regions' updates.
 
-    :class:`~strategies.private_fedavg.PrivateFedAvg` (same privacy books, refusals,
+    :class:`~fedpriv.strategies.private_fedavg.PrivateFedAvg` (same privacy books, refusals,
     ``min_train_regions``, region-order determinism) whose regions never send a model
     update in the clear. One round:
 
@@ -63,14 +63,14 @@ class SecureFedAvg(PrivateFedAvg):
 
     A region that does not answer a stage within ``stage_timeout`` is a dropout; the
     round completes as long as ``threshold`` regions survive every stage, else it is
-    aborted (:class:`~privacy.secagg.SecAggAbort`): the global model stays unchanged,
+    aborted (:class:`~fedpriv.privacy.secagg.SecAggAbort`): the global model stays unchanged,
     the reason is recorded, and the next round starts afresh. If only one region
     trained, a sum would hide nothing (the new global model *is* its update), so that
     round falls back to plain FedAvg (``query.secagg_reveal``) with a warning, and is
     listed under ``rounds_plain`` in the report -- if the region's policy allows plain
     rounds; otherwise it refuses and the round aborts with the model unchanged.
 
-    Regions enforce their own rules (:mod:`privacy.policy`): a Shamir threshold of half
+    Regions enforce their own rules (:mod:`fedpriv.privacy.policy`): a Shamir threshold of half
     a secret's share holders or fewer is refused at setup, and a refusal is recorded as
     "refused by region policy: <rule>".
 

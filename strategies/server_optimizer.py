@@ -18,7 +18,7 @@ wraps a strategy rather than subclassing each one).
 the coordinator from those releases alone, with no access to any region's data.
 This is post-processing, which cannot weaken a DP guarantee: ε is unchanged.
 
-The arithmetic lives in :class:`strategies.server_update_rules.ServerOptimizer`
+The arithmetic lives in :class:`fedpriv.strategies.server_update_rules.ServerOptimizer`
 (numpy only, no Flower), so tests and benchmarks can use it without a federation.
 """
 
@@ -35,7 +35,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.server_update_rules import ServerOptimizer
+from fedpriv.strategies.server_update_rules import ServerOptimizer
 
 __all__ = ["ServerOptimizer", "ServerOptimizerStrategy"]
 

@@ -1,6 +1,6 @@
 """The server optimizers' update rules (FedAvgM, FedAdam, FedYogi), numpy only.
 
-Kept apart from the Flower wrapper (:mod:`strategies.server_optimizer`) so the rule
+Kept apart from the Flower wrapper (:mod:`fedpriv.strategies.server_optimizer`) so the rule
 can be used where Flower is not installed -- a benchmark on a GPU machine, a unit
 test -- and so the one formula lives in one place (as Flower keeps the maths its
 strategies share in ``strategy_utils.py``). Post-processing of the regions' DP
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpriv.config import SERVER_OPTIMIZERS
+from fedpriv.core.config import SERVER_OPTIMIZERS
 
 
 class ServerOptimizer:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from task.data import Example
+from fedpriv.task.data import Example
 
 
 @dataclass

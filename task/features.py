@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.masking_utils import create_bidirectional_mask
 
-from task.encoding import EncodedDataset, collate
-from task.model import is_mean_pooling, trainable_layer_count
+from fedpriv.task.encoding import EncodedDataset, collate
+from fedpriv.task.model import is_mean_pooling, trainable_layer_count
 
 FEATURE_VERSION = "1"
 

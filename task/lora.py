@@ -12,8 +12,8 @@ accordingly.
 
 The adapters are injected *in place* (``peft.inject_adapter_in_model``): the
 model keeps its class, its module tree and its parameter names (plus
-``...query.lora_A.default.weight`` etc.), so :class:`task.features.SplitClassifier`,
-:func:`task.model.get_trainable` and Opacus work unchanged. Adapters only ever sit
+``...query.lora_A.default.weight`` etc.), so :class:`fedpriv.task.features.SplitClassifier`,
+:func:`fedpriv.task.model.get_trainable` and Opacus work unchanged. Adapters only ever sit
 above the freeze line, so cached frozen-prefix features stay valid.
 
 Opacus: ``peft``'s ``lora.Linear`` runs its adapters as plain ``nn.Linear``
@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedpriv.errors import ConfigError
-from task.model import head_modules, trainable_layer_count
+from fedpriv.core.errors import ConfigError
+from fedpriv.task.model import head_modules, trainable_layer_count
 
 DEFAULT_TARGETS = ("query", "value")
 

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedpriv.errors import ConfigError
-from task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
+from fedpriv.core.errors import ConfigError
+from fedpriv.task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
 
 hf_logging.set_verbosity_error()
 
@@ -67,7 +67,7 @@ def build_model(model_name: str, trainable: str, seed: int, pooling: str = "mean
         raise ConfigError(f"model = {model_name!r}: expected 'minilm' or 'tiny'")
     set_trainable(model, trainable)
     if lora_rank:
-        from task.lora import apply_lora
+        from fedpriv.task.lora import apply_lora
 
         apply_lora(model, trainable, lora_rank, seed=seed)
     return model

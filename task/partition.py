@@ -19,12 +19,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from fedpriv.errors import DataError
-from task.data import DOMAINS, Example, read_jsonl, write_jsonl
+from fedpriv.core.errors import DataError
+from fedpriv.task.data import DOMAINS, Example, read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from fedpriv.core.config import FedprivConfig
 
 PARTITION_FILE = "partition.json"
 
@@ -160,3 +163,12 @@ def load_server_test(data_root: Path) -> list[Example]:
 def read_partition_stats(data_root: Path) -> dict:
     path = data_root / PARTITION_FILE
     return json.loads(path.read_text())["stats"] if path.exists() else {}
+
+
+def partition_spec(cfg: "FedprivConfig") -> PartitionSpec:
+    """The partition a run config asks for (its fingerprint names the shard directory)."""
+    return PartitionSpec(regions=cfg.regions, seed=cfg.seed, neutral_band=cfg.neutral_band, dirichlet_alpha=cfg.dirichlet_alpha,
+                         domain_skew=cfg.domain_skew, local_test_fraction=cfg.local_test_fraction,
+                         server_test_fraction=cfg.server_test_fraction,
+                         max_examples_per_region=cfg.max_examples_per_region,
+                         max_server_examples=cfg.max_server_examples)

@@ -22,7 +22,7 @@ DOMAINS = ["tweets", "amazon", "movies", "nyt"]
 
 def synthetic_examples(n: int, seed: int = 0):
     """Posts whose label is decided by a sentiment word: a task a small model can learn."""
-    from task.data import Example
+    from fedpriv.task.data import Example
 
     rng = random.Random(seed)
     out = []
@@ -36,7 +36,7 @@ def synthetic_examples(n: int, seed: int = 0):
 
 
 def write_corpus(data_dir: Path, n: int, seed: int = 0) -> Path:
-    from task.data import CORPUS_FILE, write_jsonl
+    from fedpriv.task.data import CORPUS_FILE, write_jsonl
 
     write_jsonl(data_dir / CORPUS_FILE, synthetic_examples(n, seed))
     return data_dir

@@ -56,9 +56,9 @@ FILLER = ["the", "a", "movie", "day", "food", "service", "it", "was", "this", "r
 
 def write_region_data(root: Path, regions: Iterable[str] = REGIONS, n: int = 1200, seed: int = 0) -> Path:
     """``fedpriv prepare-data --out root/data`` on a synthetic corpus: regions/<r>/, server/, partition.json."""
-    from fedpriv.config import parse_overrides, partition_spec, resolve_config
-    from task.data import DOMAINS, Example
-    from task.partition import partition_corpus, write_shards
+    from fedpriv.core.config import parse_overrides, resolve_config
+    from fedpriv.task.data import DOMAINS, Example
+    from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
     rng = random.Random(seed)
     domains = list(DOMAINS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from privacy.ledger import PrivacyLedger, Release  # noqa: E402
+from fedpriv.privacy.ledger import PrivacyLedger, Release  # noqa: E402
 
 
 def release(run_id: str, rnd: int) -> Release:

@@ -14,9 +14,9 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedpriv import config as fedpriv_config
-from fedpriv.config import resolve_config
-from privacy.accountant import (
+from fedpriv.core import config as fedpriv_config
+from fedpriv.core.config import resolve_config
+from fedpriv.privacy.accountant import (
     ACCOUNTANTS,
     CROSS_CHECK,
     CROSS_CHECK_TOLERANCE,
@@ -24,8 +24,8 @@ from privacy.accountant import (
     cross_checked_epsilon,
     epsilon_of,
 )
-from privacy.report import RunReport
-from privacy.schedule import schedule_for
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.schedule import schedule_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order")
 

@@ -16,7 +16,7 @@ from fedpriv.deploy.app_signing import (
     SIGNATURE_ENTRY, AppNotTrusted, create_publisher_key, load_publisher_key, load_trust_file, sign_bundle,
     trust_line, verify_bundle,
 )
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 
 def _fab(files: dict[str, bytes]) -> bytes:
@@ -119,7 +119,7 @@ def test_the_real_app_bundle_signs_installs_and_refuses_tampering(tmp_path):
     from flwr.cli.build import build_fab_from_disk
     from flwr.cli.install import install_from_fab
 
-    from fedpriv.config import APP_DIR
+    from fedpriv.core.config import APP_DIR
 
     key, trust = _publisher(tmp_path)
     signed = sign_bundle(build_fab_from_disk(Path(APP_DIR)), key)
@@ -198,7 +198,7 @@ def test_verifying_clientapp_refuses_before_installing(tmp_path, monkeypatch, ca
     try:
         trusted_exec.main(["clientapp", "--trust", str(trust), "--token", "t"])
         # After verifying, the gate forgot the region's fedpriv: the bundle imports its own signed copy.
-        assert "fedpriv.errors" not in sys.modules
+        assert "fedpriv.core.errors" not in sys.modules
     finally:
         sys.modules.update(ours)  # keep one FedprivError class for the rest of this test session
     assert outcomes[1] == "installed" and "is not signed" in outcomes[0]

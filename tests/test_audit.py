@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from fedpriv.cli import main
-from fedpriv.config import resolve_config
-from privacy.audit import (attack_metrics, audit_run, bound_check, dp_bounds, format_audit, pair_members,
+from fedpriv.core.config import resolve_config
+from fedpriv.privacy.audit import (attack_metrics, audit_run, bound_check, dp_bounds, format_audit, pair_members,
                            per_example_losses, roc_curve, save_audit, tpr_at_fpr)
-from privacy.html_report import tpr_bound
-from task.data import Example, write_jsonl
-from task.model import load_tokenizer
+from fedpriv.privacy.html_report import tpr_bound
+from fedpriv.task.data import Example, write_jsonl
+from fedpriv.task.model import load_tokenizer
 
 DELTA = 1e-5
 
@@ -139,8 +139,8 @@ def small_classifier(tokenizer, seed: int = 0):
     """A small mean-pooling BERT: 1 frozen random encoder layer, a wide trainable head (trainable=head)."""
     from transformers import BertConfig
 
-    from task.model import set_trainable
-    from task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
+    from fedpriv.task.model import set_trainable
+    from fedpriv.task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
 
     torch.manual_seed(seed)
     model = MeanPoolingBertForSequenceClassification(BertConfig(
@@ -155,10 +155,10 @@ def train(model, tokenizer, members, *, dp: bool, epochs: int, seed: int = 0):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
-    from task.encoding import encode
-    from task.features import SplitClassifier, collate_features
+    from fedpriv.task.encoding import encode
+    from fedpriv.task.features import SplitClassifier, collate_features
 
     split = SplitClassifier(model, "head")
     data = split.features(encode(members, tokenizer, 32), torch.device("cpu"))
@@ -240,8 +240,8 @@ def test_dp_model_at_epsilon_8_stays_near_chance(tokenizer, posts):
 @pytest.fixture
 def run_dir(tmp_path, tokenizer):
     """A run directory as fedpriv writes it: shards, a report, a last checkpoint of the tiny model."""
-    from server.checkpoints import save_checkpoint
-    from task.model import build_model, get_trainable
+    from fedpriv.server.checkpoints import save_checkpoint
+    from fedpriv.task.model import build_model, get_trainable
 
     root = tmp_path / "shards"
     pool = random_posts(tokenizer, 80, seed=5)  # 40 / 40 labels
@@ -267,7 +267,7 @@ def run_dir(tmp_path, tokenizer):
 
 
 def test_audit_run_attacks_the_last_checkpoint(run_dir, tokenizer):
-    from task.model import build_model, set_trainable_values
+    from fedpriv.task.model import build_model, set_trainable_values
 
     run, values, pool = run_dir
     audit = audit_run(run, max_examples=1000)

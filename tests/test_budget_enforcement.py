@@ -1,6 +1,6 @@
 """Budget enforcement in a region's own process: the ledger decides, before training, whether a round may run.
 
-Uses :class:`client.region.RegionRuntime` directly (no Flower) with the tiny model and a small
+Uses :class:`fedpriv.client.region.RegionRuntime` directly (no Flower) with the tiny model and a small
 synthetic shard, in deployment mode: the node config names the region, its data and its cap.
 """
 
@@ -12,16 +12,16 @@ import random
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client import region as region_mod
-from client.region import RegionRuntime, identify_region
-from client.trainer import choose_noise_multiplier, region_schedule
-from fedpriv.config import resolve_config
-from fedpriv.errors import BudgetExhausted
-from privacy.policy import PolicyRefusal
-from privacy.ledger import PrivacyLedger
-from task.data import Example
-from task.model import get_trainable
-from task.partition import PartitionSpec, partition_corpus, write_shards
+from fedpriv.client import region as region_mod
+from fedpriv.client.region import RegionRuntime, identify_region
+from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import BudgetExhausted
+from fedpriv.privacy.policy import PolicyRefusal
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.task.data import Example
+from fedpriv.task.model import get_trainable
+from fedpriv.task.partition import PartitionSpec, partition_corpus, write_shards
 
 REGIONS = ("us-east", "eu-west")
 DELTA = 1e-5

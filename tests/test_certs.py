@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 
 from fedpriv.cli import main
 from fedpriv.deploy.certs import CertPaths, create_certs, create_region_key, normalize_hosts, parse_regions
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 
 def _mode(path) -> int:

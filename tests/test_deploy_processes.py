@@ -34,7 +34,7 @@ from fedpriv.deploy.processes import (
     resolve_region_data_dir,
     write_flwr_home,
 )
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 READY_TIMEOUT = 90.0  # generous: CI machines are shared
 REPO = Path(__file__).resolve().parents[1]

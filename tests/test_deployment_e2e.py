@@ -27,7 +27,7 @@ def deployment(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_rounds_over_tls_with_node_auth_write_the_privacy_report(deployment):
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
     run_dir = deployment.root / "run"
     config = f"{TINY} regions='{','.join(REGIONS)}' num-server-rounds=2 min-train-regions=3 round-timeout=300.0"

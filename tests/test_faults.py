@@ -1,6 +1,6 @@
 """Faults a deployment must survive: a lost region, a dead coordinator.
 
-Fast tests: :class:`server.faults.WatchedGrid` names lost regions; :mod:`server.resume`
+Fast tests: :class:`fedpriv.server.faults.WatchedGrid` names lost regions; :mod:`fedpriv.server.resume`
 picks the right round, restores the report without resetting anything, and keeps
 two coordinators out of one run dir.
 
@@ -26,9 +26,9 @@ import pytest
 from flwr.app import Error, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedpriv.errors import FedprivError
-from server import resume
-from server.faults import LOST, UNREACHABLE, WatchedGrid
+from fedpriv.core.errors import FedprivError
+from fedpriv.server import resume
+from fedpriv.server.faults import LOST, UNREACHABLE, WatchedGrid
 
 SUPERLINK_NODE = 1  # src of errors the SuperLink writes on behalf of an offline node
 
@@ -127,7 +127,7 @@ class _FlakyGrid(_FakeGrid):
 def test_watched_grid_rides_out_transient_superlink_errors(monkeypatch):
     import httpx
 
-    import server.faults as faults
+    import fedpriv.server.faults as faults
 
     monkeypatch.setattr(faults, "POLL_S", 0.01)
     flaky = _FlakyGrid()
@@ -144,8 +144,8 @@ def test_watched_grid_rides_out_transient_superlink_errors(monkeypatch):
 
 
 def test_private_fedavg_records_the_lost_region_per_round(tmp_path):
-    from privacy.report import RunReport
-    from strategies.private_fedavg import PrivateFedAvg
+    from fedpriv.privacy.report import RunReport
+    from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
     report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east", "eu-west", "ap-south"])
     strategy = PrivateFedAvg(report=report, min_train_regions=1, connect_timeout=1)
@@ -162,8 +162,8 @@ def test_a_resumed_coordinator_sends_absolute_round_numbers(tmp_path, monkeypatc
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
 
-    from privacy.report import RunReport
-    from strategies.private_fedavg import PrivateFedAvg
+    from fedpriv.privacy.report import RunReport
+    from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
@@ -214,8 +214,8 @@ def _write_run(run_dir: Path, evaluated: list[int], checkpoints: list[int], job_
 
 
 def test_constants_match_their_sources():
-    from privacy.report import JSON_NAME
-    from server.checkpoints import CHECKPOINT_DIR
+    from fedpriv.privacy.report import JSON_NAME
+    from fedpriv.server.checkpoints import CHECKPOINT_DIR
 
     assert resume.JSON_NAME == JSON_NAME and resume.CHECKPOINT_DIR == CHECKPOINT_DIR
 
@@ -229,7 +229,7 @@ def test_resume_point_is_the_last_round_with_checkpoint_and_evaluation(tmp_path)
     assert point.later_checkpoints == [resume.checkpoint_path(tmp_path, 3)]
     moved = resume.discard_later_checkpoints(point)
     assert [p.name for p in moved] == ["round-003.safetensors.discarded"]
-    from server.checkpoints import latest_checkpoint
+    from fedpriv.server.checkpoints import latest_checkpoint
 
     assert latest_checkpoint(tmp_path)[0] == 2  # the discarded round can never be mistaken for progress
     # Evaluated but its checkpoint missing: back to the last round that has both.
@@ -257,7 +257,7 @@ def test_resume_refuses_unusable_run_dirs(tmp_path):
 
 
 def test_restore_report_keeps_history_and_drops_unfinished_rounds(tmp_path):
-    from privacy.report import RunReport
+    from fedpriv.privacy.report import RunReport
 
     data = _write_run(tmp_path, evaluated=[1, 2], checkpoints=[1, 2])  # region also trained round 3
     report = RunReport(tmp_path, {"job-id": "job-1"}, "rdp", 1e-5, ["us-east", "eu-west"])
@@ -278,7 +278,7 @@ def test_restore_report_keeps_history_and_drops_unfinished_rounds(tmp_path):
 
 def test_one_coordinator_per_run_dir(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from server.resume import lock_run_dir; held = lock_run_dir(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from fedpriv.server.resume import lock_run_dir; held = lock_run_dir(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
         cwd=str(Path(__file__).resolve().parents[1]), stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
@@ -314,7 +314,7 @@ def _report(run_dir: Path) -> dict:
 
 
 def _job_releases(deployment, region: str, job_id: str):
-    from privacy.ledger import PrivacyLedger, default_ledger_path
+    from fedpriv.privacy.ledger import PrivacyLedger, default_ledger_path
 
     with PrivacyLedger(default_ledger_path(deployment.data / "regions" / region)) as ledger:
         return [r for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
@@ -324,7 +324,7 @@ def _job_releases(deployment, region: str, job_id: str):
 def test_stopped_coordinator_resumes_with_continuous_epsilon(deployment):
     """Round 1 completes, the coordinator's run is stopped (`flwr stop`), `fedpriv run --resume` finishes round 2."""
     from e2e_support import REGIONS, TINY, FedprivRun, wait_for
-    from privacy.accountant import epsilon_of
+    from fedpriv.privacy.accountant import epsilon_of
 
     run_dir = deployment.root / "resume-run"
     config = f"{TINY} regions='{','.join(REGIONS)}' num-server-rounds=2 min-train-regions=3 round-timeout=300.0"
@@ -450,9 +450,9 @@ def _is_clientapp(pid: int, since: float) -> bool:
 
 def test_secure_aggregation_polling_rides_out_transient_superlink_errors(tmp_path, monkeypatch):
     """SecureFedAvg polls the grid itself; through WatchedGrid a 'database is locked' 500 is retried, not fatal."""
-    import server.faults as faults
-    from privacy.report import RunReport
-    from strategies.secure_fedavg import SecureFedAvg
+    import fedpriv.server.faults as faults
+    from fedpriv.privacy.report import RunReport
+    from fedpriv.strategies.secure_fedavg import SecureFedAvg
 
     class _FlakyIdGrid(_FlakyGrid):
         def push_messages(self, messages):

@@ -4,7 +4,7 @@
   CUDA GPUs (Ray hides every GPU from an actor that asks for none), none on CPU; the
   device count is faked here.
 * ``--preset gpu`` (whole encoder, server momentum) trains through the real code path:
-  the regions' DP-SGD rounds (:class:`client.region.RegionRuntime`) and the server
+  the regions' DP-SGD rounds (:class:`fedpriv.client.region.RegionRuntime`) and the server
   optimizer on their FedAvg, with the tiny model and small data.
 """
 
@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import simulations.runner as runner
-from client.region import RegionRuntime, identify_region
+import fedpriv.simulations.runner as runner
+from fedpriv.client.region import RegionRuntime, identify_region
 from conftest import TINY, write_corpus
-from fedpriv.config import partition_spec, resolve_config
-from fedpriv.errors import ConfigError
-from simulations.runner import federation_options, gpus_per_region, preset_overrides
-from strategies.server_optimizer import ServerOptimizer
-from task.data import load_corpus
-from task.model import get_trainable
-from task.partition import partition_corpus, write_shards
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError
+from fedpriv.simulations.runner import federation_options, gpus_per_region, preset_overrides
+from fedpriv.strategies.server_optimizer import ServerOptimizer
+from fedpriv.task.data import load_corpus
+from fedpriv.task.model import get_trainable
+from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
 
 def _cfg(**overrides):

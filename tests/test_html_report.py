@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from privacy import plots
-from privacy.html_report import render_html, tpr_bound
+from fedpriv.privacy import plots
+from fedpriv.privacy.html_report import render_html, tpr_bound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """Importing fedpriv changes nothing in the importing process.
 
-ClientApps, ServerApps and Ray workers import ``fedpriv.errors`` and ``fedpriv.config``.
+ClientApps, ServerApps and Ray workers import ``fedpriv.core.errors`` and ``fedpriv.core.config``.
 Before, that ran ``fedpriv/__init__.py``, which rewrote ``PATH`` in every one of them.
 The Flower children get this interpreter's scripts first on PATH through their own
 environment instead (:func:`fedpriv.deploy.processes.child_env`).
@@ -19,8 +19,8 @@ import pytest
 BINDIR = str(Path(sys.executable).parent)
 
 
-@pytest.mark.parametrize("module", ["fedpriv", "fedpriv.errors", "fedpriv.config", "fedpriv.cli",
-                                    "fedpriv.deploy.processes", "fedpriv.submission", "simulations.runner"])
+@pytest.mark.parametrize("module", ["fedpriv", "fedpriv.core.errors", "fedpriv.core.config", "fedpriv.cli",
+                                    "fedpriv.deploy.processes", "fedpriv.submission", "fedpriv.simulations.runner"])
 def test_importing_a_fedpriv_module_leaves_path_unchanged(module):
     path = os.pathsep.join(["/usr/bin", "/bin"])  # this interpreter's directory is not on it
     code = f"import json, os; before = os.environ['PATH']; import {module}; print(json.dumps([before, os.environ['PATH']]))"

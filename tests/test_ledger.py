@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedpriv.errors import DataError, FedprivError
-from privacy.ledger import (
+from fedpriv.core.errors import DataError, FedprivError
+from fedpriv.privacy.ledger import (
     BudgetDecision,
     LedgerConflict,
     PrivacyLedger,

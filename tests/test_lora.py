@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY, write_corpus
-from fedpriv.config import partition_spec, resolve_config
-from fedpriv.errors import ConfigError
-from task.data import load_corpus
-from task.model import build_model, get_trainable
-from task.partition import partition_corpus, write_shards
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError
+from fedpriv.task.data import load_corpus
+from fedpriv.task.model import build_model, get_trainable
+from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
 LORA = {**TINY, "trainable": "top-1", "lora-rank": 4, "learning-rate": 2.0}
 
@@ -28,7 +28,7 @@ def test_only_adapters_and_head_are_trainable_and_travel():
 
 
 def test_dp_rounds_change_the_adapters_within_the_budget(tmp_path):
-    from client.region import RegionRuntime, identify_region
+    from fedpriv.client.region import RegionRuntime, identify_region
 
     corpus = write_corpus(tmp_path / "corpus", 800)
     _, cfg = resolve_config(LORA)
@@ -83,9 +83,9 @@ def test_a_noiseless_unclipped_dp_step_on_the_adapters_equals_the_plain_sgd_step
 
 
 def test_export_merges_the_adapters_into_a_plain_model(tmp_path):
-    from server.checkpoints import export_model
-    from task.model import load_tokenizer
-    from task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
+    from fedpriv.server.checkpoints import export_model
+    from fedpriv.task.model import load_tokenizer
+    from fedpriv.task.modeling_fedpriv import MeanPoolingBertForSequenceClassification
 
     model = build_model("tiny", "top-1", 0, "mean", lora_rank=4).eval()
     with torch.no_grad():

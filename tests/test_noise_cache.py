@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from privacy import noise
+from fedpriv.privacy import noise
 
 TARGET, DELTA, STEPS, Q = 4.0, 1e-5, 20, 0.1
 
@@ -96,7 +96,7 @@ def test_pld_search_meets_the_target_is_cached_and_rechecked(cache, monkeypatch)
 
 
 def test_pld_target_out_of_reach_is_a_config_error(cache):
-    from fedpriv.errors import ConfigError
+    from fedpriv.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="too small to reach"):
         noise.noise_multiplier_for(1e-9, DELTA, 1000, 1.0, "pld")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_examples
-from fedpriv.errors import DataError
-from task.partition import PartitionSpec, load_region, load_server_test, partition_corpus, write_shards
+from fedpriv.core.errors import DataError
+from fedpriv.task.partition import PartitionSpec, load_region, load_server_test, partition_corpus, write_shards
 
 REGIONS = ("us-east", "eu-west", "ap-south")
 

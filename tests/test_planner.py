@@ -10,11 +10,11 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedpriv.config import resolve_config
-from fedpriv.errors import ConfigError
-from privacy.accountant import CROSS_CHECK_TOLERANCE, epsilon_of
-from privacy.planner import Plan, plan_region, plan_schedule, sample_rate_for, steps_per_round
-from privacy.schedule import region_schedule
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError
+from fedpriv.privacy.accountant import CROSS_CHECK_TOLERANCE, epsilon_of
+from fedpriv.privacy.planner import Plan, plan_region, plan_schedule, sample_rate_for, steps_per_round
+from fedpriv.privacy.schedule import region_schedule
 
 DELTA = 1e-5
 N, B, R = 4500, 256, 4

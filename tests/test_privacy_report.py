@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from privacy.plots import max_region_epsilon, region_epsilon_series
-from privacy.report import RunReport, load_report, render_markdown
-from server.resume import restore_report
+from fedpriv.privacy.plots import max_region_epsilon, region_epsilon_series
+from fedpriv.privacy.report import RunReport, load_report, render_markdown
+from fedpriv.server.resume import restore_report
 
 HISTORY = [(1.1, 0.05, 20)]
 
@@ -50,7 +50,7 @@ def test_dp_off_region_is_recorded_as_not_private_not_as_a_negative_epsilon(tmp_
     assert "| 2 | ∞ | 1.000 |" in md
     assert max_region_epsilon(data) == math.inf
     assert region_epsilon_series(off) == ([], [])  # the plots use _regions(): see the next assertion
-    from privacy.plots import _regions
+    from fedpriv.privacy.plots import _regions
 
     assert _regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
 
@@ -125,7 +125,7 @@ def test_secure_aggregation_off_or_all_secure_is_stated_plainly(tmp_path, enable
 
 
 def test_html_page_names_the_rounds_the_coordinator_saw_in_the_clear(tmp_path):
-    from privacy.html_report import render_html
+    from fedpriv.privacy.html_report import render_html
 
     page = render_html(_secagg_report(tmp_path), tmp_path / "report.html").read_text()
     assert "in round(s) 1 the coordinator learned only the <i>sum</i>" in page

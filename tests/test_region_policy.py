@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from fedpriv import contract
-from fedpriv.errors import ConfigError
-from privacy.ledger import PrivacyLedger, Release
-from privacy.policy import (BUILTIN_SIMULATION_POLICY, PolicyRefusal, check_secagg_threshold, load_policy,
+from fedpriv.core import contract
+from fedpriv.core.errors import ConfigError
+from fedpriv.privacy.ledger import PrivacyLedger, Release
+from fedpriv.privacy.policy import (BUILTIN_SIMULATION_POLICY, PolicyRefusal, check_secagg_threshold, load_policy,
                             load_simulation_policy, policy_for_node)
-from privacy.report import RunReport, render_markdown
+from fedpriv.privacy.report import RunReport, render_markdown
 
 EXAMPLE = BUILTIN_SIMULATION_POLICY.parents[1] / "examples" / "region-policy.toml"
 
@@ -99,7 +99,7 @@ def test_deterministic_noise_puts_no_guarantee_on_the_first_line(tmp_path):
     clean.record_training("us-east", 1, {**metrics, "deterministic-noise": 0}, [(1.0, 0.5, 2)])
     first = render_markdown(clean.to_dict()).splitlines()[0]
     assert first.startswith("# fedpriv privacy-budget report")
-    from privacy.html_report import render_html
+    from fedpriv.privacy.html_report import render_html
 
     html = render_html(report.to_dict(), tmp_path / "r.html").read_text()
     assert html.index("NO DIFFERENTIAL-PRIVACY GUARANTEE") < html.index("<h1>")

@@ -12,13 +12,13 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
-from client.region import RegionRuntime, identify_region
+from fedpriv.client.region import RegionRuntime, identify_region
 from conftest import TINY, write_corpus
-from fedpriv.config import partition_spec, resolve_config
-from task.data import load_corpus
-from task.features import FeatureDataset, SplitClassifier, collate_features
-from task.model import build_model, get_trainable
-from task.partition import partition_corpus, write_shards
+from fedpriv.core.config import resolve_config
+from fedpriv.task.data import load_corpus
+from fedpriv.task.features import FeatureDataset, SplitClassifier, collate_features
+from fedpriv.task.model import build_model, get_trainable
+from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
 
 def make_region(tmp_path, **overrides) -> RegionRuntime:
@@ -129,7 +129,7 @@ def test_ghost_clipping_takes_the_same_dp_step_as_per_sample_hooks():
     """grad-sample-mode only changes how per-sample norms are computed, not the update or the accounting.
 
     Both runs must draw the same Poisson batches, so they replay the sampling from the seed (testing key)."""
-    from client.trainer import LocalTrainer
+    from fedpriv.client.trainer import LocalTrainer
 
     rng = np.random.default_rng(0)
     n, dim = 96, build_model("tiny", "head", seed=0, pooling="mean").config.hidden_size

@@ -154,7 +154,7 @@ def test_plan_new_run_sets_absolute_dirs_and_a_fresh_job_id(setup, tmp_path, mon
 
 
 def _fake_previous_run(run_dir: Path, data: Path, status: str = "interrupted: the run was stopped") -> dict:
-    from fedpriv.config import parse_overrides, resolve_config
+    from fedpriv.core.config import parse_overrides, resolve_config
 
     flat, _ = resolve_config(parse_overrides(TINY + " num-server-rounds=3 regions='us-east,eu-west,ap-south'"))
     flat.update({"run-dir": str(run_dir), "data-dir": str(data), "job-id": "job-42"})
@@ -167,7 +167,7 @@ def _fake_previous_run(run_dir: Path, data: Path, status: str = "interrupted: th
 
 def test_plan_resume_keeps_job_and_config(setup, tmp_path):
     from fedpriv.commands.run import plan_run
-    from server.resume import checkpoint_path
+    from fedpriv.server.resume import checkpoint_path
 
     _, certs, data = setup
     run_dir = tmp_path / "prev"

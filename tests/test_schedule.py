@@ -7,9 +7,9 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpriv.config import resolve_config
-from fedpriv.errors import ConfigError, DataError
-from privacy.schedule import (
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError, DataError
+from fedpriv.privacy.schedule import (
     Schedule,
     batches_per_epoch,
     region_schedule,

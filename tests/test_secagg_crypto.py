@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.secagg import ShareDecryptionError, crypto
+from fedpriv.privacy.secagg import ShareDecryptionError, crypto
 
 
 def test_agreement_is_symmetric_and_keys_are_separated():

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from privacy.secagg.graph import neighbour_graph, share_holders
+from fedpriv.privacy.secagg.graph import neighbour_graph, share_holders
 
 
 def _connected(graph):

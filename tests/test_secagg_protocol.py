@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.secagg import (
+from fedpriv.privacy.secagg import (
     DROP_STAGES,
     SecAggAbort,
     SecAggClient,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from privacy.secagg import SecAggConfig
-from privacy.secagg.quantize import (
+from fedpriv.privacy.secagg import SecAggConfig
+from fedpriv.privacy.secagg.quantize import (
     MAX_MOD_BITS,
     average_error_bound,
     dequantize,

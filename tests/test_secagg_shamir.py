@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from privacy.secagg import shamir
+from fedpriv.privacy.secagg import shamir
 
 
 def _is_probable_prime(n: int) -> bool:

@@ -2,7 +2,7 @@
 
 A fake Grid hands every message (protobuf round trip included, and each region's
 ``context.state`` serialised between messages, as for a fresh process) to the real
-``client.app.app``. Only local training is faked: each region's "trained" values
+``fedpriv.client.app.app``. Only local training is faked: each region's "trained" values
 are the global values plus a fixed per-(region, round) update, so the expected
 FedAvg result is known exactly.
 """
@@ -21,16 +21,16 @@ from flwr.common.serde import message_from_proto, message_to_proto, recorddict_f
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.region
-from client import secure_aggregation as secagg
-from client.app import app as client_app
-from fedpriv.config import FedprivConfig, resolve_config
-from fedpriv.errors import BudgetExhausted, ConfigError
-from privacy.policy import PolicyRefusal, RegionPolicy
-from privacy.report import RunReport
-from privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
-from strategies.private_fedavg import PrivateFedAvg
-from strategies.secure_fedavg import SecureFedAvg
+import fedpriv.client.region
+from fedpriv.client import secure_aggregation as secagg
+from fedpriv.client.app import app as client_app
+from fedpriv.core.config import FedprivConfig, resolve_config
+from fedpriv.core.errors import BudgetExhausted, ConfigError
+from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
+from fedpriv.strategies.private_fedavg import PrivateFedAvg
+from fedpriv.strategies.secure_fedavg import SecureFedAvg
 
 SHAPES = {"a.weight": (12, 7), "a.bias": (12,), "b.weight": (3, 12)}
 NODE_BASE = (1 << 63) + 12345  # Flower node ids are unsigned 64-bit; exercise the top half
@@ -139,7 +139,7 @@ class FakeGrid(Grid):
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    monkeypatch.setattr(client.region, "RegionRuntime", FakeRegion)
+    monkeypatch.setattr(fedpriv.client.region, "RegionRuntime", FakeRegion)
     FakeRegion.refuse = set()
     yield
     FakeRegion.refuse = set()

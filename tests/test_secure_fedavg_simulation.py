@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 def _simulate(tmp_path, secure: bool):
     from conftest import TINY, write_corpus
-    from simulations.runner import Simulation
+    from fedpriv.simulations.runner import Simulation
 
     corpus = write_corpus(tmp_path / "data", 1200)
     run_dir = tmp_path / ("secure" if secure else "plain")

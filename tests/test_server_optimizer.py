@@ -18,14 +18,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedpriv.config import resolve_config
-from fedpriv.errors import ConfigError, FedprivError
-from privacy.report import RunReport
-from server.checkpoints import load_server_optimizer_state, save_server_optimizer_state, server_optimizer_path
-from server.coordinator import Coordinator
-from server.resume import checkpoint_rounds
-from strategies.private_fedavg import PrivateFedAvg
-from strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError, FedprivError
+from fedpriv.privacy.report import RunReport
+from fedpriv.server.checkpoints import load_server_optimizer_state, save_server_optimizer_state, server_optimizer_path
+from fedpriv.server.coordinator import Coordinator
+from fedpriv.server.resume import checkpoint_rounds
+from fedpriv.strategies.private_fedavg import PrivateFedAvg
+from fedpriv.strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
 
 SHAPES = {"encoder.w": (3, 4), "head.b": (2,)}
 
@@ -285,9 +285,9 @@ def test_simulation_steps_fedavgm_on_the_secure_aggregate_and_checkpoints_its_st
     import json
 
     from conftest import TINY, write_corpus
-    from server.checkpoints import latest_checkpoint
-    from server.resume import load_checkpoint
-    from simulations.runner import Simulation
+    from fedpriv.server.checkpoints import latest_checkpoint
+    from fedpriv.server.resume import load_checkpoint
+    from fedpriv.simulations.runner import Simulation
 
     data = write_corpus(tmp_path / "data", 800)
     overrides = {**TINY, "data-dir": str(data), "secure-aggregation": True, "server-optimizer": "fedavgm",

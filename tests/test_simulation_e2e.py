@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import TINY, write_corpus
-from simulations.runner import Simulation
+from fedpriv.simulations.runner import Simulation
 
 pytestmark = pytest.mark.slow
 

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-import client.device as device_mod
-import client.randomness as randomness
-import client.trainer as trainer_mod
-from client.trainer import LocalTrainer, local_optimizer
+import fedpriv.task.device as device_mod
+import fedpriv.client.randomness as randomness
+import fedpriv.client.trainer as trainer_mod
+from fedpriv.client.trainer import LocalTrainer, local_optimizer
 from conftest import TINY
-from fedpriv.config import resolve_config
-from fedpriv.errors import ConfigError
-from task.features import FeatureDataset, SplitClassifier
-from task.model import build_model, get_trainable
+from fedpriv.core.config import resolve_config
+from fedpriv.core.errors import ConfigError
+from fedpriv.task.features import FeatureDataset, SplitClassifier
+from fedpriv.task.model import build_model, get_trainable
 
 C = 0.01
 
@@ -104,7 +104,7 @@ def test_ghost_clipping_under_bf16_is_refused_because_it_breaks_the_bound():
 
 def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_parameters_fp32():
     split = SplitClassifier(copy.deepcopy(_model("all")), "all")
-    from task.features import collate_features
+    from fedpriv.task.features import collate_features
 
     batch = collate_features([_data(4)[i] for i in range(4)])
     with device_mod.forward_precision("bf16", torch.device("cpu")):
@@ -274,7 +274,7 @@ def test_auto_physical_batch_on_cuda_fits_half_the_free_memory(monkeypatch, free
 
 
 def test_per_example_memory_estimate_follows_the_clipping_mode_and_precision():
-    from client.trainer import per_example_bytes
+    from fedpriv.client.trainer import per_example_bytes
 
     ghost_cfg = _cfg(**{"grad-sample-mode": "ghost"})
     top = SplitClassifier(copy.deepcopy(_model("all")), "all").top

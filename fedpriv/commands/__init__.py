@@ -1,7 +1,7 @@
 """Subcommands of the ``fedpriv`` CLI, one module each.
 
 Every module in this package registers its subcommand with
-:func:`fedpriv.cli.command`; importing the package imports them all, so adding a
+:func:`fedpriv.commands.registry.command`; importing the package imports them all, so adding a
 subcommand means adding one file here.
 """
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 
 
 @command("audit", "Run a loss-threshold membership-inference attack on a run's final model and add it to the report.")
@@ -26,7 +26,7 @@ class AuditCommand:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.commands.report import load_run
-        from privacy.audit import audit_run, format_audit, save_audit
+        from fedpriv.privacy.audit import audit_run, format_audit, save_audit
 
         report = load_run(args.run_dir)
         audit = audit_run(args.run_dir, max_examples=args.max_examples, seed=args.seed, data_dir=args.data_dir,

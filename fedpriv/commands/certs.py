@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 
 
 @command("certs", "Create the deployment CA and the SuperLink's TLS certificate (coordinator side; regions run `fedpriv keygen`).")
@@ -30,7 +30,7 @@ class CertsCommand:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.deploy.certs import create_certs, parse_regions
-        from fedpriv.errors import FedprivError
+        from fedpriv.core.errors import FedprivError
 
         if args.regions is not None and not args.demo_region_keys:
             raise FedprivError("--regions: each region makes its own key (`fedpriv keygen --region NAME DIR`); "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 
 
 @command("keygen", "Make a region's SuperNode key (run in the region) or the app publisher's signing key.")

@@ -1,6 +1,6 @@
 """``fedpriv plan``: choose the noise multiplier for a target ε and show ε round by round.
 
-It plans the schedule a region runs (:mod:`privacy.schedule`: q = 1/ceil(N/B), ceil(E·ceil(N/B)) steps
+It plans the schedule a region runs (:mod:`fedpriv.privacy.schedule`: q = 1/ceil(N/B), ceil(E·ceil(N/B)) steps
 per round) with the same σ search and accountant, so the table is the ε a run then records, with the
 cross-check accountant's ε beside it. ``--compare`` shows σ for the target under every accountant.
 """
@@ -11,13 +11,13 @@ import argparse
 import json
 import math
 
-from fedpriv.cli import command
-from fedpriv.config import ACCOUNTANTS
-from fedpriv.errors import ConfigError
+from fedpriv.commands.registry import command
+from fedpriv.core.config import ACCOUNTANTS
+from fedpriv.core.errors import ConfigError
 
 def _app_defaults() -> dict:
     """The plan's defaults are the app's: what `fedpriv simulate` would run with no overrides."""
-    from fedpriv.config import load_app_defaults
+    from fedpriv.core.config import load_app_defaults
 
     app = load_app_defaults()
     return {"delta": float(app["delta"]), "rounds": int(app["num-server-rounds"]), "batch_size": int(app["batch-size"]),
@@ -58,8 +58,8 @@ class PlanCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from privacy.planner import plan_schedule
-        from privacy.schedule import batches_per_epoch, sample_rate_for, steps_per_round
+        from fedpriv.privacy.planner import plan_schedule
+        from fedpriv.privacy.schedule import batches_per_epoch, sample_rate_for, steps_per_round
 
         _check(args.num_examples >= 1, "--num-examples", args.num_examples, "a number of training examples >= 1")
         _check(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedpriv.cli import command
-from fedpriv.config import default_data_dir, parse_overrides, partition_spec, resolve_config
+from fedpriv.commands.registry import command
+from fedpriv.core.config import default_data_dir, parse_overrides, resolve_config
 
 
 @command("prepare-data", "Download (once) and verify the ICWSM-2014 corpus; with --out, write one shard per region.")
@@ -21,8 +21,8 @@ class PrepareDataCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from task.data import CORPUS_FILE, fetch_corpus, load_corpus
-        from task.partition import partition_corpus, write_shards
+        from fedpriv.task.data import CORPUS_FILE, fetch_corpus, load_corpus
+        from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
         overrides = parse_overrides(args.run_config)
         if args.regions:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 
 
 @command("register", "Register the regions' SuperNode public keys (.pub files the regions sent) with the SuperLink (safe to repeat).")
@@ -40,7 +40,7 @@ class RegisterCommand:
         from fedpriv.deploy.certs import CertPaths, parse_regions
         from fedpriv.deploy.ports import is_loopback, parse_address
         from fedpriv.deploy.processes import _require_file, register_region, write_flwr_home
-        from fedpriv.errors import FedprivError
+        from fedpriv.core.errors import FedprivError
 
         certs = CertPaths(Path(args.certs).expanduser().absolute())
         host, _ = parse_address(args.superlink)
@@ -66,7 +66,7 @@ class RegisterCommand:
 def collect_public_keys(pairs: list[str], keys_dir: str | None, certs) -> dict[str, Path]:  # noqa: ANN001 - CertPaths
     """Region name -> checked ``.pub`` path, from ``NAME=FILE`` pairs, a directory, or the certs dir (demo)."""
     from fedpriv.deploy.certs import check_region_name, load_region_public_key
-    from fedpriv.errors import FedprivError
+    from fedpriv.core.errors import FedprivError
 
     keys: dict[str, Path] = {}
     for pair in pairs:

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from fedpriv.cli import command
-from fedpriv.errors import FedprivError
+from fedpriv.commands.registry import command
+from fedpriv.core.errors import FedprivError
 
 HTML_NAME = "privacy_report.html"
 EPSILON_PNG = "epsilon.png"
@@ -56,7 +56,7 @@ class ReportCommand:
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """``RUN_DIR/privacy_report.json``, checked well enough to render; every problem is a one-line error."""
-    from privacy.report import JSON_NAME, SCHEMA_VERSION
+    from fedpriv.privacy.report import JSON_NAME, SCHEMA_VERSION
 
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -100,9 +100,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
 def render_reports(reports: list[tuple[Path, dict[str, Any]]], out: Path | None = None) -> list[Path]:
     """Write every output for ``reports`` (pairs of run dir and loaded report); returns the paths written."""
-    from privacy import plots
-    from privacy.html_report import render_html
-    from privacy.report import MD_NAME, render_markdown
+    from fedpriv.privacy import plots
+    from fedpriv.privacy.html_report import render_html
+    from fedpriv.privacy.report import MD_NAME, render_markdown
 
     if out is not None and out.exists() and not out.is_dir():
         raise FedprivError(f"--out {out} is a file: expected a directory (it is created if missing)")

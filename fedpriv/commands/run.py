@@ -15,7 +15,7 @@ its own trust file, so an unsigned submission would be refused by all of them.
 ``--resume RUN_DIR`` continues a run whose coordinator died: same job id and
 configuration (read from ``RUN_DIR/privacy_report.json``), ``resume-from`` =
 RUN_DIR; the ServerApp continues after the last completed round
-(:mod:`server.resume`) and every region composes ε over its ledger's releases for
+(:mod:`fedpriv.server.resume`) and every region composes ε over its ledger's releases for
 the job id.
 
 Exit status: 0 when the run completed and its report says so, 1 when the run
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpriv.cli import command
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.commands.registry import command
+from fedpriv.core.errors import ConfigError, FedprivError
 
 # Keys a resumed run may change: operational only. Anything else (rounds, batch size,
 # noise, data, model...) was part of the privacy plan the first rounds were run under.
@@ -95,7 +95,7 @@ class RunCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from fedpriv.config import APP_DIR
+        from fedpriv.core.config import APP_DIR
         from fedpriv.submission import FlowerRunClient
 
         plan = plan_run(args)
@@ -128,7 +128,7 @@ class RunCommand:
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
-    from fedpriv.config import parse_overrides
+    from fedpriv.core.config import parse_overrides
     from fedpriv.deploy.ports import parse_address
 
     parse_address(args.superlink, "--superlink")
@@ -148,8 +148,8 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
 
 
 def _plan_new(args, overrides: dict[str, Any], certs_dir: Path, ca_cert: Path) -> RunPlan:
-    from fedpriv.config import resolve_config
-    from simulations.runner import preset_overrides
+    from fedpriv.core.config import resolve_config
+    from fedpriv.simulations.runner import preset_overrides
 
     for key in ("run-dir", "data-dir", "resume-from"):
         if key in overrides:
@@ -167,8 +167,8 @@ def _plan_new(args, overrides: dict[str, Any], certs_dir: Path, ca_cert: Path) -
 
 
 def _plan_resume(args, overrides: dict[str, Any], certs_dir: Path, ca_cert: Path) -> RunPlan:
-    from fedpriv.config import load_app_defaults, merge_config
-    from server.resume import find_resume_point
+    from fedpriv.core.config import load_app_defaults, merge_config
+    from fedpriv.server.resume import find_resume_point
 
     if args.preset:
         raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its configuration")
@@ -203,7 +203,7 @@ def _plan_resume(args, overrides: dict[str, Any], certs_dir: Path, ca_cert: Path
 
 
 def _typed(flat: dict[str, Any]):
-    from fedpriv.config import FedprivConfig
+    from fedpriv.core.config import FedprivConfig
 
     return FedprivConfig.from_run_config(flat)
 
@@ -287,7 +287,7 @@ def check_server_data(data_dir: Path, cfg) -> None:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    from server.resume import JSON_NAME
+    from fedpriv.server.resume import JSON_NAME
 
     if (run_dir / JSON_NAME).exists():
         status = "unknown"
@@ -353,8 +353,8 @@ def resume_command(plan: RunPlan) -> str:
 
 def finish(plan: RunPlan, outcome, wall_s: float) -> int:
     """Print where the report is and a short summary; 0 only if Flower and the report both say completed."""
-    from privacy.report import MD_NAME, epsilon_text  # light: no torch
-    from server.resume import JSON_NAME
+    from fedpriv.privacy.report import MD_NAME, epsilon_text  # light: no torch
+    from fedpriv.server.resume import JSON_NAME
 
     report: dict[str, Any] = {}
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedpriv.cli import command
-from fedpriv.config import parse_overrides
+from fedpriv.commands.registry import command
+from fedpriv.core.config import parse_overrides
 
 
 @command("simulate", "Run a local multi-region simulation of the fedpriv app and write its privacy report.")
@@ -21,7 +21,7 @@ class SimulateCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from simulations.runner import Simulation
+        from fedpriv.simulations.runner import Simulation
 
         sim = Simulation(parse_overrides(args.run_config), preset=args.preset, run_dir=args.run_dir)
         result = sim.run(stream=not args.quiet)

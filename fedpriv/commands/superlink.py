@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 from fedpriv.deploy.processes import StopRequested, ignore_stop_signals, install_stop_handlers, restore_handlers
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 
 @command("superlink", "Run the coordinator: Flower SuperLink with TLS and SuperNode authentication (Control API on loopback only).")

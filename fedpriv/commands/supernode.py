@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from fedpriv.cli import command
+from fedpriv.commands.registry import command
 from fedpriv.deploy.processes import StopRequested, ignore_stop_signals, install_stop_handlers, restore_handlers
 
 
@@ -46,7 +46,7 @@ class SuperNodeCommand:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.deploy.processes import SuperNodeProcess
-        from fedpriv.errors import FedprivError
+        from fedpriv.core.errors import FedprivError
 
         sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True,
                               ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy)

@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 SIGNATURE_ENTRY = ".info/FEDPRIV-SIGNATURE"
 SIGNATURE_FORMAT = "fedpriv-fab-signature/1"

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_REGIONS: tuple[str, ...] = ("us-east", "eu-west", "ap-south")

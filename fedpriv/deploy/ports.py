@@ -35,7 +35,7 @@ import ssl
 import sys
 from dataclasses import dataclass
 
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 # ---------------------------------------------------------------------------
 # Port helpers

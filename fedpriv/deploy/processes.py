@@ -39,7 +39,7 @@ from typing import IO
 
 from fedpriv.deploy.certs import CertPaths, check_region_name
 from fedpriv.deploy.ports import check_port_free, format_address, free_port, is_loopback, parse_address
-from fedpriv.errors import FedprivError
+from fedpriv.core.errors import FedprivError
 
 __all__ = [
     "SuperLinkProcess", "SuperNodeProcess", "free_port", "check_port_free", "resolve_region_data_dir",
@@ -529,13 +529,13 @@ def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
 
 
 def check_policy_file(path: Path) -> None:
-    """Fail fast on the region's privacy policy: parsed by ``privacy.policy`` when available, else readable."""
+    """Fail fast on the region's privacy policy: parsed by ``fedpriv.privacy.policy`` when available, else readable."""
     if not path.is_file():
         raise FedprivError(f"missing policy file {path}: the region's privacy policy (see examples/region-policy.toml)")
     if not os.access(path, os.R_OK):
         raise FedprivError(f"cannot read policy file {path}: check its owner and permissions")
     try:
-        from privacy.policy import load_policy
+        from fedpriv.privacy.policy import load_policy
     except ImportError:
         import tomllib
 
@@ -544,7 +544,7 @@ def check_policy_file(path: Path) -> None:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise FedprivError(f"policy file {path} is not valid TOML: {exc}") from None
         return
-    load_policy(path)  # raises fedpriv.errors.ConfigError (a FedprivError) with one line
+    load_policy(path)  # raises fedpriv.core.errors.ConfigError (a FedprivError) with one line
 
 
 class SuperNodeProcess(_Group):

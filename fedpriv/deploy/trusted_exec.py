@@ -83,7 +83,7 @@ def _clientapp(trust: str, rest: list[str]) -> None:
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as rc
 
-    from fedpriv.errors import FedprivError
+    from fedpriv.core.errors import FedprivError
 
     install = rc.install_from_fab
 

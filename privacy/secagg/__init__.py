@@ -1,10 +1,10 @@
 """Secure aggregation (SecAgg / SecAgg+) as a pure library: no Flower, no I/O.
 
 The coordinator learns only the (weighted) sum of the surviving clients' updates.
-See :mod:`privacy.secagg.protocol` for the round, :mod:`~privacy.secagg.quantize`
-for the fixed-point encoding and its error bound, :mod:`~privacy.secagg.crypto`
-for the primitives, :mod:`~privacy.secagg.shamir` and :mod:`~privacy.secagg.graph`
-for secret sharing and the neighbour graph, and :mod:`~privacy.secagg.simulate`
+See :mod:`fedpriv.privacy.secagg.protocol` for the round, :mod:`~fedpriv.privacy.secagg.quantize`
+for the fixed-point encoding and its error bound, :mod:`~fedpriv.privacy.secagg.crypto`
+for the primitives, :mod:`~fedpriv.privacy.secagg.shamir` and :mod:`~fedpriv.privacy.secagg.graph`
+for secret sharing and the neighbour graph, and :mod:`~fedpriv.privacy.secagg.simulate`
 for an in-process round driver.
 
 Threat model: an honest-but-curious coordinator that may collude with up to

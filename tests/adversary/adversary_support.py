@@ -1,7 +1,7 @@
 """The curious coordinator's workbench: real regions (ClientApp handlers, RegionRuntime, ledger) on tiny shards.
 
 A test plays the coordinator: it chooses the run config and every message, sends them to
-the real ``client.app.app`` of a region whose node config names its own policy file, and
+the real ``fedpriv.client.app.app`` of a region whose node config names its own policy file, and
 inspects what comes back and what the region recorded. Local training is the real
 DP-SGD on the tiny model (64 posts, batch 32: two steps per round), so a test takes seconds.
 """
@@ -18,11 +18,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpriv import contract
-from fedpriv.config import FedprivConfig, resolve_config
-from privacy.ledger import PrivacyLedger
-from task.data import Example
-from task.partition import PartitionSpec, partition_corpus, write_shards
+from fedpriv.core import contract
+from fedpriv.core.config import FedprivConfig, resolve_config
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.task.data import Example
+from fedpriv.task.partition import PartitionSpec, partition_corpus, write_shards
 
 REGIONS = ("us-east", "eu-west", "ap-south", "sa-east")
 DELTA = 1e-5
@@ -66,7 +66,7 @@ class Region:
     """One deployed region: its node config (region, data, ledger, policy) and its ClientApp context."""
 
     def __init__(self, name: str, shard_root: Path, home: Path, flat: dict[str, Any], **policy: Any):
-        from client.app import app
+        from fedpriv.client.app import app
 
         self.app = app
         self.name = name
@@ -108,7 +108,7 @@ class Region:
 
 def global_arrays(flat: dict[str, Any]):
     """The coordinator's initial global model (its trainable values), as sent in a train message."""
-    from task.model import build_model, get_trainable, to_array_record
+    from fedpriv.task.model import build_model, get_trainable, to_array_record
 
     cfg = FedprivConfig.from_run_config(flat)
     return to_array_record(get_trainable(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank)))

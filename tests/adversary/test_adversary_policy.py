@@ -14,12 +14,12 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-import client.region as region_mod
+import fedpriv.client.region as region_mod
 from adversary_support import DELTA, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
-from fedpriv import contract
-from privacy.accountant import epsilon_of
-from privacy.report import NOT_PRIVATE, RunReport, render_markdown
-from strategies.private_fedavg import PrivateFedAvg
+from fedpriv.core import contract
+from fedpriv.privacy.accountant import epsilon_of
+from fedpriv.privacy.report import NOT_PRIVATE, RunReport, render_markdown
+from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_local_evaluation_is_refused_by_default_and_labelled_when_allowed(tmp_pa
 def test_a_second_release_of_a_round_is_refused_inside_the_write_transaction(tmp_path, shard_root, trainings,
                                                                            monkeypatch):
     """Two processes train the same round: both pass the early read, only the first may record and release."""
-    from privacy.ledger import PrivacyLedger
+    from fedpriv.privacy.ledger import PrivacyLedger
 
     run = run_config(shard_root, tmp_path / "run")
     region = _region(shard_root, tmp_path, run)

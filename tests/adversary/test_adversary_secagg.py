@@ -13,9 +13,9 @@ import pytest
 from flwr.app import ConfigRecord
 
 from adversary_support import REGIONS, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
-from client import secure_aggregation as secagg
-from fedpriv import contract
-from privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
+from fedpriv.client import secure_aggregation as secagg
+from fedpriv.core import contract
+from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
 
 
 def _setup(n: int, t: int, round_id: int = 1) -> ConfigRecord:

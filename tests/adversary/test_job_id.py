@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedpriv.config import FedprivConfig, load_app_defaults, resolve_config
-from fedpriv.errors import ConfigError
+from fedpriv.core.config import FedprivConfig, load_app_defaults, resolve_config
+from fedpriv.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("job_id", ["job/1", "a/b/c", "../x", "", "x" * 65, "job 1", "jöb", "-lead", ".hidden", "a\n"])

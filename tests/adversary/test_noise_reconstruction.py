@@ -2,7 +2,7 @@
 
 The coordinator knows everything public: the run config (including ``seed``), the global
 model it sent, the round, and the region's N. It re-runs the region's real
-:class:`client.trainer.LocalTrainer` on dummy data of the same size, twice — with the run's σ
+:class:`fedpriv.client.trainer.LocalTrainer` on dummy data of the same size, twice — with the run's σ
 and with σ = 0 — and takes the difference as its guess of the region's noise. If the guess
 matched, subtracting it from the release would leave the noiseless sum of clipped gradients.
 
@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.trainer import LocalTrainer
+from fedpriv.client.trainer import LocalTrainer
 from conftest import TINY
-from fedpriv.config import resolve_config
-from task.features import FeatureDataset, SplitClassifier
-from task.model import build_model, get_trainable
+from fedpriv.core.config import resolve_config
+from fedpriv.task.features import FeatureDataset, SplitClassifier
+from fedpriv.task.model import build_model, get_trainable
 
 N = 64
 SIGMA = 1.0

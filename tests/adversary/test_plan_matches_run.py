@@ -1,7 +1,7 @@
 """``fedpriv plan`` predicts exactly the ε a region then records, round by round (issue 9, finding 8).
 
 The plan comes from the CLI (``fedpriv plan --json``), the run from the real region code:
-:class:`client.region.RegionRuntime` trains the tiny model with Opacus DP-SGD and records every
+:class:`fedpriv.client.region.RegionRuntime` trains the tiny model with Opacus DP-SGD and records every
 release in its ledger. N = 80, B = 32 and 1.5 local epochs make the two old definitions differ:
 the planner used q = B/N = 0.4 and ceil(1.5 · 80/32) = 4 steps, while Opacus samples at
 1/ceil(80/32) = 1/3 and the run takes ceil(1.5 · 3) = 5 steps, so the old plan was wrong every round.
@@ -14,15 +14,15 @@ import random
 
 import pytest
 
-from client.region import RegionRuntime, identify_region
+from fedpriv.client.region import RegionRuntime, identify_region
 from fedpriv.cli import main
-from fedpriv.config import resolve_config
-from privacy.accountant import ACCOUNTANTS, CROSS_CHECK, compact
-from privacy.ledger import PrivacyLedger
-from task.data import Example
+from fedpriv.core.config import resolve_config
+from fedpriv.privacy.accountant import ACCOUNTANTS, CROSS_CHECK, compact
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.task.data import Example
 from adversary_support import write_policy
-from task.model import get_trainable
-from task.partition import PartitionSpec, partition_corpus, write_shards
+from fedpriv.task.model import get_trainable
+from fedpriv.task.partition import PartitionSpec, partition_corpus, write_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order", "ignore:Secure RNG", "ignore:Full backward hook")
 

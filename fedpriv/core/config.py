@@ -15,21 +15,18 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from fedpriv.errors import ConfigError
+from fedpriv.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from task.partition import PartitionSpec
-
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 """The Flower app directory (holds ``pyproject.toml``); ``flwr run`` submits it."""
 
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
-ACCOUNTANTS = ("rdp", "prv", "pld")  # = privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
+ACCOUNTANTS = ("rdp", "prv", "pld")  # = fedpriv.privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
 GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
 LOCAL_OPTIMIZERS = ("sgd", "adam", "adamw")  # the region's optimizer; Opacus makes any of them DP
-MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (client/device.py)
+MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (task/device.py)
 MODELS = ("minilm", "tiny")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -270,14 +267,3 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, preset: Mapping[s
     flat = merge_config(load_app_defaults(), preset or {})
     flat = merge_config(flat, overrides or {})
     return flat, FedprivConfig.from_run_config(flat)
-
-
-def partition_spec(cfg: FedprivConfig) -> "PartitionSpec":
-    """The partition a run config asks for (its fingerprint names the shard directory)."""
-    from task.partition import PartitionSpec
-
-    return PartitionSpec(regions=cfg.regions, seed=cfg.seed, neutral_band=cfg.neutral_band, dirichlet_alpha=cfg.dirichlet_alpha,
-                         domain_skew=cfg.domain_skew, local_test_fraction=cfg.local_test_fraction,
-                         server_test_fraction=cfg.server_test_fraction,
-                         max_examples_per_region=cfg.max_examples_per_region,
-                         max_server_examples=cfg.max_server_examples)

@@ -3,7 +3,7 @@
 One module that both sides import, so a key, an error code or a stage name cannot
 drift apart between ``client/`` and ``strategies/``. It holds no logic beyond
 encoding and decoding: what a region *may* send is decided by its policy
-(:mod:`privacy.policy`), what the report makes of it by :mod:`privacy.report`.
+(:mod:`fedpriv.privacy.policy`), what the report makes of it by :mod:`fedpriv.privacy.report`.
 
 Train reply (``RecordDict``)
     ``metrics`` (MetricRecord): the DP release's public facts, :data:`PUBLIC_TRAIN_METRICS`,
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ConfigRecord
 
-from privacy.secagg import SecAggProtocolError, pack_ids
+from fedpriv.privacy.secagg import SecAggProtocolError, pack_ids
 
 # ------------------------------------------------------------------ train / evaluate replies
 

@@ -13,11 +13,12 @@ rests on — per-sample norms, clipping, the clipped sum and the noise — runs 
 from __future__ import annotations
 
 import contextlib
+import resource
 from typing import Iterator
 
 import torch
 
-from fedpriv.errors import ConfigError
+from fedpriv.core.errors import ConfigError
 
 MIXED_PRECISION = {"off": None, "bf16": torch.bfloat16}
 
@@ -83,3 +84,8 @@ def exact_fp32_matmul() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
