@@ -24,11 +24,11 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 from fedpriv.core.errors import ConfigError
+from fedpriv.core.files import atomic_write_text
 
 CACHE_NAME = "noise_multipliers.json"
 
@@ -153,12 +153,9 @@ def _write_cache(key: str, sigma: float) -> None:
     """Best effort (a read-only home must not stop training); atomic, so readers never see half a file."""
     path = cache_dir() / CACHE_NAME
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache()
         data[key] = sigma
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".noise-", suffix=".tmp", delete=False) as fh:
-            json.dump(data, fh, indent=0, sort_keys=True)
-        os.replace(fh.name, path)
+        atomic_write_text(path, json.dumps(data, indent=0, sort_keys=True))
     except OSError:
         pass
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from safetensors import safe_open
+
+from fedpriv.core.files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL_DIR = "final_model"
@@ -26,10 +28,8 @@ _NAME = re.compile(r"round-(\d{3,})\.safetensors$")
 
 def save_checkpoint(run_dir: Path, server_round: int, values: "dict[str, np.ndarray]") -> Path:
     path = Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:03d}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, str(tmp), metadata={"round": str(server_round)})
-    tmp.replace(path)  # atomic: a crash leaves the previous checkpoint intact
+    # atomic: a crash leaves the previous checkpoint intact
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in values.items()}, metadata={"round": str(server_round)}))
     return path
 
 
@@ -45,11 +45,8 @@ def save_server_optimizer_state(run_dir: Path, server_round: int, state: dict) -
     takes as completed always has its optimizer state too.
     """
     path = server_optimizer_path(run_dir, server_round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state["arrays"].items()}, str(tmp),
-              metadata={"round": str(server_round), "name": str(state["name"]), "steps": str(int(state["steps"]))})
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in state["arrays"].items()},
+                                  metadata={"round": str(server_round), "name": str(state["name"]), "steps": str(int(state["steps"]))}))
     return path
 
 

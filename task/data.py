@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from fedpriv.core.errors import DataError
+from fedpriv.core.files import atomic_open
 
 SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -48,14 +49,11 @@ class Example:
 
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
     """Write atomically (temp file + rename) so a crash never leaves half a shard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         for ex in examples:
             fh.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
     return count
 
 

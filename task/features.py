@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedpriv.core.files import atomic_open
 from torch.utils.data import Dataset
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -165,9 +167,8 @@ def cached_features(cache_dir: Path, key: str, compute) -> list[np.ndarray]:
     features = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     offsets = np.cumsum([0] + [f.shape[0] for f in features])
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, flat=np.concatenate(features, axis=0), offsets=offsets)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, flat=np.concatenate(features, axis=0), offsets=offsets)
     return features
 
 
