@@ -50,3 +50,19 @@ def corpus_dir(tmp_path: Path) -> Path:
 TINY = {"model": "tiny", "trainable": "all", "regions": "us-east,eu-west", "num-server-rounds": 2,
         "max-examples-per-region": 256, "max-server-examples": 200, "batch-size": 32, "physical-batch-size": 32,
         "learning-rate": 1.0, "momentum": 0.9, "local-epochs": 1.0, "fraction-evaluate": 0.0, "num-threads": 1}
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Every ``LocalTrainer.train`` call a region makes (the real one still runs)."""
+    import fedpriv.client.region as region_mod
+
+    calls = []
+    real = region_mod.LocalTrainer.train
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("label"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(region_mod.LocalTrainer, "train", counting)
+    return calls

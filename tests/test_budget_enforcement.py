@@ -92,20 +92,6 @@ def ledger_rows(path):
         return ledger.releases()
 
 
-@pytest.fixture
-def train_calls(monkeypatch):
-    """Count LocalTrainer.train calls (the real one still runs)."""
-    calls = []
-    real = region_mod.LocalTrainer.train
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("label"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(region_mod.LocalTrainer, "train", counting)
-    return calls
-
-
 def test_cap_below_one_round_never_trains(tmp_path, shard_root, train_calls):
     cfg = make_config(tmp_path, shard_root)
     one_round = fresh_epsilon([round_entry(cfg)])

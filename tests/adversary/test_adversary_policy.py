@@ -22,20 +22,6 @@ from fedpriv.privacy.report import NOT_PRIVATE, RunReport, render_markdown
 from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
 
-@pytest.fixture
-def trainings(monkeypatch):
-    """Every LocalTrainer.train call (the real one still runs)."""
-    calls = []
-    real = region_mod.LocalTrainer.train
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("label"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(region_mod.LocalTrainer, "train", counting)
-    return calls
-
-
 def _region(shard_root, tmp_path, run=None, **policy) -> Region:
     return Region("us-east", shard_root, tmp_path / "region", run or run_config(shard_root, tmp_path / "run"), **policy)
 
@@ -56,7 +42,7 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_a_request_the_policy_forbids_is_refused_before_training_and_recording(tmp_path, shard_root, trainings,
+def test_a_request_the_policy_forbids_is_refused_before_training_and_recording(tmp_path, shard_root, train_calls,
                                                                                attack):
     overrides, secagg_round, rule = ATTACKS[attack]
     run = run_config(shard_root, tmp_path / "run", **overrides)
@@ -67,7 +53,7 @@ def test_a_request_the_policy_forbids_is_refused_before_training_and_recording(t
     reply = region.train(before, secagg_round=secagg_round)
     err = refusal(reply)
     assert err.region == "us-east" and err.kind == contract.POLICY and err.text.startswith(rule + ":"), err
-    assert trainings == [] and region.releases() == []  # nothing trained, nothing recorded
+    assert train_calls == [] and region.releases() == []  # nothing trained, nothing recorded
     assert not any(k.startswith("fedpriv-secagg") for k in region.context.state)  # no update kept for masking
     # and the coordinator's report says so, in the contract's words
     report = RunReport(tmp_path / "report", run, "rdp", DELTA, ["us-east"])
@@ -77,19 +63,19 @@ def test_a_request_the_policy_forbids_is_refused_before_training_and_recording(t
     assert f"round 1: refused by region policy: {rule}:" in render_markdown(report.to_dict())
 
 
-def test_a_smaller_delta_is_accepted_and_epsilon_is_still_the_regions(tmp_path, shard_root, trainings):
+def test_a_smaller_delta_is_accepted_and_epsilon_is_still_the_regions(tmp_path, shard_root, train_calls):
     run = run_config(shard_root, tmp_path / "run", delta=1e-7)
     region = _region(shard_root, tmp_path, run)
     reply = region.train(global_arrays(run))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content[contract.METRICS]
     rows = region.releases()
-    assert len(trainings) == 1 and len(rows) == 1 and rows[0].delta == DELTA
+    assert len(train_calls) == 1 and len(rows) == 1 and rows[0].delta == DELTA
     assert metrics[contract.DELTA] == DELTA
     assert metrics[contract.EPSILON] == pytest.approx(epsilon_of([rows[0].history_entry], DELTA), rel=1e-9)
 
 
-def test_rounds_beyond_the_job_ceiling_are_refused(tmp_path, shard_root, trainings):
+def test_rounds_beyond_the_job_ceiling_are_refused(tmp_path, shard_root, train_calls):
     run = run_config(shard_root, tmp_path / "run", **{"num-server-rounds": 1})
     region = _region(shard_root, tmp_path, run)
     arrays = global_arrays(run)
@@ -100,15 +86,15 @@ def test_rounds_beyond_the_job_ceiling_are_refused(tmp_path, shard_root, trainin
                                                                          f"max-job-epsilon = {eps_one * 1.2!r}"))
     err = refusal(region.train(arrays, server_round=2, secagg_round=2))
     assert err.text.startswith("max-job-epsilon:") and "round 2" in err.text
-    assert len(trainings) == 1 and len(region.releases()) == 1
+    assert len(train_calls) == 1 and len(region.releases()) == 1
 
 
-def test_no_policy_no_training(tmp_path, shard_root, trainings):
+def test_no_policy_no_training(tmp_path, shard_root, train_calls):
     region = _region(shard_root, tmp_path)
     del region.context.node_config["policy-path"]
     err = refusal(region.train(global_arrays(region.context.run_config)))
     assert err.text.startswith("policy-path:")
-    assert trainings == [] and region.releases() == []
+    assert train_calls == [] and region.releases() == []
 
 
 def test_epsilon_is_never_negative(tmp_path, shard_root):
@@ -181,7 +167,7 @@ def test_local_evaluation_is_refused_by_default_and_labelled_when_allowed(tmp_pa
     assert not allowed.has_error() and 0.0 <= allowed.content[contract.METRICS][contract.EVAL_ACCURACY] <= 1.0
 
 
-def test_a_second_release_of_a_round_is_refused_inside_the_write_transaction(tmp_path, shard_root, trainings,
+def test_a_second_release_of_a_round_is_refused_inside_the_write_transaction(tmp_path, shard_root, train_calls,
                                                                            monkeypatch):
     """Two processes train the same round: both pass the early read, only the first may record and release."""
     from fedpriv.privacy.ledger import PrivacyLedger
@@ -192,4 +178,4 @@ def test_a_second_release_of_a_round_is_refused_inside_the_write_transaction(tmp
     assert not region.train(arrays).has_error()
     monkeypatch.setattr(PrivacyLedger, "get", lambda self, run_id, rnd: None)  # the other process read too early
     err = refusal(region.train(arrays))
-    assert "already released" in err.text and len(trainings) == 2 and len(region.releases()) == 1
+    assert "already released" in err.text and len(train_calls) == 2 and len(region.releases()) == 1
