@@ -75,3 +75,52 @@ def test_import_contract_catches_an_upward_import(installed: Path, tmp_path: Pat
     result = lint_imports.lint(site)
     assert result.returncode != 0
     assert "fedpriv.core.upward -> fedpriv.server.coordinator" in result.stdout
+
+
+RACE = r"""
+import os, sys, threading, time
+from flwr.supercore.object_ref import validate
+sys.path.insert(0, sys.argv[1])
+real_isfile = os.path.isfile
+os.path.isfile = lambda p: (time.sleep(0.05), real_isfile(p))[1]   # slow I/O: other threads run meanwhile
+t = threading.Thread(target=__import__, args=("fedpriv",))
+t.start()
+while "fedpriv" not in sys.modules:
+    pass
+print(validate(sys.argv[2], project_dir=sys.argv[1]))
+t.join()
+"""
+
+
+@pytest.mark.parametrize("component", ["serverapp", "clientapp"])
+def test_flower_finds_the_apps_while_another_thread_is_still_importing_fedpriv(component: str) -> None:
+    """Flower's simulation imports the ServerApp in one thread while another validates the ClientApp.
+
+    Python hands the second thread the half-imported package (a sub-module lookup does not wait
+    for its parent), so a component below the mapped folders (``fedpriv.client.app:app``) was
+    "No module named 'fedpriv.client'" in one simulation out of two. The components in
+    pyproject.toml go through :mod:`fedpriv.apps`, which Flower finds in ``fedpriv/`` itself.
+    """
+    import subprocess
+    import tomllib
+
+    ref = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"][component]
+    out = subprocess.run([sys.executable, "-c", RACE, str(ROOT), ref], cwd="/", capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "(True, None)", out.stdout + out.stderr[-2000:]
+
+
+def test_the_race_is_real_for_a_component_below_the_mapped_folders() -> None:
+    """The check above can fail: the same race, naming the app module directly, is caught."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RACE, str(ROOT), "fedpriv.client.app:app"], cwd="/",
+                         capture_output=True, text=True, timeout=60)
+    assert "No module named 'fedpriv.client'" in out.stdout + out.stderr
+
+
+def test_the_entry_points_are_the_apps() -> None:
+    import fedpriv.apps
+    from fedpriv.client.app import app as client_app
+    from fedpriv.server.app import app as server_app
+
+    assert fedpriv.apps.serverapp is server_app and fedpriv.apps.clientapp is client_app
