@@ -407,3 +407,19 @@ def test_local_evaluation_is_refused_by_default_and_recorded_once_per_region(tmp
         assert rec.local_accuracy_by_round == [] and rec.rounds_participated == [1, 2]
         assert [e["action"] for e in rec.enforcement] == ["refused by region policy"]
         assert rec.enforcement[0]["reason"].startswith("release-local-evaluation:")
+
+
+def test_the_strategies_record_rounds_but_never_write_the_report(tmp_path, fake_training):
+    """Only the coordinator persists the report: a round below min-train-regions and an aborted
+    secure round are recorded in memory, and no file appears."""
+    FakeRegion.refuse = {"r1", "r2"}
+    _, report, _ = _run(tmp_path / "few", 3, rounds=1, **{"min-train-regions": 2})
+    assert report.rounds[0]["model_updated"] is False
+    FakeRegion.refuse = set()
+
+    def silence(grid):
+        grid.silent[(secagg.SHARE_KEYS, "1")] = {grid.node(0), grid.node(2)}
+
+    _, report, _ = _run(tmp_path / "abort", 3, rounds=1, grid_setup=silence)
+    assert report.secure_aggregation["rounds_aborted"] == [1]
+    assert not list(tmp_path.rglob("privacy_report*"))
