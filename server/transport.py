@@ -12,7 +12,7 @@ per node, replies and reasons by node id.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
