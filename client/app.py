@@ -14,19 +14,18 @@ accuracy, peak memory, lifetime ε and local evaluation leave only when the regi
 policy releases them (:mod:`fedpriv.privacy.policy`); the report labels them "not private".
 
 With secure aggregation (a train message whose config carries ``secagg-round``,
-see :mod:`fedpriv.strategies.secure_fedavg`) the train reply carries *no* weights: the
+:mod:`fedpriv.privacy.secagg.messages`) the train reply carries *no* weights: the
 update stays in ``context.state`` and leaves the region only masked, through the
-``query.secagg_*`` handlers below (:mod:`fedpriv.client.secure_aggregation`). Those handlers
-import nothing heavy (no torch), so a stage handled by a fresh process is cheap;
-the train and evaluate handlers import the model code when they run.
+``query.secagg_*`` stages, all handled by :func:`fedpriv.client.secure_aggregation.handle`.
+That handler imports nothing heavy (no torch), so a stage handled by a fresh process is
+cheap; the train and evaluate handlers import the model code when they run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpriv.client import secure_aggregation as secagg
@@ -34,22 +33,15 @@ from fedpriv.core import contract as wire
 from fedpriv.core.config import FedprivConfig
 from fedpriv.core.errors import BudgetExhausted, FedprivError
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, deterministic_noise_requested, node_region, region_policy
-from fedpriv.privacy.secagg import SecAggError
+from fedpriv.privacy.secagg.messages import STAGES, TRAIN_FLAG, action
 
 app = ClientApp()
-
-REFUSED, FAILED = wire.REFUSED, wire.FAILED  # kept for importers of the old names
 
 
 def _error(msg: Message, region: str, exc: Exception) -> Message:
     """The error reply for ``exc``: a refusal (policy, budget) or a failure, in the contract's format."""
-    if isinstance(exc, PolicyRefusal):
-        code, reason = wire.REFUSED, wire.error_reason(region, str(exc), wire.POLICY)
-    elif isinstance(exc, BudgetExhausted):
-        code, reason = wire.REFUSED, wire.error_reason(region, str(exc), wire.BUDGET)
-    else:
-        code, reason = wire.FAILED, wire.error_reason(region, str(exc))
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+    kind = wire.POLICY if isinstance(exc, PolicyRefusal) else wire.BUDGET if isinstance(exc, BudgetExhausted) else None
+    return wire.error_reply(msg, region, str(exc), kind)
 
 
 def _region_label(context: Context, cfg: FedprivConfig | None) -> str:
@@ -93,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg = FedprivConfig.from_run_config(context.run_config)
         identity = identify_region(context.node_config, cfg)
         server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
-        secagg_round = msg.content[wire.CONFIG].get(wire.TRAIN_FLAG)
+        secagg_round = msg.content[wire.CONFIG].get(TRAIN_FLAG)
         global_values = from_array_record(msg.content[wire.ARRAYS])
         region = RegionRuntime(cfg, identity)
         outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
@@ -140,55 +132,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 # ------------------------------------------------------------------ secure aggregation stages
 
-
-def _secagg_stage(msg: Message, context: Context,
-                  stage: Callable[[RecordDict, ConfigRecord, RegionPolicy], RecordDict]) -> Message:
-    """Run one stage under the region's policy; a refusal (policy, protocol violation, wrong round) is an
-    error reply, which the coordinator treats as a dropout."""
-    info = context.state.config_records.get(secagg.STATE_ROUND)
-    region = str(info["region"]) if info is not None else f"node-{context.node_id}"
-    try:
-        cfg = FedprivConfig.from_run_config(context.run_config)
-        policy = region_policy(context.node_config, cfg)
-        content = stage(context.state, msg.content[wire.RECORD], policy)
-    except PolicyRefusal as exc:
-        return _error(msg, region, exc)
-    except (SecAggError, ValueError, KeyError, FedprivError) as exc:
-        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
-        return Message(Error(code=wire.FAILED, reason=wire.error_reason(
-            region, f"secure aggregation ({msg.metadata.message_type}): {reason}")), reply_to=msg)
-    return Message(content=content, reply_to=msg)
-
-
-@app.query("secagg_advertise")
-def secagg_advertise(msg: Message, context: Context) -> Message:
-    def stage(state: RecordDict, rec: ConfigRecord, policy: RegionPolicy) -> RecordDict:
-        cfg = FedprivConfig.from_run_config(context.run_config)
-        expected = secagg.expected_setup(cfg.secagg_threshold, cfg.secagg_neighbours, cfg.secagg_clip_range,
-                                         cfg.secagg_quant_bits)
-        return RecordDict({wire.RECORD: secagg.advertise(state, context.node_id, rec, expected, policy)})
-
-    return _secagg_stage(msg, context, stage)
-
-
-@app.query("secagg_share_keys")
-def secagg_share_keys(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
-        {wire.RECORD: secagg.share_keys(state, rec, policy)}))
-
-
-@app.query("secagg_masked_input")
-def secagg_masked_input(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
-        {wire.MASKED: secagg.masked_input(state, rec)}))
-
-
-@app.query("secagg_unmask")
-def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict({wire.RECORD: secagg.unmask(state, rec)}))
-
-
-@app.query("secagg_reveal")
-def secagg_reveal(msg: Message, context: Context) -> Message:
-    return _secagg_stage(msg, context, lambda state, rec, policy: RecordDict(
-        {wire.UPDATE: secagg.reveal(state, rec, policy)}))
+for _stage in STAGES:  # query.secagg_advertise ... query.secagg_reveal: one handler module
+    app.query(action(_stage))(secagg.handle)

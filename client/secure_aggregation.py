@@ -1,8 +1,8 @@
-"""A region's half of secure aggregation: the ClientApp's secagg stage handlers, without Flower in the way.
+"""A region's half of secure aggregation: the ClientApp's secagg stage handlers, in one module.
 
 With ``secure-aggregation = true`` a region never sends its model update in the
-clear. The round runs as five message exchanges driven by
-:class:`fedpriv.strategies.secure_fedavg.SecureFedAvg`; each message may be handled by a
+clear. The round runs as five message exchanges driven by the coordinator's
+:class:`fedpriv.server.secagg_workflow.SecAggWorkflow`; each message may be handled by a
 fresh process (as in a deployment), so everything a region must remember between
 them lives in ``context.state``:
 
@@ -27,11 +27,14 @@ them lives in ``context.state``:
   only if the region's policy allows plain rounds, and never for a round in which
   the region advertised keys.
 
-Message types and record keys are :mod:`fedpriv.core.contract`'s (re-exported here).
-Every function raises :class:`~fedpriv.privacy.secagg.SecAggError`, ``ValueError`` or
-:class:`~fedpriv.privacy.policy.PolicyRefusal` to refuse; the ClientApp turns that into an error reply, which the coordinator treats
-as a dropout. Only ``numpy``, Flower records and :mod:`fedpriv.privacy.secagg` are imported
-here, so a secagg stage does not pay for loading torch.
+Message types, record keys and the stage records are :mod:`fedpriv.privacy.secagg.messages`'
+(shared with the coordinator's workflow). Every stage function raises
+:class:`~fedpriv.privacy.secagg.SecAggError`, ``ValueError`` or
+:class:`~fedpriv.privacy.policy.PolicyRefusal` to refuse; :func:`handle` -- what the ClientApp
+registers for every ``query.secagg_*`` message -- turns that into an error reply
+(:func:`fedpriv.core.contract.error_reply`), which the coordinator treats as a dropout. Only
+``numpy``, Flower records and :mod:`fedpriv.privacy.secagg` are imported here, so a secagg stage
+does not pay for loading torch.
 """
 
 from __future__ import annotations
@@ -41,15 +44,18 @@ from collections.abc import Mapping
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
-from fedpriv.core.contract import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS, TRAIN_FLAG, UNMASK, UPDATE,
-                              flatten_values, keys_request, routed_request, setup_record, shares_reply,
-                              unflatten_values, unmask_reply, unmask_request)
-from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold
-from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggProtocolError, unpack_ids
+from fedpriv.core import contract
+from fedpriv.core.config import FedprivConfig, SecAggSettings, check_secagg
+from fedpriv.core.errors import ConfigError, FedprivError
+from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold, region_policy
+from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggError, SecAggProtocolError
 from fedpriv.privacy.secagg.graph import neighbour_graph, share_holders
+from fedpriv.privacy.secagg.messages import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS,
+                                             TRAIN_FLAG, UNMASK, UPDATE, advertise_reply, read_keys_request,
+                                             read_routed_request, read_unmask_request, shares_record, unmask_record)
 
 # context.state keys
 STATE_ROUND = "fedpriv-secagg-round"     # ConfigRecord: round, region, num-examples, rounding seed, phase
@@ -140,7 +146,13 @@ def keep_update(state: RecordDict, round_id: int, region: str, global_arrays: Ma
 
 
 def check_setup(setup: Mapping, expected: Mapping[str, float | int]) -> None:
-    """Refuse a setup that weakens what the run config asked for (threshold, graph, encoding)."""
+    """Refuse a setup outside the run config's one range (:func:`fedpriv.core.config.check_secagg`), or one
+    that weakens what the run config asked for (threshold, graph, encoding)."""
+    try:
+        check_secagg(int(setup["threshold"]), int(setup["num_neighbours"]), float(setup["clip_range"]),
+                     int(setup["quant_bits"]))
+    except ConfigError as exc:
+        raise SecAggProtocolError(f"the coordinator's setup: {exc}") from None
     want_t = int(expected.get("threshold", 0))
     if want_t and int(setup["threshold"]) < want_t:
         raise SecAggProtocolError(f"setup threshold {setup['threshold']} is below secagg-threshold = {want_t}")
@@ -171,7 +183,7 @@ def advertise(state: RecordDict, node_id: int, setup: ConfigRecord,
     _note_setup(state, int(setup["round_id"]))
     reply = client.advertise()
     _save(state, info, client, "advertised")
-    return ConfigRecord({k: bytes(v) for k, v in reply.items()})
+    return ConfigRecord(advertise_reply(reply))
 
 
 def _note_setup(state: RecordDict, round_id: int) -> None:
@@ -191,18 +203,14 @@ def share_keys(state: RecordDict, request: ConfigRecord, policy: RegionPolicy | 
     The threshold floor is checked again against the share holders this broadcast really gives.
     """
     info = _round_info(state, int(request["round_id"]), "advertised")
-    ids = unpack_ids(bytes(request["ids"]))
-    c_blob, s_blob = bytes(request["c_pks"]), bytes(request["s_pks"])
-    if len(c_blob) != 32 * len(ids) or len(s_blob) != 32 * len(ids):
-        raise SecAggProtocolError("public-key lists do not match the id list")
-    keys = {nid: {"c_pk": c_blob[32 * i:32 * (i + 1)], "s_pk": s_blob[32 * i:32 * (i + 1)]} for i, nid in enumerate(ids)}
+    keys = read_keys_request(request)
     client = _client(state)
     if policy is not None and client.node_id in keys:
         graph = neighbour_graph(sorted(keys), client.config.num_neighbours, client.round_seed)
         check_secagg_threshold(policy, client.config.threshold, len(share_holders(graph, client.node_id)))
     bundles = client.share_keys(keys)
     _save(state, info, client, "shared")
-    return ConfigRecord({str(dst): blob for dst, blob in bundles.items()})
+    return ConfigRecord(shares_record(bundles))
 
 
 def masked_input(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
@@ -213,7 +221,7 @@ def masked_input(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
     """
     round_id = int(request["round_id"])
     info = _round_info(state, round_id, "shared")
-    received = {int(k): bytes(v) for k, v in request.items() if k.isdigit()}
+    received = read_routed_request(request)
     client = _client(state)
     update = state.array_records[STATE_UPDATE]["update"].numpy()
     weight = int(info["num-examples"])
@@ -233,11 +241,9 @@ def unmask(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     """Stage 4: shares of the survivors' self-mask seeds and of the dropped peers' mask keys."""
     _round_info(state, int(request["round_id"]), "masked")
     client = _client(state)
-    answer = client.unmask(unpack_ids(bytes(request["survivors"])), unpack_ids(bytes(request["dropped"])))
+    answer = client.unmask(*read_unmask_request(request))
     forget(state)  # answered once; nothing of this round is needed any more
-    reply = {f"seed/{v}": share for v, share in answer["seed_shares"].items()}
-    reply.update({f"key/{v}": share for v, share in answer["key_shares"].items()})
-    return ConfigRecord(reply)
+    return ConfigRecord(unmask_record(answer))
 
 
 def reveal(state: RecordDict, request: ConfigRecord, policy: RegionPolicy) -> ArrayRecord:
@@ -266,10 +272,48 @@ def expected_setup(threshold: int, neighbours: int, clip_range: float, quant_bit
             "quant_bits": int(quant_bits)}
 
 
+# ------------------------------------------------------------------ ClientApp handler
+
+
+def _advertise(state: RecordDict, rec: ConfigRecord, policy: RegionPolicy, context: Context,
+               settings: SecAggSettings) -> RecordDict:
+    expected = expected_setup(settings.threshold, settings.neighbours, settings.clip_range, settings.quant_bits)
+    return RecordDict({RECORD: advertise(state, context.node_id, rec, expected, policy)})
+
+
+_HANDLERS = {
+    ADVERTISE: _advertise,
+    SHARE_KEYS: lambda state, rec, policy, context, settings: RecordDict({RECORD: share_keys(state, rec, policy)}),
+    MASKED_INPUT: lambda state, rec, policy, context, settings: RecordDict({MASKED: masked_input(state, rec)}),
+    UNMASK: lambda state, rec, policy, context, settings: RecordDict({RECORD: unmask(state, rec)}),
+    REVEAL: lambda state, rec, policy, context, settings: RecordDict({UPDATE: reveal(state, rec, policy)}),
+}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The ClientApp's handler of every ``query.secagg_*`` message: one stage under the region's policy.
+
+    A refusal (the region's policy) is an error reply with code :data:`~fedpriv.core.contract.REFUSED`;
+    a protocol violation, a wrong round or bad input one with :data:`~fedpriv.core.contract.FAILED`.
+    The coordinator treats both as a dropout (and records the refusal).
+    """
+    info = context.state.config_records.get(STATE_ROUND)
+    region = str(info["region"]) if info is not None else f"node-{context.node_id}"
+    try:
+        stage = _HANDLERS[msg.metadata.message_type]
+        cfg = FedprivConfig.from_run_config(context.run_config)
+        policy = region_policy(context.node_config, cfg)
+        content = stage(context.state, msg.content[RECORD], policy, context, cfg.secagg)
+    except PolicyRefusal as exc:
+        return contract.error_reply(msg, region, str(exc), contract.POLICY)
+    except (SecAggError, ValueError, KeyError, FedprivError) as exc:
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        return contract.error_reply(msg, region, f"secure aggregation ({msg.metadata.message_type}): {reason}")
+    return Message(content=content, reply_to=msg)
+
+
 __all__ = [
     "ADVERTISE", "MASKED", "MASKED_INPUT", "RECORD", "REVEAL", "SHARE_KEYS", "TRAIN_FLAG", "UNMASK", "UPDATE",
     "SecAggConfig", "advertise", "check_setup", "clipped_count", "expected_setup", "flatten_update",
-    "flatten_values", "forget", "joined_setup", "keep_update", "keys_request", "masked_input", "reveal",
-    "routed_request", "setup_record", "share_keys", "shares_reply", "unflatten_values", "unmask", "unmask_reply",
-    "unmask_request",
+    "forget", "handle", "joined_setup", "keep_update", "masked_input", "reveal", "share_keys", "unmask",
 ]

@@ -34,6 +34,7 @@ from fedpriv.server.evaluation import CentralEvaluator
 from fedpriv.server.faults import WatchedGrid
 from fedpriv.server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
                            restore_report, total_wall_time)
+from fedpriv.server.secagg_workflow import SecAggWorkflow
 from fedpriv.strategies.private_fedavg import PrivateFedAvg, RunAborted
 from fedpriv.strategies.secure_fedavg import SecureFedAvg
 from fedpriv.strategies.server_optimizer import ServerOptimizer, ServerOptimizerStrategy
@@ -137,10 +138,7 @@ class Coordinator:
             initial = self.resume_point.values
         strategy_cls, secagg_kwargs = PrivateFedAvg, {}
         if self.cfg.secure_aggregation:  # the coordinator sees only sums of the regions' updates
-            strategy_cls, secagg_kwargs = SecureFedAvg, dict(
-                threshold=self.cfg.secagg_threshold, neighbours=self.cfg.secagg_neighbours,
-                clip_range=self.cfg.secagg_clip_range, quant_bits=self.cfg.secagg_quant_bits,
-                stage_timeout=self.cfg.secagg_timeout)
+            strategy_cls, secagg_kwargs = SecureFedAvg, dict(workflow=SecAggWorkflow(self.cfg.secagg))
         inner = strategy_cls(
             report=self.report, min_train_regions=self.cfg.min_train_regions, connect_timeout=self.cfg.round_timeout,
             fraction_train=self.cfg.fraction_train, fraction_evaluate=self.cfg.fraction_evaluate, **secagg_kwargs,

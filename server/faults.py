@@ -7,7 +7,8 @@ its SuperNode has missed its heartbeats - answered for by the SuperLink with a
 strategy cannot tell which region was lost. :class:`WatchedGrid` wraps the Grid
 for train/evaluate messages and turns both cases into an error reply from the
 lost node that reads ``"<region>|<reason>"`` - the format fedpriv ClientApps use
-for their own errors - so :class:`~fedpriv.strategies.private_fedavg.PrivateFedAvg`
+for their own errors (:mod:`fedpriv.core.contract`, which also owns the error codes
+:data:`~fedpriv.core.contract.LOST` and :data:`~fedpriv.core.contract.UNREACHABLE`) - so :class:`~fedpriv.strategies.private_fedavg.PrivateFedAvg`
 records the failed region, per round, in the report.
 
 It also rides out *transient* SuperLink errors while waiting for replies (an HTTP
@@ -15,6 +16,8 @@ It also rides out *transient* SuperLink errors while waiting for replies (an HTT
 connection): Flower's own ``send_and_receive`` lets one failed poll kill the
 ServerApp, and with it the run. Pushing is not retried (a push that failed may
 have been stored); polls are, with back-off, up to ``MAX_POLL_FAILURES`` in a row.
+The waiting itself is :func:`fedpriv.server.transport.push_and_pull`, the loop the
+secure-aggregation stages use too (through this grid, so they are retried alike).
 
 Region names come from the SuperLink's node registry (``fedpriv register`` gives
 each SuperNode key its region name), else from earlier replies, else
@@ -28,11 +31,13 @@ import time
 from logging import WARNING
 from typing import Callable, Iterable
 
-from flwr.app import Error, Message, MessageType
+from flwr.app import Message, MessageType
 from flwr.common.logger import log
 
-LOST = 4100  # error code of a synthesized reply: no answer within the round timeout
-UNREACHABLE = 4101  # the SuperLink reported the region's SuperNode offline
+from fedpriv.core import contract
+from fedpriv.core.contract import LOST, UNREACHABLE
+from fedpriv.server import transport
+
 WATCHED_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 POLL_S = 3.0  # as Flower's Grid.send_and_receive
 MAX_POLL_FAILURES = 10  # consecutive transient failures (~2 min with back-off) before giving up
@@ -99,25 +104,16 @@ class WatchedGrid:
                 time.sleep(min(POLL_S * failures, 15.0))
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """Pulling is idempotent, so a transient SuperLink error is retried (also for SecureFedAvg's own polling).
+        """Pulling is idempotent, so a transient SuperLink error is retried (also for the secagg stages' polling).
         Pushes are not retried: a failed push may still have been stored."""
         ids = list(message_ids)
         return self._retry(lambda: list(self._grid.pull_messages(ids)), "waiting for replies")
 
     def _send_and_receive(self, sent: list[Message], timeout: float | None) -> list[Message]:
-        """Flower's push-then-poll loop, with transient poll failures retried."""
+        """Flower's push-then-poll loop (every ``POLL_S``), with transient poll failures retried."""
         if not hasattr(self._grid, "push_messages") or not hasattr(self._grid, "pull_messages"):
             return list(self._grid.send_and_receive(sent, timeout=timeout))
-        pending = {mid for mid in self._grid.push_messages(sent) if mid}
-        end = None if timeout is None else time.monotonic() + timeout
-        out: list[Message] = []
-        while pending and (end is None or time.monotonic() < end):
-            got = self.pull_messages(pending)
-            out.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
-                time.sleep(POLL_S)
-        return out
+        return transport.push_and_pull(self, sent, timeout, transport.every(POLL_S))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = list(messages)
@@ -141,11 +137,10 @@ class WatchedGrid:
             if reply.metadata.src_node_id != original.metadata.dst_node_id:  # answered by the SuperLink itself
                 out.append(self._lost(original, region, UNREACHABLE,
                                       f"its SuperNode stopped answering (missed heartbeats): {_last_line(reason)}"))
-            elif "|" in reason.split("\n", 1)[0] and not reason.startswith("Traceback"):
+            elif contract.split_reason(reason)[0] is not None:
                 out.append(reply)  # already "<region>|<reason>" from a fedpriv ClientApp
             else:  # the ClientApp crashed: keep the last line of its traceback
-                out.append(Message(Error(code=int(reply.error.code), reason=f"{region}|{_last_line(reason)}"),
-                                   reply_to=original))
+                out.append(contract.error_reply(original, region, _last_line(reason), code=int(reply.error.code)))
         waited = time.monotonic() - started
         for original in sent:
             if original.metadata.message_id and original.metadata.message_id not in answered:
@@ -157,7 +152,7 @@ class WatchedGrid:
     def _lost(self, original: Message, region: str, code: int, reason: str) -> Message:
         self.lost.append((region, reason))
         log(WARNING, "region %s lost in this round: %s", region, reason)
-        return Message(Error(code=code, reason=f"{region}|{reason}"), reply_to=original)
+        return contract.error_reply(original, region, reason, code=code)
 
 
 def _last_line(text: str) -> str:

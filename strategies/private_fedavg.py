@@ -42,8 +42,6 @@ from fedpriv.core import contract
 from fedpriv.core.errors import FedprivError
 from fedpriv.privacy.report import RegionRecord, RunReport
 
-REFUSAL_PREFIX = contract.BUDGET + ":"  # kept for importers of the old name; the contract owns the format
-
 
 class RunAborted(FedprivError):
     """The federation cannot continue (no regions, or none allowed to train)."""
@@ -99,8 +97,7 @@ class PrivateFedAvg(FedAvg):
         if len(ok) < self.min_train_regions:
             log(WARNING, "round %d: %d usable update(s) < min-train-regions %d: global model unchanged",
                 rnd, len(ok), self.min_train_regions)
-            self.report.record_round(rnd, model_updated=False)
-            self.report.write()
+            self.report.record_round(rnd, model_updated=False)  # the coordinator writes the report every round
             if not ok and refused and len(refused) + len(failed) == len(replies):
                 raise RunAborted(f"round {rnd}: no region may train any more (refused by their privacy budgets "
                                  f"or policies: {', '.join(sorted(refused))})")
@@ -117,7 +114,7 @@ class PrivateFedAvg(FedAvg):
         trained, refused, failed = [], [], []
         for msg in replies:
             if msg.has_error():
-                err = contract.parse_error(msg.error.reason, self._region(msg.metadata.src_node_id))
+                err = contract.read_error(msg, self._region(msg.metadata.src_node_id))
                 if err.refused:
                     refused.append(err.region)
                     self.exhausted_regions.add(err.region)
@@ -157,7 +154,7 @@ class PrivateFedAvg(FedAvg):
         rnd = self.absolute_round(server_round)
         for msg in replies:
             if msg.has_error():  # a region that does not release local evaluation: noted once
-                err = contract.parse_error(msg.error.reason, self._region(msg.metadata.src_node_id))
+                err = contract.read_error(msg, self._region(msg.metadata.src_node_id))
                 rec = self.report.regions.setdefault(err.region, RegionRecord())
                 if err.refused and not any(e["reason"] == err.text for e in rec.enforcement):
                     self.record_refusal(err, rnd, "refused to evaluate")
@@ -167,8 +164,3 @@ class PrivateFedAvg(FedAvg):
                 self.report.regions.setdefault(region, RegionRecord()).local_accuracy_by_round.append(acc)
         return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
 
-
-def _split_error(reason: str, default_region: str) -> tuple[str, str]:
-    """``(region, reason)`` of an error reply (:func:`fedpriv.core.contract.parse_error` is the parser)."""
-    err = contract.parse_error(reason, default_region)
-    return err.region, str(err)

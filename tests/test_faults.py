@@ -449,10 +449,9 @@ def _is_clientapp(pid: int, since: float) -> bool:
 
 
 def test_secure_aggregation_polling_rides_out_transient_superlink_errors(tmp_path, monkeypatch):
-    """SecureFedAvg polls the grid itself; through WatchedGrid a 'database is locked' 500 is retried, not fatal."""
+    """The secagg stages poll through the shared transport; through WatchedGrid a 'database is locked' 500 is retried, not fatal."""
     import fedpriv.server.faults as faults
-    from fedpriv.privacy.report import RunReport
-    from fedpriv.strategies.secure_fedavg import SecureFedAvg
+    from fedpriv.server.transport import exchange
 
     class _FlakyIdGrid(_FlakyGrid):
         def push_messages(self, messages):
@@ -466,8 +465,7 @@ def test_secure_aggregation_polling_rides_out_transient_superlink_errors(tmp_pat
         monkeypatch.setattr(TaskIdentity, attr, value)
     monkeypatch.setattr(faults, "POLL_S", 0.01)
     flaky = _FlakyIdGrid()
-    strategy = SecureFedAvg(report=RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east"]), min_train_regions=1,
-                            connect_timeout=1, stage_timeout=5.0)
-    strategy._grid = WatchedGrid(flaky, ["us-east", "eu-west", "ap-south"])
-    replies, errors = strategy._exchange("query.secagg_advertise", {11: {}}, rnd=1)
+    grid = WatchedGrid(flaky, ["us-east", "eu-west", "ap-south"])
+    stage = exchange(grid, "query.secagg_advertise", {11: {}}, "1", 5.0, grid.region_of)
+    replies, errors = stage.ok, stage.errors
     assert list(replies) == [11] and errors == {} and flaky.pulls == 3

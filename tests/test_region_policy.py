@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from flwr.app import Error, Message, RecordDict
 
 from fedpriv.core import contract
 from fedpriv.core.errors import ConfigError
@@ -115,3 +116,68 @@ def test_two_processes_cannot_both_release_the_same_round(tmp_path):
         assert not second.allowed and "already released" in second.reason
         assert two.reserve(release, 10.0).allowed  # a plain retry (same release re-sent) still counts once
         assert len(one) == 1
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower messages need a task identity (a ClientApp or ServerApp process has one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("region", ["us-east", "eu_west-2", "node-18446744073709551615"])
+@pytest.mark.parametrize("kind", [None, *contract.REFUSAL_KINDS])
+def test_the_one_error_parser_round_trips_what_a_region_writes(region, kind):
+    text = "a reason | with a bar\nand a second line"
+    err = contract.parse_error(contract.error_reason(region, text, kind), "node-1")
+    assert (err.region, err.kind, err.text) == (region, kind, text)
+    reply = contract.error_reply(Message(RecordDict(), dst_node_id=5, message_type="train"), region, text, kind)
+    read = contract.read_error(reply, "node-1")
+    assert reply.error.code == (contract.REFUSED if kind else contract.FAILED)
+    assert (read.region, read.kind, read.text, read.refused) == (region, kind, text, kind is not None)
+
+
+@pytest.mark.parametrize("reason", ["", "no bar at all", "two words|privacy-budget: x", "|privacy-budget: x",
+                                    "Traceback (most recent call last):\n  x|y\nKeyError: 'a|b'",
+                                    "us-east\n|privacy-budget: x"])
+def test_the_one_error_parser_rejects_malformed_reasons_as_failures_of_the_default_region(reason):
+    err = contract.parse_error(reason, "node-7")
+    assert err.region == "node-7" and not err.refused
+    assert contract.split_reason(reason)[0] is None
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_refusal_needs_the_refused_code_and_the_lost_codes_are_read():
+    def reply(code, reason):
+        return Message(Error(code=code, reason=reason), reply_to=Message(RecordDict(), dst_node_id=5, message_type="train"))
+
+    budget = contract.error_reason("us-east", "spent", contract.BUDGET)
+    assert contract.read_error(reply(contract.REFUSED, budget), "?").refused
+    # A crashed or failing ClientApp whose text merely looks like a refusal is a failure, not a refusal.
+    assert not contract.read_error(reply(contract.FAILED, budget), "?").refused
+    assert not contract.read_error(reply(0, budget), "?").refused
+    lost = contract.read_error(reply(contract.LOST, "us-east|no reply within round-timeout"), "?")
+    assert lost.lost and not lost.refused and lost.region == "us-east"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_coordinators_grid_and_the_strategies_parse_with_the_same_rule():
+    from fedpriv.server.faults import WatchedGrid
+
+    class Grid:
+        def push_messages(self, messages):
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent = list(messages)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):  # a head with a space is not a region: rewritten with the region's name
+            return [Message(Error(code=9, reason="Flower error|boom"), reply_to=m) for m in self.sent]
+
+    watched = WatchedGrid(Grid(), ["us-east"], lookup={5: "us-east"}.get)
+    out = list(watched.send_and_receive([Message(RecordDict(), dst_node_id=5, message_type="train")], timeout=1))
+    err = contract.read_error(out[0], "?")
+    assert (err.region, err.text, out[0].error.code) == ("us-east", "Flower error|boom", 9)

@@ -24,11 +24,12 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedpriv.client.region
 from fedpriv.client import secure_aggregation as secagg
 from fedpriv.client.app import app as client_app
-from fedpriv.core.config import FedprivConfig, resolve_config
+from fedpriv.core.config import FedprivConfig, SecAggSettings, resolve_config
 from fedpriv.core.errors import BudgetExhausted, ConfigError
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy
 from fedpriv.privacy.report import RunReport
 from fedpriv.privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
+from fedpriv.server.secagg_workflow import SecAggWorkflow
 from fedpriv.strategies.private_fedavg import PrivateFedAvg
 from fedpriv.strategies.secure_fedavg import SecureFedAvg
 
@@ -161,9 +162,11 @@ def _values(record: ArrayRecord) -> dict[str, np.ndarray]:
 def _strategy(cls, report, cfg: FedprivConfig, **kw):
     kwargs = dict(report=report, min_train_regions=cfg.min_train_regions, connect_timeout=5.0,
                   fraction_train=1.0, fraction_evaluate=0.0)
-    if cls is SecureFedAvg:
-        kwargs.update(threshold=cfg.secagg_threshold, neighbours=cfg.secagg_neighbours, clip_range=cfg.secagg_clip_range,
-                      quant_bits=cfg.secagg_quant_bits, stage_timeout=2.0)
+    if cls is SecureFedAvg:  # the coordinator composes the strategy with the workflow of its (validated) settings
+        settings = dict(threshold=cfg.secagg_threshold, neighbours=cfg.secagg_neighbours, clip_range=cfg.secagg_clip_range,
+                        quant_bits=cfg.secagg_quant_bits, timeout=2.0)
+        settings.update({k: kw.pop(k) for k in list(kw) if k in settings})
+        kwargs["workflow"] = SecAggWorkflow(SecAggSettings(**settings))
     kwargs.update(kw)
     return cls(**kwargs)
 
@@ -404,3 +407,19 @@ def test_local_evaluation_is_refused_by_default_and_recorded_once_per_region(tmp
         assert rec.local_accuracy_by_round == [] and rec.rounds_participated == [1, 2]
         assert [e["action"] for e in rec.enforcement] == ["refused by region policy"]
         assert rec.enforcement[0]["reason"].startswith("release-local-evaluation:")
+
+
+def test_the_strategies_record_rounds_but_never_write_the_report(tmp_path, fake_training):
+    """Only the coordinator persists the report: a round below min-train-regions and an aborted
+    secure round are recorded in memory, and no file appears."""
+    FakeRegion.refuse = {"r1", "r2"}
+    _, report, _ = _run(tmp_path / "few", 3, rounds=1, **{"min-train-regions": 2})
+    assert report.rounds[0]["model_updated"] is False
+    FakeRegion.refuse = set()
+
+    def silence(grid):
+        grid.silent[(secagg.SHARE_KEYS, "1")] = {grid.node(0), grid.node(2)}
+
+    _, report, _ = _run(tmp_path / "abort", 3, rounds=1, grid_setup=silence)
+    assert report.secure_aggregation["rounds_aborted"] == [1]
+    assert not list(tmp_path.rglob("privacy_report*"))

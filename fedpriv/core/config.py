@@ -10,6 +10,7 @@ can trust what they read.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -31,6 +32,46 @@ MODELS = ("minilm", "tiny")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A job id: no '/' (a region's ledger keys a release as ``<job-id>/<attempt>`` and splits on the first '/')."""
+SECAGG_QUANT_BITS = (4, 32)
+"""The one range of ``secagg-quant-bits``: the run config, the coordinator's workflow and the region's check
+of the coordinator's setup all use it (the protocol library itself encodes up to 48 bits)."""
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The run's secure-aggregation settings, validated once (:func:`check_secagg`) when built.
+
+    ``threshold`` 0 = a majority of each secret's share holders; ``neighbours`` 0 = the complete
+    graph (SecAgg), ``k`` = SecAgg+; ``clip_range`` bounds a scaled update's coordinates;
+    ``quant_bits`` in :data:`SECAGG_QUANT_BITS`; ``timeout`` is each stage's wait in seconds.
+    """
+
+    threshold: int = 0
+    neighbours: int = 0
+    clip_range: float = 8.0
+    quant_bits: int = 22
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_secagg(self.threshold, self.neighbours, self.clip_range, self.quant_bits, self.timeout)
+
+
+def check_secagg(threshold: int, neighbours: int, clip_range: float, quant_bits: int, timeout: float = 1.0,
+                 num_regions: int | None = None) -> None:
+    """The one validation of the secagg keys; a :class:`ConfigError` line names the bad value."""
+    top = f"an integer in [2, {num_regions}]" if num_regions is not None else "an integer >= 2"
+    _check(threshold == 0 or (threshold >= 2 and (num_regions is None or threshold <= num_regions)),
+           "secagg-threshold", threshold, f"0 (majority) or {top}")
+    _check(neighbours >= 0, "secagg-neighbours", neighbours, "0 (complete graph) or a neighbour count >= 1")
+    if neighbours:  # caught here, before submission, not when the ServerApp starts
+        _check(threshold <= neighbours + 1, "secagg-threshold", threshold,
+               f"an integer <= {neighbours + 1} (with secagg-neighbours = {neighbours} a secret has that many shares)")
+    _check(isinstance(clip_range, (int, float)) and math.isfinite(clip_range) and clip_range > 0,
+           "secagg-clip-range", clip_range, "a coordinate bound > 0")
+    low, high = SECAGG_QUANT_BITS
+    _check(isinstance(quant_bits, (int, float)) and float(quant_bits).is_integer() and low <= quant_bits <= high,
+           "secagg-quant-bits", quant_bits, f"an integer in [{low}, {high}]")
+    _check(timeout > 0, "secagg-timeout", timeout, "seconds > 0")
 
 
 def default_data_dir() -> Path:
@@ -169,6 +210,12 @@ class FedprivConfig:
     def num_regions(self) -> int:
         return len(self.regions)
 
+    @property
+    def secagg(self) -> SecAggSettings:
+        """The ``secagg-*`` keys as one settings object (validated with the rest of the config)."""
+        return SecAggSettings(int(self.secagg_threshold), int(self.secagg_neighbours), float(self.secagg_clip_range),
+                              int(self.secagg_quant_bits), float(self.secagg_timeout))
+
     def validate(self) -> None:
         """Reject values that would make a run meaningless or unsafe, with one-line reasons."""
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "an integer >= 1")
@@ -218,16 +265,8 @@ class FedprivConfig:
         _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
         _check(self.grad_sample_mode in GRAD_SAMPLE_MODES, "grad-sample-mode", self.grad_sample_mode,
                f"one of {', '.join(GRAD_SAMPLE_MODES)}")
-        _check(self.secagg_threshold == 0 or 2 <= self.secagg_threshold <= self.num_regions, "secagg-threshold",
-               self.secagg_threshold, f"0 (majority) or an integer in [2, {self.num_regions}]")
-        _check(self.secagg_neighbours >= 0, "secagg-neighbours", self.secagg_neighbours, "0 (complete graph) or a neighbour count >= 1")
-        if self.secagg_neighbours:  # caught here, before submission, not when the ServerApp starts
-            _check(self.secagg_threshold <= self.secagg_neighbours + 1, "secagg-threshold", self.secagg_threshold,
-                   f"an integer <= {self.secagg_neighbours + 1} (with secagg-neighbours = {self.secagg_neighbours} a "
-                   "secret has that many shares)")
-        _check(self.secagg_clip_range > 0, "secagg-clip-range", self.secagg_clip_range, "a coordinate bound > 0")
-        _check(4 <= self.secagg_quant_bits <= 32, "secagg-quant-bits", self.secagg_quant_bits, "an integer in [4, 32]")
-        _check(self.secagg_timeout > 0, "secagg-timeout", self.secagg_timeout, "seconds > 0")
+        check_secagg(self.secagg_threshold, self.secagg_neighbours, self.secagg_clip_range, self.secagg_quant_bits,
+                     self.secagg_timeout, num_regions=self.num_regions)
         _check(self.server_optimizer in SERVER_OPTIMIZERS, "server-optimizer", self.server_optimizer,
                f"one of {', '.join(SERVER_OPTIMIZERS)}")
         _check(self.server_learning_rate > 0, "server-learning-rate", self.server_learning_rate, "a number > 0")

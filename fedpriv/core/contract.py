@@ -1,7 +1,7 @@
 """The message contract between a region (ClientApp) and the coordinator (ServerApp).
 
-One module that both sides import, so a key, an error code or a stage name cannot
-drift apart between ``client/`` and ``strategies/``. It holds no logic beyond
+One module that both sides import, so a key or an error code cannot drift apart
+between ``client/`` and ``strategies/``/``server/``. It holds no logic beyond
 encoding and decoding: what a region *may* send is decided by its policy
 (:mod:`fedpriv.privacy.policy`), what the report makes of it by :mod:`fedpriv.privacy.report`.
 
@@ -13,25 +13,24 @@ Train reply (``RecordDict``)
     ``arrays`` (ArrayRecord): the DP-noised trainable values -- only without secure aggregation.
 
 Errors
-    An error reply's reason reads ``"<region>|<kind>: <text>"`` (:func:`error_reason`) and is
-    read back by the one parser :func:`parse_error`. ``kind`` is a :data:`REFUSAL_KINDS` entry for
-    refusals (code :data:`REFUSED`) and free text for failures (code :data:`FAILED`).
+    An error reply's reason reads ``"<region>|<kind>: <text>"`` (:func:`error_reason`, sent by
+    :func:`error_reply`) and is read back by the one parser :func:`parse_error` (the reason) /
+    :func:`read_error` (a reply's ``Error``: code and reason). ``kind`` is a :data:`REFUSAL_KINDS`
+    entry for refusals (code :data:`REFUSED`) and absent for failures (code :data:`FAILED`). The
+    coordinator's fault-tolerant grid writes the same format for regions it lost (:data:`LOST`,
+    :data:`UNREACHABLE`). A reply counts as a refusal only with code :data:`REFUSED` *and* a refusal
+    kind: a crashed ClientApp's traceback cannot pass for one.
 
-Secure aggregation
-    Stage message types (:data:`ADVERTISE` ... :data:`REVEAL`), the record key every stage
-    message carries (:data:`RECORD`), the train-config flag (:data:`TRAIN_FLAG`) and the
-    coordinator-side encoders/decoders of the stage records.
+Secure aggregation's stage names and records are :mod:`fedpriv.privacy.secagg.messages`'s
+(they need the protocol's id packing, which lives above this layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 
-import numpy as np
-from flwr.app import ConfigRecord
-
-from fedpriv.privacy.secagg import SecAggProtocolError, pack_ids
+from flwr.app import Error, Message
 
 # ------------------------------------------------------------------ train / evaluate replies
 
@@ -72,25 +71,35 @@ NOT_PRIVATE_TRAIN_METRICS = {
 
 # ---------------------------------------------------------------------------- errors
 
-REFUSED = 4001
-FAILED = 4002
+REFUSED = 4001      # a region's policy or privacy budget forbids the request
+FAILED = 4002       # the region tried and failed (bad data, a protocol violation, ...)
+LOST = 4100         # written by the coordinator: no answer within the round timeout
+UNREACHABLE = 4101  # written by the coordinator: the SuperLink reported the region's SuperNode offline
 
 POLICY = "refused by region policy"
 BUDGET = "privacy-budget"
 REFUSAL_KINDS = (POLICY, BUDGET)
 
+_REGION = re.compile(r"[A-Za-z0-9_-]+")  # a region name (core.config) or "node-<id>"
+
 
 @dataclass(frozen=True)
 class RegionError:
-    """An error reply, read back: which region, whether it refused (and why), the text."""
+    """An error reply, read back: which region, whether it refused (and why), the text, the code."""
 
     region: str
     kind: str | None   # one of REFUSAL_KINDS, or None for a failure
     text: str
+    code: int | None = None  # None: read from the reason alone (parse_error)
 
     @property
     def refused(self) -> bool:
         return self.kind is not None
+
+    @property
+    def lost(self) -> bool:
+        """No answer at all (the coordinator gave up waiting, or the SuperNode is gone)."""
+        return self.code in (LOST, UNREACHABLE)
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.text}" if self.kind else self.text
@@ -103,91 +112,43 @@ def error_reason(region: str, text: str, kind: str | None = None) -> str:
     return f"{region}|{kind}: {text}" if kind else f"{region}|{text}"
 
 
-def parse_error(reason: str, default_region: str) -> RegionError:
-    """The one parser of :func:`error_reason`; anything else (a traceback, a SuperLink error) is a failure."""
-    region, text = default_region, reason
-    if "|" in reason and not reason.startswith("Traceback"):
-        head, _, rest = reason.partition("|")
-        if head and " " not in head:
-            region, text = head, rest
-        else:
-            text = _last_line(reason)
-    else:
-        text = _last_line(reason)
-    for kind in REFUSAL_KINDS:
-        if text.startswith(kind + ":"):
-            return RegionError(region, kind, text[len(kind) + 1:].strip())
-    return RegionError(region, None, text)
+def error_reply(msg: Message, region: str, text: str, kind: str | None = None, code: int | None = None) -> Message:
+    """The error reply to ``msg``: code :data:`REFUSED` for a refusal ``kind``, else ``code`` or :data:`FAILED`."""
+    code = REFUSED if kind is not None else (FAILED if code is None else code)
+    return Message(Error(code=code, reason=error_reason(region, text, kind)), reply_to=msg)
+
+
+def split_reason(reason: str) -> tuple[str | None, str]:
+    """``(region, text)`` of a ``"<region>|<text>"`` reason; ``(None, last line)`` for anything else.
+
+    The head must be a region name (letters, digits, ``-``, ``_``) on the first line, so a
+    traceback or a SuperLink message that happens to contain ``|`` is not mistaken for one.
+    """
+    head, sep, rest = reason.partition("|")
+    if sep and _REGION.fullmatch(head) and not head.startswith("Traceback"):
+        return head, rest
+    return None, _last_line(reason)
+
+
+def parse_error(reason: str, default_region: str, code: int | None = None) -> RegionError:
+    """The one parser of :func:`error_reason`; anything else (a traceback, a SuperLink error) is a failure.
+
+    With ``code`` (a reply's error code) a refusal needs :data:`REFUSED` as well as a refusal kind.
+    """
+    region, text = split_reason(reason)
+    region = region or default_region
+    if code is None or code == REFUSED:
+        for kind in REFUSAL_KINDS:
+            if text.startswith(kind + ":"):
+                return RegionError(region, kind, text[len(kind) + 1:].strip(), code)
+    return RegionError(region, None, text, code)
+
+
+def read_error(msg: Message, default_region: str) -> RegionError:
+    """An error reply, read as the coordinator reads it: reason *and* code."""
+    return parse_error(str(msg.error.reason or ""), default_region, int(msg.error.code))
 
 
 def _last_line(reason: str) -> str:
-    return reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
-
-
-# ------------------------------------------------------------------ secure aggregation
-
-ADVERTISE = "query.secagg_advertise"
-SHARE_KEYS = "query.secagg_share_keys"
-MASKED_INPUT = "query.secagg_masked_input"
-UNMASK = "query.secagg_unmask"
-REVEAL = "query.secagg_reveal"
-
-RECORD = "secagg"
-"""Key of the ConfigRecord every secagg stage message and reply carries."""
-TRAIN_FLAG = "secagg-round"
-"""Train-config key: the (absolute) round id of the secure-aggregation round that follows."""
-MASKED = "masked"
-"""ArrayRecord (and its one array) of a masked-input reply."""
-UPDATE = "update"
-"""ArrayRecord (and its one array) of a reveal reply: the update in the clear."""
-
-
-def keys_request(round_id: int, public_keys: Mapping[int, Mapping[str, bytes]]) -> ConfigRecord:
-    """Stage 2 request: ``SecAggServer.collect_advertisements()``'s output, packed."""
-    ids = sorted(public_keys)
-    return ConfigRecord({"round_id": int(round_id), "ids": pack_ids(ids),
-                         "c_pks": b"".join(public_keys[i]["c_pk"] for i in ids),
-                         "s_pks": b"".join(public_keys[i]["s_pk"] for i in ids)})
-
-
-def shares_reply(record: ConfigRecord) -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in record.items()}
-
-
-def routed_request(round_id: int, inbox: Mapping[int, bytes]) -> ConfigRecord:
-    return ConfigRecord({"round_id": int(round_id), **{str(src): bytes(blob) for src, blob in inbox.items()}})
-
-
-def unmask_request(round_id: int, survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    return ConfigRecord({"round_id": int(round_id), "survivors": pack_ids(survivors), "dropped": pack_ids(dropped)})
-
-
-def unmask_reply(record: ConfigRecord) -> dict[str, dict[int, bytes]]:
-    out: dict[str, dict[int, bytes]] = {"seed_shares": {}, "key_shares": {}}
-    for key, value in record.items():
-        kind, _, nid = key.partition("/")
-        if kind not in ("seed", "key") or not nid.isdigit():
-            raise SecAggProtocolError(f"unexpected key {key!r} in an unmask reply")
-        out["seed_shares" if kind == "seed" else "key_shares"][int(nid)] = bytes(value)
-    return out
-
-
-def setup_record(setup: Mapping) -> ConfigRecord:
-    return ConfigRecord(dict(setup))
-
-
-def flatten_values(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """All parameters as one float64 vector, in the mapping's order (the layout of a masked update)."""
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
-
-
-def unflatten_values(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`flatten_values`, with ``like``'s names, shapes and dtypes."""
-    out, pos = {}, 0
-    for name, ref in like.items():
-        ref = np.asarray(ref)
-        out[name] = flat[pos:pos + ref.size].reshape(ref.shape).astype(ref.dtype)
-        pos += ref.size
-    if pos != flat.size:
-        raise ValueError(f"flat vector has {flat.size} values, the parameters {pos}")
-    return out
+    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no reason given"

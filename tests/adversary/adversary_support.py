@@ -19,6 +19,7 @@ from flwr.common.serde import message_from_proto, message_to_proto, recorddict_f
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.core import contract
+from fedpriv.privacy.secagg import messages
 from fedpriv.core.config import FedprivConfig, resolve_config
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.task.data import Example
@@ -93,11 +94,11 @@ class Region:
     def train(self, arrays, server_round: int = 1, secagg_round: int | None = 1) -> Message:
         config = {"server-round": server_round}
         if secagg_round is not None:
-            config[contract.TRAIN_FLAG] = secagg_round
+            config[messages.TRAIN_FLAG] = secagg_round
         return self.send("train", RecordDict({contract.ARRAYS: arrays, contract.CONFIG: ConfigRecord(config)}))
 
     def stage(self, message_type: str, record: ConfigRecord, round_id: int = 1) -> Message:
-        return self.send(message_type, RecordDict({contract.RECORD: record}), group_id=str(round_id))
+        return self.send(message_type, RecordDict({messages.RECORD: record}), group_id=str(round_id))
 
     def releases(self) -> list:
         if not self.ledger_path.exists():

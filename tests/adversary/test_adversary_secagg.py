@@ -15,12 +15,13 @@ from flwr.app import ConfigRecord
 from adversary_support import REGIONS, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from fedpriv.client import secure_aggregation as secagg
 from fedpriv.core import contract
+from fedpriv.privacy.secagg import messages
 from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, crypto, shamir
 
 
 def _setup(n: int, t: int, round_id: int = 1) -> ConfigRecord:
     config = SecAggConfig(num_clients=n, threshold=t, clip_range=8.0, quant_bits=22, max_weight=1000)
-    return contract.setup_record(SecAggServer(config, round_id=round_id).setup_message())
+    return ConfigRecord(messages.setup_record(SecAggServer(config, round_id=round_id).setup_message()))
 
 
 def test_reveal_is_refused_when_two_regions_trained(tmp_path, shard_root):
@@ -31,7 +32,7 @@ def test_reveal_is_refused_when_two_regions_trained(tmp_path, shard_root):
     for region in regions:
         assert not region.train(arrays).has_error()
     for region in regions:
-        err = refusal(region.stage(contract.REVEAL, ConfigRecord({"round_id": 1})))
+        err = refusal(region.stage(messages.REVEAL, ConfigRecord({"round_id": 1})))
         assert err.kind == contract.POLICY and err.text.startswith("allow-plain-rounds:")
         assert secagg.STATE_UPDATE in region.context.state  # still only leaves masked
 
@@ -40,8 +41,8 @@ def test_reveal_is_refused_after_the_region_joined_a_setup_even_where_plain_roun
     run = run_config(shard_root, tmp_path / "run")
     region = Region("us-east", shard_root, tmp_path / "regions", run, **{"allow-plain-rounds": True})
     assert not region.train(global_arrays(run)).has_error()
-    assert not region.stage(contract.ADVERTISE, _setup(n=3, t=2)).has_error()
-    err = refusal(region.stage(contract.REVEAL, ConfigRecord({"round_id": 1})))
+    assert not region.stage(messages.ADVERTISE, _setup(n=3, t=2)).has_error()
+    err = refusal(region.stage(messages.REVEAL, ConfigRecord({"round_id": 1})))
     assert "joined a multi-party" in err.text
     assert secagg.STATE_UPDATE in region.context.state  # kept for its masked input; never returned in the clear
 
@@ -50,8 +51,8 @@ def test_reveal_works_for_a_lone_region_whose_policy_allows_plain_rounds(tmp_pat
     run = run_config(shard_root, tmp_path / "run")
     region = Region("us-east", shard_root, tmp_path / "regions", run, **{"allow-plain-rounds": True})
     assert not region.train(global_arrays(run)).has_error()
-    reply = region.stage(contract.REVEAL, ConfigRecord({"round_id": 1}))
-    assert not reply.has_error() and reply.content[contract.UPDATE][contract.UPDATE].numpy().size > 0
+    reply = region.stage(messages.REVEAL, ConfigRecord({"round_id": 1}))
+    assert not reply.has_error() and reply.content[messages.UPDATE][messages.UPDATE].numpy().size > 0
 
 
 def test_the_split_threshold_attack_works_on_the_bare_protocol():
@@ -82,7 +83,7 @@ def test_a_setup_whose_threshold_lets_holders_be_split_is_refused_at_setup(tmp_p
     g = {"w": np.zeros(4, np.float32)}
     for region in regions:
         secagg.keep_update(region.context.state, 1, region.name, g, {"w": np.ones(4, np.float32)}, 64)
-    replies = [region.stage(contract.ADVERTISE, _setup(n=n, t=t)) for region in regions]
+    replies = [region.stage(messages.ADVERTISE, _setup(n=n, t=t)) for region in regions]
     if t * 2 > n:  # a strict majority of the holders: accepted
         assert not any(r.has_error() for r in replies)
         return
@@ -96,5 +97,5 @@ def test_a_region_with_a_higher_floor_refuses_the_coordinators_majority(tmp_path
     run = run_config(shard_root, tmp_path / "run")
     region = Region("us-east", shard_root, tmp_path / "regions", run, **{"min-secagg-threshold": 0.75})
     secagg.keep_update(region.context.state, 1, region.name, {"w": np.zeros(2)}, {"w": np.ones(2)}, 64)
-    err = refusal(region.stage(contract.ADVERTISE, _setup(n=4, t=3)))  # 3 of 4 is a majority, not > 3/4
+    err = refusal(region.stage(messages.ADVERTISE, _setup(n=4, t=3)))  # 3 of 4 is a majority, not > 3/4
     assert "needs t >= 4" in err.text
