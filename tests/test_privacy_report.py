@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fedpriv.privacy.plots import max_region_epsilon, region_epsilon_series
 from fedpriv.privacy.report import RunReport, load_report, render_markdown
+from fedpriv.privacy.report_view import max_region_epsilon, region_epsilon_series
 from fedpriv.server.resume import restore_report
 
 HISTORY = [(1.1, 0.05, 20)]
@@ -49,10 +49,10 @@ def test_dp_off_region_is_recorded_as_not_private_not_as_a_negative_epsilon(tmp_
     assert "| us-east | 400 | 0.000 | 0.0500 | 1.000 | 20 | ∞ (DP off) |" in md
     assert "| 2 | ∞ | 1.000 |" in md
     assert max_region_epsilon(data) == math.inf
-    assert region_epsilon_series(off) == ([], [])  # the plots use _regions(): see the next assertion
-    from fedpriv.privacy.plots import _regions
+    assert region_epsilon_series(off) == ([], [])  # the plots use display_regions(): see the next assertion
+    from fedpriv.privacy.report_view import display_regions
 
-    assert _regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
+    assert display_regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
 
 
 def test_reports_from_older_clients_that_sent_minus_one_are_read_as_dp_off(tmp_path):
