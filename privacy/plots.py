@@ -2,9 +2,11 @@
 
 Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it is
 safe on headless machines and inside processes that use matplotlib otherwise.
-Every function takes the report dict(s) and a destination — a path or a binary
-file object — and tolerates missing keys: a plot with nothing to show still
-produces a valid PNG that says so.
+Every function takes the report dict(s) (or :class:`~fedpriv.privacy.report_view.ReportView`)
+and a destination — a path or a binary file object — and tolerates missing keys: a plot with
+nothing to show still produces a valid PNG that says so. What the numbers mean (DP off = ε ∞,
+a region's budget, the run's largest ε) is the view's; only ``fedpriv report`` imports this
+module, so matplotlib stays out of the coordinator.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import IO, Any, Iterable, Mapping, Union
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from fedpriv.privacy.report_view import (ReportView, epsilon_value, final_accuracy, max_region_epsilon, number,
+                                         region_budget, region_epsilon_series)
 
 __all__ = [
     "epsilon_value",
@@ -28,98 +33,10 @@ __all__ = [
 ]
 
 Dest = Union[str, os.PathLike, IO[bytes]]
-Report = Mapping[str, Any]
+Report = Union[Mapping[str, Any], ReportView]
 
 _SIZE = (6.4, 3.6)
 _DPI = 110
-
-
-# -- report helpers (shared with html_report) ------------------------------------------
-
-
-def _num(x: Any) -> float | None:
-    """A finite-or-infinite float, or None for missing / non-numeric values."""
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
-def epsilon_value(x: Any) -> float | None:
-    """An ε from a report (∞ for DP off: see :func:`_regions`; older reports used -1 as that sentinel)."""
-    v = _num(x)
-    return math.inf if v is not None and v < 0 else v
-
-
-def _regions(report: Report) -> dict[str, Mapping[str, Any]]:
-    """The report's regions; a region with ``dp: false`` gets ε = ∞ everywhere (the JSON stores null)."""
-    regions = report.get("regions") or {}
-    if not isinstance(regions, Mapping):
-        return {}
-    return {str(k): (_with_infinite_epsilon(v) if isinstance(v, Mapping) and v.get("dp") is False
-                     else v if isinstance(v, Mapping) else {}) for k, v in regions.items()}
-
-
-def _with_infinite_epsilon(region: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(region)
-    out["epsilon_by_round"] = [math.inf for _ in region.get("epsilon_by_round") or []]
-    out["epsilon"] = out["lifetime_epsilon"] = math.inf
-    return out
-
-
-def _rounds(report: Report) -> list[Mapping[str, Any]]:
-    rounds = report.get("rounds") or []
-    return [r for r in rounds if isinstance(r, Mapping)] if isinstance(rounds, list) else []
-
-
-def region_epsilon_series(region: Mapping[str, Any]) -> tuple[list[float], list[float]]:
-    """(round numbers, cumulative ε) for one region of a report.
-
-    ``epsilon_by_round[i]`` belongs to ``rounds_participated[i]`` when both have the same
-    length; otherwise rounds are numbered 1, 2, ...
-    """
-    eps = [epsilon_value(e) for e in (region.get("epsilon_by_round") or [])]
-    rounds = list(region.get("rounds_participated") or [])
-    if len(rounds) != len(eps) or not all(_num(r) is not None for r in rounds):
-        rounds = list(range(1, len(eps) + 1))
-    pairs = [(float(r), e) for r, e in zip(rounds, eps) if e is not None]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def region_budget(region: Mapping[str, Any]) -> tuple[float | None, str]:
-    """The region's budget line: ``max_epsilon`` if set, else ``target_epsilon``."""
-    for key, label in (("max_epsilon", "max ε"), ("target_epsilon", "target ε")):
-        v = _num(region.get(key))
-        if v is not None and v > 0 and math.isfinite(v):
-            return v, label
-    return None, ""
-
-
-def region_final_epsilon(region: Mapping[str, Any]) -> float | None:
-    v = epsilon_value(region.get("epsilon"))
-    if v is None:
-        _, eps = region_epsilon_series(region)
-        v = eps[-1] if eps else None
-    return v
-
-
-def max_region_epsilon(report: Report) -> float | None:
-    """The largest final ε over the report's regions (the run's worst-case guarantee)."""
-    values = [region_final_epsilon(r) for r in _regions(report).values()]
-    values = [v for v in values if v is not None]
-    return max(values) if values else None
-
-
-def final_accuracy(report: Report) -> float | None:
-    """Global accuracy of the last round that reported one."""
-    for r in reversed(_rounds(report)):
-        acc = _num(r.get("accuracy"))
-        if acc is not None:
-            return acc
-    return None
 
 
 # -- plotting -----------------------------------------------------------------------------
@@ -166,7 +83,8 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
     trained without DP (ε = ∞) are named in a note instead of plotted.
     """
     fig, ax = _figure()
-    regions = sorted(_regions(report).items())
+    view = ReportView.of(report)
+    regions = sorted(view.display_regions.items())
     budgets = {region_budget(r) for _, r in regions}
     shared_budget = next(iter(budgets)) if len(budgets) == 1 and len(regions) > 1 else None
     all_x: list[float] = []
@@ -196,7 +114,7 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
             ax.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8, label=f"{name} {label} = {budget:g}")
             top = max(top, budget)
         refused = [
-            _num(e.get("round")) for e in (region.get("enforcement") or [])
+            number(e.get("round")) for e in (region.get("enforcement") or [])
             if isinstance(e, Mapping) and str(e.get("action", "")).lower().startswith("refused")
         ]
         refused = [r for r in refused if r is not None]
@@ -213,18 +131,19 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
                else "no per-round ε in this report")
     else:
         ax.set_xlabel("round" + (f"\nno DP (ε = ∞), not plotted: {', '.join(no_dp)}" if no_dp else ""))
-        ax.set_ylabel(f"cumulative ε (δ = {report.get('delta', '?')})")
+        ax.set_ylabel(f"cumulative ε (δ = {view.data.get('delta', '?')})")
         ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)  # headroom: a budget line must not sit on the frame
         _round_ticks(ax, all_x)
         ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"Privacy spent per region — {report.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    ax.set_title(f"Privacy spent per region — {view.data.get('run_id', '')}".rstrip(" —"), fontsize=10)
     _save(fig, out_png)
 
 
 def plot_accuracy(report: Report, out_png: Dest) -> None:
     """Global (server-side) accuracy vs round."""
     fig, ax = _figure()
-    pts = [(_num(r.get("round")), _num(r.get("accuracy"))) for r in _rounds(report)]
+    view = ReportView.of(report)
+    pts = [(number(r.get("round")), number(r.get("accuracy"))) for r in view.rounds]
     pts = [(x, y) for x, y in pts if x is not None and y is not None]
     if not pts:
         _empty(ax, "no per-round accuracy in this report")
@@ -235,7 +154,7 @@ def plot_accuracy(report: Report, out_png: Dest) -> None:
         lo = min(p[1] for p in pts)
         ax.set_ylim(min(0.5, lo - 0.05) if lo >= 0 else lo, 1.0)
         _round_ticks(ax, [p[0] for p in pts])
-    ax.set_title(f"Global accuracy — {report.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    ax.set_title(f"Global accuracy — {view.data.get('run_id', '')}".rstrip(" —"), fontsize=10)
     _save(fig, out_png)
 
 
@@ -248,8 +167,9 @@ def plot_accuracy_vs_epsilon(reports: Iterable[Report], out_png: Dest) -> None:
     fig, ax = _figure()
     points, no_dp, skipped = [], [], []
     for report in reports:
-        eps, acc = max_region_epsilon(report), final_accuracy(report)
-        name = str(report.get("run_id", "?"))
+        view = ReportView.of(report)
+        eps, acc = view.max_epsilon, view.final_accuracy
+        name = str(view.data.get("run_id", "?"))
         if eps is None or acc is None:
             skipped.append(name)
         elif math.isfinite(eps):

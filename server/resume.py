@@ -8,8 +8,10 @@ coordinator
 * takes the last round that is *complete on both sides* - its checkpoint was saved
   and the report recorded its central evaluation (a coordinator killed between
   the two writes leaves one without the other; that round is re-run);
-* restores the report up to that round (per-region ε history, rounds, enforcement
-  records; nothing is reset) and drops anything recorded for later rounds;
+* restores the report up to that round through the one report schema
+  (``fedpriv.core.report_schema.load`` / ``truncate``, then ``RunReport.restore``: every saved
+  per-region field, rounds, secure-aggregation records; nothing is reset) and drops anything
+  recorded for later rounds;
 * moves checkpoints of later rounds aside (``*.safetensors.discarded``) so they can
   never be mistaken for progress;
 * runs only the remaining rounds, with absolute round numbers continuing.
@@ -26,7 +28,6 @@ ServerApp process (the kernel releases it when the process dies, however it dies
 
 from __future__ import annotations
 
-import calendar
 import fcntl
 import json
 import os
@@ -37,19 +38,16 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fedpriv.core.errors import FedprivError
+from fedpriv.core.report_schema import JSON_NAME, RESUME_REQUIRED, load, truncate_history  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # torch/opacus load lazily: `fedpriv run` plans a resume without them
     import numpy as np
 
     from fedpriv.privacy.report import RunReport
 
-JSON_NAME = "privacy_report.json"  # == fedpriv.privacy.report.JSON_NAME
 CHECKPOINT_DIR = "checkpoints"  # == fedpriv.server.checkpoints.CHECKPOINT_DIR
 LOCK_NAME = ".coordinator.lock"
 DISCARDED_SUFFIX = ".discarded"
-_STANDARD_KEYS = {"schema_version", "run_id", "created", "status", "accountant", "delta", "unit_of_privacy",
-                  "secure_aggregation", "config", "regions", "rounds", "partition", "run_info"}
-_DERIVED_REGION_KEYS = {"epsilon", "budget_left"}
 
 
 @dataclass
@@ -96,16 +94,8 @@ def load_checkpoint(run_dir: Path, server_round: int) -> "OrderedDict[str, np.nd
 
 
 def read_report(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / JSON_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FedprivError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise FedprivError(f"{path} is not valid JSON ({exc}): it cannot be resumed") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rounds"), list) or not isinstance(data.get("regions"), dict):
-        raise FedprivError(f"{path} is not a fedpriv privacy report (no rounds/regions)")
-    return data
+    """The run's report as the schema loads it (checked, older forms normalised), enough of it to resume."""
+    return load(run_dir, RESUME_REQUIRED)
 
 
 def evaluated_rounds(report: dict[str, Any]) -> set[int]:
@@ -156,57 +146,12 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
     """Fill a fresh :class:`RunReport` with ``data`` (a loaded report) for rounds <= ``upto_round``.
 
     Per-region ε/steps/rounds stay aligned (they are indexed by participation), later
-    enforcement records and round entries are dropped, and extra top-level keys
-    (e.g. the list of Flower runs) are kept -- except an earlier ``audit``: it attacked
-    the model as it was then, and the resumed run trains it further (re-run ``fedpriv audit``).
+    enforcement records, round entries and secure-aggregation records are dropped, and extra
+    top-level keys (e.g. the list of Flower runs) are kept -- except an earlier ``audit``: it
+    attacked the model as it was then, and the resumed run trains it further (re-run
+    ``fedpriv audit``). See ``fedpriv.core.report_schema.truncate`` and ``RunReport.restore``.
     """
-    from fedpriv.privacy.report import RegionRecord
-    report.rounds = [dict(r) for r in data.get("rounds", []) if int(r.get("round", 0)) <= upto_round]
-    for name, saved in (data.get("regions") or {}).items():
-        rec = report.regions.setdefault(name, RegionRecord())
-        keep = [i for i, rnd in enumerate(saved.get("rounds_participated", [])) if int(rnd) <= upto_round]
-        rec.rounds_participated = [int(saved["rounds_participated"][i]) for i in keep]
-        eps = [saved["epsilon_by_round"][i] for i in keep]
-        rec.dp = saved.get("dp", True) is not False and not any(e is not None and float(e) < 0 for e in eps)
-        rec.epsilon_by_round = [float(e) if rec.dp and e is not None else None for e in eps]
-        rec.steps_by_round = [int(saved["steps_by_round"][i]) for i in keep]
-        rec.enforcement = [dict(e) for e in saved.get("enforcement", []) if int(e.get("round", 0)) <= upto_round]
-        history = [(float(h[0]), float(h[1]), int(h[2])) for h in saved.get("history", [])]
-        if len(keep) < len(saved.get("rounds_participated", [])):  # the saved history includes a dropped round
-            history = truncate_history(history, rec.steps_by_round[-1] if rec.steps_by_round else 0)
-        rec.history = history  # type: ignore[assignment]
-        rec.local_accuracy_by_round = list(saved.get("local_accuracy_by_round", []))
-        for attr in ("noise_multiplier", "sample_rate", "max_grad_norm", "num_examples", "max_epsilon",
-                     *(("lifetime_epsilon",) if rec.dp else ()), "peak_memory_mb"):
-            if saved.get(attr) is not None:
-                setattr(rec, attr, saved[attr])
-        if "target_epsilon" in saved:
-            rec.target_epsilon = saved["target_epsilon"]
-    if data.get("created"):
-        try:
-            report.started = float(calendar.timegm(time.strptime(data["created"], "%Y-%m-%dT%H:%M:%SZ")))
-        except ValueError:
-            pass
-    if isinstance(data.get("secure_aggregation"), dict):
-        report.secure_aggregation = dict(data["secure_aggregation"])
-    for key, value in data.items():
-        if key == "audit":
-            continue
-        if key not in _STANDARD_KEYS and key not in report.extra:
-            report.extra[key] = value
-
-
-def truncate_history(history: list[tuple[float, float, int]], steps: int) -> list[tuple[float, float, int]]:
-    """The prefix of an Opacus history that covers exactly ``steps`` DP-SGD steps (entries compose by steps)."""
-    out: list[tuple[float, float, int]] = []
-    left = int(steps)
-    for sigma, rate, n in history:
-        if left <= 0:
-            break
-        take = min(int(n), left)
-        out.append((sigma, rate, take))
-        left -= take
-    return out
+    report.restore(data, upto_round)
 
 
 def note_segment(report: RunReport, flower_run_id: str, first_round: int, resumed: bool) -> dict[str, Any]:

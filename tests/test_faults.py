@@ -276,6 +276,55 @@ def test_restore_report_keeps_history_and_drops_unfinished_rounds(tmp_path):
     assert resume.truncate_history([(1.0, 0.1, 8), (2.0, 0.1, 8)], 12) == [(1.0, 0.1, 8), (2.0, 0.1, 4)]
 
 
+def test_resume_restores_region_delta_deterministic_noise_and_released_values(tmp_path):
+    """Everything the report said about a region before the coordinator died says the same after resume.
+
+    The old restore copied a fixed list of fields: a region's own δ, its deterministic-noise flag
+    (no DP guarantee at all) and the values its policy released as not private were lost, so the
+    resumed report claimed DP at the run's δ and dropped the "not private" rows.
+    """
+    from fedpriv.core.report_schema import load
+    from fedpriv.privacy.report import RunReport
+
+    def metrics(rnd: int) -> dict:
+        return {"dp": 1, "epsilon": 0.4 * rnd, "lifetime-epsilon": 0.4 * rnd + 1.0, "delta": 1e-7,
+                "deterministic-noise": 1, "steps": 8 * rnd, "num-examples": 128, "noise-multiplier": 1.1,
+                "sample-rate": 0.125, "max-grad-norm": 1.0, "max-epsilon": 10.0, "train-loss": 0.7 - 0.1 * rnd,
+                "train-accuracy": 0.5 + 0.1 * rnd, "peak-memory-mb": 100.0 * rnd}
+
+    first = RunReport(tmp_path, {"job-id": "job-1"}, "rdp", 1e-5, ["us-east"])
+    first.secure_aggregation = {"enabled": True, "rounds": [{"round": r, "mode": "secure", "participants": ["us-east"]}
+                                                            for r in (1, 2)], "rounds_plain": [], "rounds_aborted": []}
+    for rnd in (1, 2):
+        first.record_training("us-east", rnd, metrics(rnd), [(1.1, 0.125, 8)] * rnd)
+        first.record_local_evaluation("us-east", 0.6)
+        first.record_round(rnd, accuracy=0.6)
+    first.write()
+    saved = load(tmp_path)
+
+    resumed = RunReport(tmp_path / "again", {"job-id": "job-1"}, "rdp", 1e-5, ["us-east"])
+    resume.restore_report(resumed, saved, upto_round=2)
+    rec = resumed.regions["us-east"]
+    assert rec.delta == 1e-7 and rec.deterministic_noise is True
+    assert rec.not_private == first.regions["us-east"].not_private and "train-loss" in rec.not_private
+    assert rec.train_loss_by_round == pytest.approx([0.6, 0.5]) and rec.train_accuracy_by_round == pytest.approx([0.6, 0.7])
+    assert rec.epsilon_check == first.regions["us-east"].epsilon_check is not None
+    again = resumed.to_dict()
+    before = first.to_dict()
+    assert again["regions"]["us-east"] == before["regions"]["us-east"]
+    assert again["released"] == before["released"]
+
+    # Resuming after round 1 cuts every per-round record at round 1, the secure-aggregation record included.
+    cut = RunReport(tmp_path / "cut", {"job-id": "job-1"}, "rdp", 1e-5, ["us-east"])
+    resume.restore_report(cut, saved, upto_round=1)
+    rec = cut.regions["us-east"]
+    assert rec.rounds_participated == [1] and rec.train_loss_by_round == pytest.approx([0.6])
+    assert rec.history == [(1.1, 0.125, 8)] and rec.epsilon_check is None  # recomputed at the next round
+    assert rec.delta == 1e-7 and rec.deterministic_noise is True
+    assert [e["round"] for e in cut.secure_aggregation["rounds"]] == [1]
+    assert "released" not in cut.extra and "cross_check_accountant" not in cut.extra  # derived, not extras
+
+
 def test_one_coordinator_per_run_dir(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fedpriv.server.resume import lock_run_dir; held = lock_run_dir(sys.argv[1]); "

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fedpriv.privacy.plots import max_region_epsilon, region_epsilon_series
 from fedpriv.privacy.report import RunReport, load_report, render_markdown
+from fedpriv.privacy.report_view import max_region_epsilon, region_epsilon_series
 from fedpriv.server.resume import restore_report
 
 HISTORY = [(1.1, 0.05, 20)]
@@ -49,10 +49,10 @@ def test_dp_off_region_is_recorded_as_not_private_not_as_a_negative_epsilon(tmp_
     assert "| us-east | 400 | 0.000 | 0.0500 | 1.000 | 20 | ∞ (DP off) |" in md
     assert "| 2 | ∞ | 1.000 |" in md
     assert max_region_epsilon(data) == math.inf
-    assert region_epsilon_series(off) == ([], [])  # the plots use _regions(): see the next assertion
-    from fedpriv.privacy.plots import _regions
+    assert region_epsilon_series(off) == ([], [])  # the plots use display_regions(): see the next assertion
+    from fedpriv.privacy.report_view import display_regions
 
-    assert _regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
+    assert display_regions(data)["us-east"]["epsilon_by_round"] == [math.inf, math.inf]
 
 
 def test_reports_from_older_clients_that_sent_minus_one_are_read_as_dp_off(tmp_path):
@@ -131,3 +131,73 @@ def test_html_page_names_the_rounds_the_coordinator_saw_in_the_clear(tmp_path):
     assert "in round(s) 1 the coordinator learned only the <i>sum</i>" in page
     assert "In round(s) 2 only one region trained" in page and "Round(s) 3 aborted" in page
     assert "in each round the coordinator" not in page
+
+
+# -- one schema, one view: every reader and renderer agrees ---------------------------------------------------
+
+
+def _legacy_run(tmp_path):
+    """A report as older fedpriv wrote it for a DP-off region: no ``dp`` flag, ε = -1 as the sentinel."""
+    report = RunReport(tmp_path, {}, "rdp", 1e-5, ["us-east", "eu-west"])
+    for rnd in (1, 2):
+        report.record_training("eu-west", rnd, _metrics(True, epsilon=0.5 * rnd), HISTORY)
+        report.record_training("us-east", rnd, _metrics(False), [])
+        report.record_round(rnd, accuracy=0.7)
+    data = report.to_dict()
+    legacy = data["regions"]["us-east"]
+    del legacy["dp"]
+    legacy.update(epsilon_by_round=[-1.0, -1.0], epsilon=-1.0, lifetime_epsilon=-1.0, budget_left=None)
+    del data["released"]  # older reports had no "What left each region" rows
+    (tmp_path / "privacy_report.json").write_text(json.dumps(data))
+    return data
+
+
+def test_the_legacy_minus_one_sentinel_is_normalised_once_by_the_schema(tmp_path):
+    from fedpriv.core.report_schema import load, normalise
+    from fedpriv.privacy.html_report import render_html
+
+    raw = _legacy_run(tmp_path)
+    loaded = load(tmp_path)
+    region = loaded["regions"]["us-east"]
+    assert region["dp"] is False and region["epsilon"] is None and region["epsilon_by_round"] == [None, None]
+    assert region["lifetime_epsilon"] is None
+    assert normalise(loaded) == loaded  # idempotent
+    assert raw["regions"]["us-east"]["epsilon"] == -1.0  # the caller's dict is not changed
+    md = render_markdown(loaded)
+    assert "-1.000" not in md and "No differential privacy for us-east" in md  # the old Markdown printed ε = -1.000
+    assert "| us-east | 400 | 0.000 | 0.0500 | 1.000 | 20 | ∞ (DP off) |" in md
+    assert "| 2 | ∞ | 1.000 |" in md
+    assert "us-east: no DP guarantee: DP off (ε = ∞)" in md
+    assert render_markdown(raw) == md  # renderers given the raw file see the same meanings
+    page = render_html(loaded, tmp_path / "r.html").read_text()
+    assert "No differential privacy for us-east." in page and "-1.0" not in page
+    assert max_region_epsilon(raw) == max_region_epsilon(loaded) == math.inf
+
+
+def test_markdown_and_html_take_dp_off_and_over_budget_from_the_same_view(tmp_path):
+    """A DP-off region is labelled the same in both pages, and a DP region of the same run is not.
+
+    The HTML page used to decide "DP off" from the coordinator's requested config (``dp = false``),
+    so it said "DP was off in this run (ε = ∞ for every region)" while a region's own policy had
+    kept DP on -- the Markdown, which reads each region's record, said otherwise.
+    """
+    from fedpriv.privacy.html_report import render_html
+    from fedpriv.privacy.report_view import ReportView
+
+    report = RunReport(tmp_path, {"dp": False}, "rdp", 1e-5, ["us-east", "eu-west"])
+    report.record_training("us-east", 1, _metrics(False), [])
+    report.record_training("eu-west", 1, _metrics(True, epsilon=3.0, **{"max-epsilon": 2.5}), HISTORY)
+    report.record_round(1, accuracy=0.7)
+    data = report.to_dict()
+    view = ReportView(data)
+    assert view.dp_off_regions == ["us-east"] and not view.all_dp_off
+    assert [(name, cap) for name, _, cap in view.over_budget] == [("eu-west", 2.5)]
+
+    md = render_markdown(view)
+    page = render_html(view, tmp_path / "r.html").read_text()
+    for text in (md, page):
+        assert "No differential privacy for us-east" in text and "for us-east, eu-west" not in text
+        assert "∞ (DP off)" in text
+        assert "Over budget" in text and "eu-west (ε = 3.000" in text
+    assert "ε = ∞ for every region" not in page
+    assert md.count("∞ (DP off)") == 3  # this run, cross-check and lifetime columns of us-east only

@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from fedpriv.commands.registry import command
+from fedpriv.core import report_schema
 from fedpriv.core.errors import FedprivError
+from fedpriv.core.files import atomic_write_bytes, atomic_write_text
+from fedpriv.core.report_schema import HTML_NAME, JSON_NAME, MD_NAME
 
-HTML_NAME = "privacy_report.html"
 EPSILON_PNG = "epsilon.png"
 ACCURACY_PNG = "accuracy.png"
 COMPARISON_HTML = "comparison.html"
 ACC_VS_EPS_PNG = "accuracy_vs_epsilon.png"
-
-# Top-level keys every schema_version-1 report has, and their JSON types.
-_REQUIRED: dict[str, tuple[type, ...]] = {
-    "status": (str,), "created": (str,), "accountant": (str,), "delta": (int, float),
-    "regions": (dict,), "rounds": (list,),
-}
 
 
 @command("report", "Render privacy_report.json as Markdown, a self-contained HTML page and PNG plots.")
@@ -56,62 +51,23 @@ class ReportCommand:
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """``RUN_DIR/privacy_report.json``, checked well enough to render; every problem is a one-line error."""
-    from fedpriv.privacy.report import JSON_NAME, SCHEMA_VERSION
-
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FedprivError(f"{run_dir} does not exist: expected a run directory written by `fedpriv simulate` or `fedpriv run`")
-    if not run_dir.is_dir():
-        raise FedprivError(f"{run_dir} is not a directory: expected a run directory written by `fedpriv simulate` or `fedpriv run`")
-    path = run_dir / JSON_NAME
-    if not path.is_file():
-        raise FedprivError(f"{run_dir} is not a run directory: it has no {JSON_NAME} "
-                           "(expected one written by `fedpriv simulate` or `fedpriv run`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FedprivError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except UnicodeDecodeError:
-        raise FedprivError(f"{path} is not UTF-8 text: expected the JSON report fedpriv writes") from None
-    except OSError as exc:
-        raise FedprivError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise FedprivError(f"{path} holds a JSON {type(data).__name__}, expected an object (a fedpriv privacy report)")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise FedprivError(f"{path} has schema_version {version!r}, expected {SCHEMA_VERSION}"
-                           + (" (written by a newer fedpriv: upgrade to render it)"
-                              if isinstance(version, int) and version > SCHEMA_VERSION else ""))
-    for key, types in _REQUIRED.items():
-        if key not in data:
-            raise FedprivError(f"{path} lacks key {key!r}: not a complete schema_version {SCHEMA_VERSION} report")
-        value = data[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise FedprivError(f"{path}: {key!r} is a {type(value).__name__}, expected a "
-                               f"{' or '.join(t.__name__ for t in types)}")
-    for name, region in data["regions"].items():
-        if not isinstance(region, dict):
-            raise FedprivError(f"{path}: regions[{name!r}] is a {type(region).__name__}, expected an object")
-    for i, rnd in enumerate(data["rounds"]):
-        if not isinstance(rnd, dict) or isinstance(rnd.get("round"), bool) or not isinstance(rnd.get("round"), int):
-            raise FedprivError(f"{path}: rounds[{i}] is not an object with an integer 'round'")
-    return data
+    return report_schema.load(run_dir)
 
 
 def render_reports(reports: list[tuple[Path, dict[str, Any]]], out: Path | None = None) -> list[Path]:
     """Write every output for ``reports`` (pairs of run dir and loaded report); returns the paths written."""
     from fedpriv.privacy import plots
     from fedpriv.privacy.html_report import render_html
-    from fedpriv.privacy.report import MD_NAME, render_markdown
+    from fedpriv.privacy.report_markdown import render_markdown
 
     if out is not None and out.exists() and not out.is_dir():
         raise FedprivError(f"--out {out} is a file: expected a directory (it is created if missing)")
     targets = _targets([run_dir for run_dir, _ in reports], out)
     written: list[Path] = []
     for (run_dir, data), target in zip(reports, targets):
-        what = f"{run_dir / 'privacy_report.json'}"
+        what = f"{run_dir / JSON_NAME}"
         target.mkdir(parents=True, exist_ok=True)
-        written.append(_write_text(target / MD_NAME, _render(what, lambda: render_markdown(data))))
+        written.append(atomic_write_text(target / MD_NAME, _render(what, lambda: render_markdown(data))))
         written.append(_render(what, lambda: render_html([data], target / HTML_NAME)))
         written.append(_write_png(target / EPSILON_PNG, what, lambda buf: plots.plot_epsilon(data, buf)))
         written.append(_write_png(target / ACCURACY_PNG, what, lambda buf: plots.plot_accuracy(data, buf)))
@@ -148,21 +104,10 @@ def _render(what: str, fn: Callable[[], Any]) -> Any:
         raise FedprivError(f"cannot render {what}: {detail} (expected a schema_version 1 report)") from None
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _write_png(path: Path, what: str, plot: Callable[[io.BytesIO], None]) -> Path:
     buf = io.BytesIO()
     _render(what, lambda: plot(buf))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 __all__ = ["load_run", "render_reports"]

@@ -287,14 +287,10 @@ def check_server_data(data_dir: Path, cfg) -> None:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    from fedpriv.server.resume import JSON_NAME
+    from fedpriv.core.report_schema import JSON_NAME, peek
 
     if (run_dir / JSON_NAME).exists():
-        status = "unknown"
-        try:
-            status = json.loads((run_dir / JSON_NAME).read_text()).get("status", status)
-        except (OSError, ValueError):
-            pass
+        status = (peek(run_dir) or {}).get("status", "unknown")
         raise FedprivError(f"--run-dir {run_dir} already holds a run (status: {status}): continue it with "
                            f"--resume {run_dir}, or pick a new --run-dir")
     if run_dir.exists() and not run_dir.is_dir():
@@ -353,14 +349,10 @@ def resume_command(plan: RunPlan) -> str:
 
 def finish(plan: RunPlan, outcome, wall_s: float) -> int:
     """Print where the report is and a short summary; 0 only if Flower and the report both say completed."""
-    from fedpriv.privacy.report import MD_NAME, epsilon_text  # light: no torch
-    from fedpriv.server.resume import JSON_NAME
+    from fedpriv.core.report_schema import MD_NAME, peek
+    from fedpriv.privacy.report_view import epsilon_text  # light: no torch
 
-    report: dict[str, Any] = {}
-    try:
-        report = json.loads((plan.run_dir / JSON_NAME).read_text())
-    except (OSError, ValueError):
-        pass
+    report: dict[str, Any] = peek(plan.run_dir) or {}
     status = str(report.get("status", "missing"))
     ok = outcome.succeeded and status == "completed"
     rounds = [r for r in report.get("rounds", []) if int(r.get("round", 0)) > 0]
