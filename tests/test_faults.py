@@ -15,7 +15,6 @@ own ledger, never reset, each release counted once).
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
