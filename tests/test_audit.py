@@ -14,8 +14,9 @@ import torch
 
 from fedpriv.cli import main
 from fedpriv.core.config import resolve_config
-from fedpriv.privacy.audit import (attack_metrics, audit_run, bound_check, dp_bounds, format_audit, pair_members,
-                           per_example_losses, roc_curve, save_audit, tpr_at_fpr)
+from fedpriv.privacy.audit import (attack_metrics, bound_check, dp_bounds, format_audit, pair_members,
+                                   per_example_losses, roc_curve, tpr_at_fpr)
+from fedpriv.server.audit_run import audit_run, save_audit
 from fedpriv.privacy.html_report import tpr_bound
 from fedpriv.task.data import Example, write_jsonl
 from fedpriv.task.model import load_tokenizer
