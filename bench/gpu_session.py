@@ -439,7 +439,7 @@ def summary(s: Session) -> str:
 def plan_only(s: Session, accountant: str) -> int:
     """Compute (and cache in FEDPRIV_CACHE_DIR) every σ the session may ask for: run on the CPU machine."""
     import gpu_assets
-    from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
+    from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
     from finetune import MissingFeature, make_config
 
     os.environ.setdefault("FEDPRIV_CACHE_DIR", str(s.args.assets / "cache"))
