@@ -9,7 +9,7 @@ pooling, ``trainable = head`` on cached frozen features). Rows:
   trainable policy (and, if affordable, a stronger ``trainable = top-2`` baseline);
 * non-private **federated**: FedAvg over the 3 regions;
 * **DP federated** at epsilon = 1, 3, 8 (delta = 1e-5): each region's noise multiplier
-  chosen for its own schedule by ``fedpriv.client.trainer.choose_noise_multiplier`` (Opacus'
+  chosen for its own schedule by ``fedpriv.privacy.schedule.choose_noise_multiplier`` (Opacus'
   ``get_noise_multiplier`` over all rounds x local steps, as the ClientApp does),
   cross-checked with ``fedpriv.privacy.planner.plan_schedule``;
 * the current ``pyproject.toml`` defaults at epsilon = 8, and one real ``Simulation``
@@ -25,12 +25,16 @@ Two implementations of a local round, one result: the hyper-parameter sweep uses
 fast in-process round on stacked head features (Poisson sampling at Opacus' rate
 ``1/ceil(N/B)``, per-post clipping from closed-form per-post gradient norms of the
 two Linear layers, Gaussian noise, Opacus' expected batch size; bit-for-bit the
-DP-SGD step of Opacus up to float rounding, see ``bench/dp_cost.py``), because
+DP-SGD step of Opacus up to float rounding: ``bench/closed_form.py``, checked against
+Opacus by ``tests/test_per_sample_gradients.py``), because
 Opacus' per-sample hooks are 5-20x slower on this head. Every reported number
 comes from :class:`fedpriv.client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
 ``PrivacyEngine``, ``BatchMemoryManager``) -- with FedAvg weighted by examples,
 repeated over ``--seeds`` seeds (different sampling/noise/dropout; the model
-initialisation and the data split are the run config's).
+initialisation and the data split are the run config's). Both share the rounds, the
+example-weighted mean and the server step (``finetune.federated_rounds`` over
+:class:`fedpriv.strategies.server_update_rules.ServerOptimizer`) and the accounting
+(:mod:`fedpriv.privacy.schedule`, :mod:`fedpriv.privacy.accountant`).
 
 Usage: ``python bench/utility.py`` (writes bench/results/utility.md; 1-3 h on 2
 shared cores, most of it the sweep and the frozen-feature pass, which is cached) or
@@ -182,7 +186,9 @@ class FastHead:
 
 
 @dataclass
-class RunResult:
+class SweepRun:
+    """One run of the head-only sweep (per-round accuracies); the yardstick's rows are finetune.RunResult."""
+
     val_acc: list[float]  # after each round / epoch
     test_acc: list[float]
     test_loss: list[float]
@@ -192,7 +198,7 @@ class RunResult:
 
 
 def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None = None,
-              eval_test: bool = True, pooled: bool = False) -> RunResult:
+              eval_test: bool = True, pooled: bool = False) -> SweepRun:
     """FedAvg over the regions (or, ``pooled``, one 'region' holding everyone's posts = centralized).
 
     ``fast`` = the sweep's round; otherwise LocalTrainer, the ClientApp's code path. The rounds, the
@@ -223,7 +229,7 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
         _MODELS[key] = (m, SplitClassifier(m, cfg.trainable), get_trainable(m))
     model, split, initial = _MODELS[key]
     device = torch.device("cpu")
-    out = RunResult([], [], [], sigma=sig)
+    out = SweepRun([], [], [], sigma=sig)
 
     def local_round(region: str, seed: int, history: list):
         if fast is not None:
@@ -521,9 +527,9 @@ def main(argv=None) -> int:
 
 def run_simulation(o: dict, log) -> dict:
     """Confirm one point with the real thing: Simulation(...) with the default preset."""
-    import json
     import tempfile
 
+    from fedpriv.privacy.report import load_report
     from fedpriv.simulations.runner import Simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-bench-utility-"))
@@ -535,7 +541,7 @@ def run_simulation(o: dict, log) -> dict:
             res = Simulation({**overrides, "secure-aggregation": secagg, "fraction-evaluate": 0.0},
                              preset="default", run_dir=run_dir / ("secagg" if secagg else "plain")).run(stream=False)
             out = {"status": res.outcome.status, "wall_s": time.time() - t0, "secagg": "on" if secagg else "off"}
-            report = json.loads((res.run_dir / "privacy_report.json").read_text())
+            report = load_report(res.run_dir)
             rounds = [r for r in report["rounds"] if r.get("round", 0) > 0]
             out["accuracy"] = rounds[-1].get("accuracy") if rounds else None
             eps = [reg.get("epsilon") for reg in report.get("regions", {}).values() if isinstance(reg, dict)]
@@ -609,7 +615,7 @@ def yardstick(argv=None) -> int:
     failures: list[str] = []
 
     def add(run, held: bool = True) -> None:
-        """``run``: a finished RunResult, or a callable making one (its failure is reported, not fatal)."""
+        """``run``: a finished finetune.RunResult, or a callable making one (its failure is reported, not fatal)."""
         try:
             res = run() if callable(run) else run
         except Exception as exc:  # noqa: BLE001 - e.g. a config key this checkout lacks
