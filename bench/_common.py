@@ -141,8 +141,9 @@ def write_result(name: str, title: str, body: str, out: Path | None) -> None:
     text = f"# {title}\n\n{body.strip()}\n"
     print(text, flush=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        from fedpriv.core.files import atomic_write_text
+
+        atomic_write_text(out, text)
         print(f"(written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})", flush=True)
 
 

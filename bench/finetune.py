@@ -6,11 +6,12 @@ that decides privacy or an update is fedpriv's own code:
 
 * a region's round is :class:`fedpriv.client.trainer.LocalTrainer` (Opacus, Poisson sampling,
   ``BatchMemoryManager``, the configured local optimizer and precision);
-* σ is :func:`fedpriv.client.trainer.choose_noise_multiplier` for the configured accountant;
-* ε is :func:`fedpriv.privacy.accountant.epsilon_of` over each region's history, cross-checked by a
-  second accountant;
-* the server step on the aggregated update is ``strategies/server_optimizer.py`` (FedAvgM /
-  FedAdam, post-processing); plain FedAvg needs nothing beyond the weighted mean.
+* σ is :func:`fedpriv.privacy.schedule.choose_noise_multiplier` for the configured accountant;
+* ε is :func:`fedpriv.privacy.accountant.cross_checked_epsilon` over each region's history (the
+  run's accountant and the cross-check accountant the report uses);
+* the round loop (:func:`federated_rounds`) is the coordinator's: the example-weighted mean of the
+  regions' values, then the server optimizer's step
+  (:class:`fedpriv.strategies.server_update_rules.ServerOptimizer`, identity for plain FedAvg).
 
 Only the **ceiling** has its own loop, on purpose: it is the plain non-private fine-tune a
 practitioner would run (AdamW, shuffled mini-batches), not fedpriv. It trains the same module
@@ -22,7 +23,6 @@ and Opacus are installed.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -228,53 +228,59 @@ def ceiling(bench: Bench, epochs: int = 3, lr: float = 5e-5, batch: int = 32, we
 # =============================================================== fedpriv's DP-FL (and centralized DP)
 
 
-def _train_kwargs(trainer, seed: int, label: str) -> dict:
-    """LocalTrainer.train's optional arguments, whichever this checkout has."""
-    params = inspect.signature(trainer.train).parameters
-    kw = {}
-    if "seed" in params:
-        kw["seed"] = seed
-    if "label" in params:
-        kw["label"] = label
-    return kw
+def round_seed(cfg, rep: int, index: int, server_round: int) -> int:
+    """The region's round seed (dropout, non-DP shuffling) as :meth:`fedpriv.client.region.RegionRuntime.round_seed`
+    derives it for ``rep = 0``; other repetitions draw other seeds. DP noise and Poisson sampling never use it
+    (fresh OS entropy in LocalTrainer)."""
+    parts = [cfg.seed, index, server_round] if rep == 0 else [cfg.seed, 10_000 + rep, index, server_round]
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
-class ServerStep:
-    """The server's step on the aggregated update: :class:`fedpriv.strategies.server_optimizer.ServerOptimizer`."""
+def weighted_mean(updates: list[tuple[dict, int]]) -> dict:
+    """FedAvg's aggregate: the example-weighted mean of the regions' values (float64 sums, float32 out).
 
-    def __init__(self, cfg):
-        self.kind = str(getattr(cfg, "server_optimizer", "fedavg") or "fedavg")
-        self.opt = None
-        if self.kind == "fedavg" and float(getattr(cfg, "server_learning_rate", 1.0)) == 1.0:
-            return  # the weighted mean as is (ServerOptimizer's identity case)
-        ServerOptimizer = import_server_optimizer()
-        self.opt = ServerOptimizer(self.kind, cfg.server_learning_rate, cfg.server_momentum,
-                                   getattr(cfg, "server_beta2", 0.99), getattr(cfg, "server_tau", 1e-3))
-
-    def __call__(self, current: dict, averaged: dict) -> dict:
-        if self.opt is None:
-            return averaged
-        return dict(self.opt.step(current, averaged))
+    The one copy in bench. The coordinator's (Flower's ``FedAvg`` / ``SecureFedAvg``) needs flwr,
+    which the GPU machine lacks."""
+    total = sum(n for _, n in updates)
+    return {k: sum(v[k].astype(np.float64) * (n / total) for v, n in updates).astype(np.float32)
+            for k in updates[0][0]}
 
 
-def import_server_optimizer():
-    """fedpriv's server update rules (numpy only: importable where flwr is not installed)."""
+def server_optimizer(cfg):
+    """fedpriv's server update rule for ``cfg`` (:mod:`fedpriv.strategies.server_update_rules`, numpy only:
+    importable where flwr is not installed), as the coordinator builds it."""
     from fedpriv.strategies.server_update_rules import ServerOptimizer
-    return ServerOptimizer
+
+    return ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum, cfg.server_beta2,
+                           cfg.server_tau)
 
 
-def _cross_check(history: list, delta: float, accountant: str) -> tuple[str, float]:
-    """ε of the same history under a second accountant (PLD if available, else the other Opacus one)."""
-    from fedpriv.privacy.accountant import epsilon_of
+def federated_rounds(model, initial: dict, sizes: dict[str, int], cfg, local_round: Callable, after_round: Callable,
+                     rep: int = 0) -> tuple[dict, dict[str, list]]:
+    """The rounds of a run as the coordinator drives them, in one process.
 
-    for other in (("rdp", "prv") if accountant == "pld" else ("pld", "prv", "rdp")):
-        if other == accountant:
-            continue
-        try:
-            return other, float(epsilon_of(history, delta, other))
-        except Exception:  # noqa: BLE001 - accountant not in this checkout / library missing
-            continue
-    return "", float("nan")
+    Every round each region starts from the global values and trains (``local_round(region, seed, history)
+    -> (values, history)``); the new global values are the server optimizer's step on the example-weighted
+    mean. ``after_round(round, global values)`` runs after each round (the model holds the new values);
+    returning False stops the run. Returns the final global values and each region's privacy history.
+    """
+    from fedpriv.task.model import set_trainable_values
+
+    server = server_optimizer(cfg)
+    current = {k: v.copy() for k, v in initial.items()}
+    history: dict[str, list] = {r: [] for r in sizes}
+    set_trainable_values(model, current)
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        updates = []
+        for index, region in enumerate(sizes):
+            set_trainable_values(model, current)
+            values, history[region] = local_round(region, round_seed(cfg, rep, index, rnd), history[region])
+            updates.append((values, sizes[region]))
+        current = dict(server.step(current, weighted_mean(updates)))
+        set_trainable_values(model, current)
+        if after_round(rnd, current) is False:
+            break
+    return current, history
 
 
 def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf, pooled: bool = False,
@@ -289,10 +295,11 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
     """
     import torch
 
-    from fedpriv.client.trainer import LocalTrainer, choose_noise_multiplier, region_schedule
-    from fedpriv.privacy.accountant import epsilon_of
+    from fedpriv.client.trainer import LocalTrainer
+    from fedpriv.privacy.accountant import cross_checked_epsilon
+    from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
     from fedpriv.task.features import FeatureDataset
-    from fedpriv.task.model import get_trainable, set_trainable_values
+    from fedpriv.task.model import get_trainable
 
     cfg = make_config(overrides)
     pd = bench.data(cfg.trainable, cfg.lora_rank)
@@ -303,31 +310,21 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
         train = pd.train
     names = list(train)
     res = RunResult(label, dict(overrides), device=str(bench.device), accountant=cfg.accountant if cfg.dp else "")
-    server = ServerStep(cfg)
     if cfg.dp:
         for r in names:
             res.sigma[r] = choose_noise_multiplier(region_schedule(len(train[r]), cfg), cfg)
     else:
         res.sigma = {r: 0.0 for r in names}
     model = pd.split.model
-    set_trainable_values(model, pd.initial)
-    current = {k: v.copy() for k, v in pd.initial.items()}
-    history: dict[str, list] = {r: [] for r in names}
+
+    def local_round(region: str, seed: int, history: list):
+        trainer = LocalTrainer(pd.split, train[region], cfg, bench.device)
+        out = trainer.train(history, res.sigma[region], seed=seed, label=region)
+        return out.values, out.history
+
     t0 = time.perf_counter()
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        updates = []
-        for index, region in enumerate(names):
-            set_trainable_values(model, current)
-            seed = int(np.random.SeedSequence([cfg.seed, 10_000 * rep, index, rnd]).generate_state(1)[0])
-            trainer = LocalTrainer(pd.split, train[region], cfg, bench.device)
-            out = trainer.train(history[region], res.sigma[region], **_train_kwargs(trainer, seed, region))
-            history[region] = out.history
-            updates.append((out.values, len(train[region])))
-        total = sum(n for _, n in updates)
-        averaged = {k: sum(v[k].astype(np.float64) * (n / total) for v, n in updates).astype(np.float32)
-                    for k in updates[0][0]}
-        current = server(current, averaged)
-        set_trainable_values(model, current)
+
+    def after_round(rnd: int, _values: dict) -> bool:
         res.val_acc.append(evaluate(pd, "val", bench.device)[1])
         elapsed = time.perf_counter() - t0
         bench.log(f"  {label} round {rnd}/{cfg.num_server_rounds}: val {100 * res.val_acc[-1]:.2f} ({elapsed:.0f}s)")
@@ -337,15 +334,19 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
             res.note = (f"stopped after {rnd} of {cfg.num_server_rounds} rounds: the whole run would take about "
                         f"{predicted:.0f}s, past its time budget (accuracy is NOT that of the planned schedule)")
             bench.log(f"  {label}: {res.note}")
-            break
+            return False
+        return True
+
+    _, history = federated_rounds(model, pd.initial, {r: len(train[r]) for r in names}, cfg, local_round,
+                                  after_round, rep)
     if bench.device.type == "cuda":
         torch.cuda.synchronize()
     res.seconds = time.perf_counter() - t0
     if cfg.dp:
-        res.epsilon = {r: float(epsilon_of(history[r], cfg.delta, cfg.accountant)) for r in names}
-        checks = {r: _cross_check(history[r], cfg.delta, cfg.accountant) for r in names}
-        res.check_accountant = next((a for a, _ in checks.values() if a), "")
-        res.epsilon_check = {r: e for r, (_, e) in checks.items()}
+        checked = {r: cross_checked_epsilon(history[r], cfg.delta, cfg.accountant) for r in names}
+        res.epsilon = {r: float(c.epsilon) for r, c in checked.items()}
+        res.check_accountant = next(iter(checked.values())).check_accountant if checked else ""
+        res.epsilon_check = {r: float(c.check_epsilon) for r, c in checked.items()}
     if keep_values:
         res.final_values = get_trainable(model)
     return res

@@ -58,6 +58,7 @@ def build_model(out: Path) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from fedpriv.core.files import atomic_write_text
     from fedpriv.task.model import packaged_model_dir
 
     src = packaged_model_dir()
@@ -68,7 +69,7 @@ def build_model(out: Path) -> int:
     config = json.loads((src / "config.json").read_text())
     config["dtype"] = "float32"  # load as float32 (transformers reads `dtype`, older versions `torch_dtype`)
     config["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     return sum(p.stat().st_size for p in out.iterdir())
 
 
@@ -130,9 +131,11 @@ def build_data(out_file: Path, overrides: dict | None = None) -> dict:
     """Partition the corpus exactly as a default run does, tokenise, write one compressed npz."""
     import numpy as np
 
+    from fedpriv.core.files import atomic_open
+
     splits, arrays = partition_splits(overrides)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_file, **arrays)
+    with atomic_open(out_file, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
     return splits.meta
 
 

@@ -44,6 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table  # noqa: E402
 
+from fedpriv.core.files import atomic_write_text  # noqa: E402
+
 ASSETS = ROOT / ".gpu"
 
 # Section budgets in seconds (full run); --budget caps their sum.
@@ -439,7 +441,7 @@ def summary(s: Session) -> str:
 def plan_only(s: Session, accountant: str) -> int:
     """Compute (and cache in FEDPRIV_CACHE_DIR) every σ the session may ask for: run on the CPU machine."""
     import gpu_assets
-    from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
+    from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
     from finetune import MissingFeature, make_config
 
     os.environ.setdefault("FEDPRIV_CACHE_DIR", str(s.args.assets / "cache"))
@@ -505,7 +507,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001
         s.write({"kind": "error", "section": "setup", "error": traceback.format_exc()[-1500:]})
         s.log(f"setup failed: {type(exc).__name__}: {exc}")
-        (s.out / "summary.md").write_text(summary(s))
+        atomic_write_text(s.out / "summary.md", summary(s))
         return 1
     for key in args.sections:
         budget = min(budgets[key], s.remaining())
@@ -531,9 +533,9 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 pass
         s.write({"kind": "section", "section": key, "status": status, "seconds": time.perf_counter() - t0})
-        (s.out / "summary.md").write_text(summary(s))
+        atomic_write_text(s.out / "summary.md", summary(s))
     text = summary(s)
-    (s.out / "summary.md").write_text(text)
+    atomic_write_text(s.out / "summary.md", text)
     print(text, flush=True)
     return 0
 

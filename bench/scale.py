@@ -60,9 +60,10 @@ def worker(spec: dict) -> dict:
     result = sim.run(stream=False)
     out = {"status": result.outcome.status, "details": result.outcome.details[-500:] if result.outcome.details else "",
            "wall_s": result.wall_time_s, "total_s": time.time() - t0}
-    report = Path(spec["run_dir"]) / "privacy_report.json"
-    if report.exists():
-        data = json.loads(report.read_text())
+    from fedpriv.privacy.report import JSON_NAME, load_report
+
+    if (Path(spec["run_dir"]) / JSON_NAME).exists():
+        data = load_report(Path(spec["run_dir"]))
         rounds = [r for r in data.get("rounds", []) if r.get("round", 0) > 0]
         out["trained_per_round"] = [len(r.get("regions_trained", [])) for r in rounds]
         out["failed_per_round"] = [len(r.get("regions_failed", [])) + len(r.get("regions_refused", [])) for r in rounds]

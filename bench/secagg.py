@@ -473,8 +473,9 @@ def main(argv=None) -> int:
             "- Flower's server recomputes every survivor's self mask with MT19937; its Shamir (pycryptodome, "
             "GF(2^128) in pure Python, 16-byte chunks of a PEM-encoded SECP384R1 key) dominates at small d.",
         ]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(doc) + "\n")
+        from fedpriv.core.files import atomic_write_text
+
+        atomic_write_text(out, "\n".join(doc) + "\n")
         print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 

@@ -9,7 +9,7 @@ pooling, ``trainable = head`` on cached frozen features). Rows:
   trainable policy (and, if affordable, a stronger ``trainable = top-2`` baseline);
 * non-private **federated**: FedAvg over the 3 regions;
 * **DP federated** at epsilon = 1, 3, 8 (delta = 1e-5): each region's noise multiplier
-  chosen for its own schedule by ``fedpriv.client.trainer.choose_noise_multiplier`` (Opacus'
+  chosen for its own schedule by ``fedpriv.privacy.schedule.choose_noise_multiplier`` (Opacus'
   ``get_noise_multiplier`` over all rounds x local steps, as the ClientApp does),
   cross-checked with ``fedpriv.privacy.planner.plan_schedule``;
 * the current ``pyproject.toml`` defaults at epsilon = 8, and one real ``Simulation``
@@ -25,12 +25,16 @@ Two implementations of a local round, one result: the hyper-parameter sweep uses
 fast in-process round on stacked head features (Poisson sampling at Opacus' rate
 ``1/ceil(N/B)``, per-post clipping from closed-form per-post gradient norms of the
 two Linear layers, Gaussian noise, Opacus' expected batch size; bit-for-bit the
-DP-SGD step of Opacus up to float rounding, see ``bench/dp_cost.py``), because
+DP-SGD step of Opacus up to float rounding: ``bench/closed_form.py``, checked against
+Opacus by ``tests/test_per_sample_gradients.py``), because
 Opacus' per-sample hooks are 5-20x slower on this head. Every reported number
 comes from :class:`fedpriv.client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
 ``PrivacyEngine``, ``BatchMemoryManager``) -- with FedAvg weighted by examples,
 repeated over ``--seeds`` seeds (different sampling/noise/dropout; the model
-initialisation and the data split are the run config's).
+initialisation and the data split are the run config's). Both share the rounds, the
+example-weighted mean and the server step (``finetune.federated_rounds`` over
+:class:`fedpriv.strategies.server_update_rules.ServerOptimizer`) and the accounting
+(:mod:`fedpriv.privacy.schedule`, :mod:`fedpriv.privacy.accountant`).
 
 Usage: ``python bench/utility.py`` (writes bench/results/utility.md; 1-3 h on 2
 shared cores, most of it the sweep and the frozen-feature pass, which is cached) or
@@ -40,8 +44,6 @@ shared cores, most of it the sweep and the frozen-feature pass, which is cached)
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import statistics
 import sys
 import time
@@ -85,7 +87,7 @@ def load_data(policy: str, limit: int | None, log) -> Data:
     from fedpriv.task.encoding import encode
     from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key
     from fedpriv.task.model import build_model, load_tokenizer
-    from fedpriv.task.partition import load_region, load_server_test, region_dir
+    from fedpriv.task.partition import load_region, load_server_test, region_test_path, region_train_path, server_test_path
 
     _, cfg = resolve_config({"trainable": policy})
     root = prepare_shards(cfg, cfg.data_dir)
@@ -106,11 +108,10 @@ def load_data(policy: str, limit: int | None, log) -> Data:
     train, val_parts = {}, []
     for name in cfg.regions:
         shard = load_region(root, name)
-        base = region_dir(root, name)
-        train[name] = feats(shard.train, base / "train.jsonl")
-        val_parts.append(feats(shard.test, base / "test.jsonl"))
+        train[name] = feats(shard.train, region_train_path(root, name))
+        val_parts.append(feats(shard.test, region_test_path(root, name)))
         log(f"features: region {name}: {len(train[name])} train, {len(val_parts[-1])} local test")
-    test = feats(load_server_test(root), root / "server" / "test.jsonl")
+    test = feats(load_server_test(root), server_test_path(root))
     val = FeatureDataset([f for p in val_parts for f in p.features], [y for p in val_parts for y in p.labels])
     log(f"features ({policy}): {len(test)} server held-out posts; {time.perf_counter() - t0:.0f}s")
     return Data(list(cfg.regions), train, val, test, root, policy)
@@ -119,27 +120,13 @@ def load_data(policy: str, limit: int | None, log) -> Data:
 # =============================================================== training
 
 
-def config(overrides: dict):
-    from fedpriv.core.config import resolve_config
-
-    return resolve_config({"secure-aggregation": False, **overrides})[1]
-
-
-def round_seed(cfg, rep: int, index: int, server_round: int) -> int:
-    """RegionRuntime.round_seed for rep 0; other reps draw fresh sampling/noise/dropout."""
-    import numpy as np
-
-    parts = [cfg.seed, index, server_round] if rep == 0 else [cfg.seed, 10_000 + rep, index, server_round]
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
-
-
 _SIGMA_CACHE: dict[tuple, float] = {}
 _MODELS: dict[tuple, tuple] = {}
 
 
 def sigmas(cfg, data: Data) -> dict[str, float]:
     """Each region's noise multiplier, exactly as the ClientApp chooses it (cached: the search is slow)."""
-    from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
+    from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
 
     if not cfg.dp:
         return {r: 0.0 for r in data.regions}
@@ -167,9 +154,9 @@ class FastHead:
 
     def local_round(self, top, region: str, cfg, sigma: float, seed: int) -> None:
         import torch
-        import torch.nn.functional as F
 
-        from fedpriv.client.trainer import region_schedule
+        from closed_form import dp_head_step, head_params
+        from fedpriv.privacy.schedule import region_schedule
 
         x, y = self.train[region]
         n = len(y)
@@ -177,8 +164,7 @@ class FastHead:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         top.train()
-        params = [top.dense.weight, top.dense.bias, top.classifier.weight, top.classifier.bias]
-        opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+        opt = torch.optim.SGD(head_params(top), lr=cfg.learning_rate, momentum=cfg.momentum)
         if not cfg.dp:
             steps, order, pos = 0, torch.randperm(n, generator=gen), 0
             while steps < schedule.steps_per_round:
@@ -194,31 +180,15 @@ class FastHead:
             return
         q = schedule.sample_rate
         expected = int(n * q)  # Opacus' expected batch size for Poisson sampling
-        clip = cfg.max_grad_norm
         for _ in range(schedule.steps_per_round):
             mask = torch.rand(n, generator=gen) < q
-            a1, labels = x[mask], y[mask]
-            grads = [torch.zeros_like(p) for p in params]
-            if len(labels):
-                z1 = F.linear(a1, top.dense.weight, top.dense.bias)
-                a2 = top.dropout(torch.tanh(z1))
-                z2 = F.linear(a2, top.classifier.weight, top.classifier.bias)
-                g1, g2 = torch.autograd.grad(F.cross_entropy(z2, labels, reduction="sum"), [z1, z2])
-                with torch.no_grad():
-                    norms = (g1.square().sum(1) * (a1.square().sum(1) + 1)
-                             + g2.square().sum(1) * (a2.square().sum(1) + 1)).sqrt()
-                    c = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
-                    g1, g2 = g1 * c, g2 * c
-                    grads = [g1.T @ a1, g1.sum(0), g2.T @ a2.detach(), g2.sum(0)]
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.grad = (g + torch.normal(0.0, sigma * clip, size=g.shape, generator=gen)) / expected
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            dp_head_step(top, opt, x[mask], y[mask], cfg.max_grad_norm, sigma, expected, generator=gen)
 
 
 @dataclass
-class RunResult:
+class SweepRun:
+    """One run of the head-only sweep (per-round accuracies); the yardstick's rows are finetune.RunResult."""
+
     val_acc: list[float]  # after each round / epoch
     test_acc: list[float]
     test_loss: list[float]
@@ -228,20 +198,23 @@ class RunResult:
 
 
 def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None = None,
-              eval_test: bool = True, pooled: bool = False) -> RunResult:
+              eval_test: bool = True, pooled: bool = False) -> SweepRun:
     """FedAvg over the regions (or, ``pooled``, one 'region' holding everyone's posts = centralized).
 
-    ``fast`` = the sweep's round; otherwise LocalTrainer, the ClientApp's code path.
+    ``fast`` = the sweep's round; otherwise LocalTrainer, the ClientApp's code path. The rounds, the
+    aggregation and the server step are :func:`finetune.federated_rounds` (fedpriv's update rule); ε is
+    :func:`fedpriv.privacy.accountant.epsilon_of` over each region's history.
     """
-    import numpy as np
     import torch
 
+    from finetune import federated_rounds, make_config
     from fedpriv.client.trainer import LocalTrainer
     from fedpriv.privacy.accountant import epsilon_of
+    from fedpriv.privacy.schedule import region_schedule
     from fedpriv.task.features import FeatureDataset, SplitClassifier, evaluate_top
-    from fedpriv.task.model import build_model, get_trainable, set_trainable_values
+    from fedpriv.task.model import build_model, get_trainable
 
-    cfg = config({"trainable": data.policy, **overrides})
+    cfg = make_config({"trainable": data.policy, **overrides})
     if pooled:
         train = {"pooled": FeatureDataset([f for r in data.regions for f in data.train[r].features],
                                           [y for r in data.regions for y in data.train[r].labels])}
@@ -255,39 +228,28 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
         m = build_model(*key)
         _MODELS[key] = (m, SplitClassifier(m, cfg.trainable), get_trainable(m))
     model, split, initial = _MODELS[key]
-    set_trainable_values(model, initial)
     device = torch.device("cpu")
-    global_values = initial
-    history: dict[str, list] = {r: [] for r in names}
-    out = RunResult([], [], [], sigma=sig)
-    t0 = time.perf_counter()
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        updates = []
-        for index, region in enumerate(names):
-            set_trainable_values(model, global_values)
-            seed = round_seed(cfg, rep, index, rnd)
-            if fast is not None:
-                fast.local_round(split.top, region, cfg, sig[region], seed)
-                values = get_trainable(model)
-                if cfg.dp:
-                    from fedpriv.client.trainer import region_schedule
+    out = SweepRun([], [], [], sigma=sig)
 
-                    s = region_schedule(len(train[region]), cfg)
-                    history[region] = history[region] + [(sig[region], s.sample_rate, s.steps_per_round)]
-            else:
-                result = LocalTrainer(split, train[region], cfg, device).train(history[region], sig[region], seed=seed,
-                                                                               label=region)
-                values, history[region] = result.values, result.history
-            updates.append((values, len(train[region])))
-        total = sum(n for _, n in updates)
-        global_values = {k: sum(v[k].astype(np.float64) * (n / total) for v, n in updates).astype(np.float32)
-                         for k in updates[0][0]}
-        set_trainable_values(model, global_values)
+    def local_round(region: str, seed: int, history: list):
+        if fast is not None:
+            fast.local_round(split.top, region, cfg, sig[region], seed)
+            if cfg.dp:  # the round's DP-SGD steps, as LocalTrainer's accountant records them
+                history = history + region_schedule(len(train[region]), cfg).history(sig[region], after_round=1)
+            return get_trainable(model), history
+        result = LocalTrainer(split, train[region], cfg, device).train(history, sig[region], seed=seed, label=region)
+        return result.values, result.history
+
+    def after_round(_rnd: int, _values: dict) -> None:
         out.val_acc.append(evaluate_top(split.top, data.val, device)[1])
         if eval_test:
             loss, acc = evaluate_top(split.top, data.test, device)
             out.test_acc.append(acc)
             out.test_loss.append(loss)
+
+    t0 = time.perf_counter()
+    _, history = federated_rounds(model, initial, {r: len(train[r]) for r in names}, cfg, local_round, after_round,
+                                  rep)
     out.seconds = time.perf_counter() - t0
     if cfg.dp:
         out.epsilon = {r: epsilon_of(history[r], cfg.delta, cfg.accountant) for r in names}
@@ -428,8 +390,9 @@ def main(argv=None) -> int:
                                f"{100 * mean_v:.2f} (3 seeds: {', '.join(f'{100 * x:.1f}' for x in vals)})"))
 
     # ---------------------------------------------------------- 4. reported runs: several seeds + LocalTrainer
+    from finetune import make_config
     from fedpriv.privacy.planner import plan_schedule
-    from fedpriv.client.trainer import region_schedule
+    from fedpriv.privacy.schedule import region_schedule
 
     def report_run(label: str, o: dict, pooled: bool = False) -> dict:
         runs = [federated(data, o, rep=rep, pooled=pooled, fast=fast) for rep in range(seeds)]
@@ -440,7 +403,7 @@ def main(argv=None) -> int:
                    max(runs[0].epsilon.values()) if runs[0].epsilon else None),
                "sigma": runs[0].sigma, "seconds": real.seconds if real else statistics.mean(r.seconds for r in runs)}
         if o.get("dp"):
-            cfg = config({"trainable": data.policy, **o})
+            cfg = make_config({"trainable": data.policy, **o})
             checks = []
             for region in data.regions:
                 s = region_schedule(len(data.train[region]), cfg)
@@ -564,9 +527,9 @@ def main(argv=None) -> int:
 
 def run_simulation(o: dict, log) -> dict:
     """Confirm one point with the real thing: Simulation(...) with the default preset."""
-    import json
     import tempfile
 
+    from fedpriv.privacy.report import load_report
     from fedpriv.simulations.runner import Simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-bench-utility-"))
@@ -578,7 +541,7 @@ def run_simulation(o: dict, log) -> dict:
             res = Simulation({**overrides, "secure-aggregation": secagg, "fraction-evaluate": 0.0},
                              preset="default", run_dir=run_dir / ("secagg" if secagg else "plain")).run(stream=False)
             out = {"status": res.outcome.status, "wall_s": time.time() - t0, "secagg": "on" if secagg else "off"}
-            report = json.loads((res.run_dir / "privacy_report.json").read_text())
+            report = load_report(res.run_dir)
             rounds = [r for r in report["rounds"] if r.get("round", 0) > 0]
             out["accuracy"] = rounds[-1].get("accuracy") if rounds else None
             eps = [reg.get("epsilon") for reg in report.get("regions", {}).values() if isinstance(reg, dict)]
@@ -652,7 +615,7 @@ def yardstick(argv=None) -> int:
     failures: list[str] = []
 
     def add(run, held: bool = True) -> None:
-        """``run``: a finished RunResult, or a callable making one (its failure is reported, not fatal)."""
+        """``run``: a finished finetune.RunResult, or a callable making one (its failure is reported, not fatal)."""
         try:
             res = run() if callable(run) else run
         except Exception as exc:  # noqa: BLE001 - e.g. a config key this checkout lacks

@@ -65,7 +65,8 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from fedpriv.core.errors import DataError, FedprivError
-from fedpriv.privacy.accountant import ACCOUNTANTS
+from fedpriv.privacy.accountant import ACCOUNTANTS, epsilon_of
+from fedpriv.privacy.accountant import compact as compact_history  # the one merge rule, under its ledger name
 
 __all__ = [
     "ACCOUNTANTS",
@@ -171,30 +172,13 @@ def default_ledger_path(region_data_dir: str | os.PathLike) -> Path:
     return Path(region_data_dir) / LEDGER_FILENAME
 
 
-def compact_history(history: Iterable[tuple[float, float, int]]) -> History:
-    """Merge entries with the same (noise_multiplier, sample_rate); composition is commutative.
-
-    The result describes exactly the same mechanism, with fewer terms (the PRV
-    accountant discretises one distribution per term).
-    """
-    steps: dict[tuple[float, float], int] = {}
-    for noise, rate, n in history:
-        steps[(float(noise), float(rate))] = steps.get((float(noise), float(rate)), 0) + int(n)
-    return [(noise, rate, n) for (noise, rate), n in steps.items() if n > 0]
-
-
 def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` of an Opacus-style history, computed by Opacus' accountant."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant = {accountant!r}: expected one of {', '.join(ACCOUNTANTS)}")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta = {delta!r}: expected a probability in (0, 1)")
-    hist = compact_history(history)
-    if not hist:
-        return 0.0
-    from fedpriv.privacy.accountant import epsilon_of  # memoised Opacus RDP; identical to RDPAccountant
-
-    return epsilon_of(hist, delta, accountant)
+    return epsilon_of(history, delta, accountant)  # compacts the history; memoised, identical to Opacus' accountants
 
 
 _SCHEMA = """

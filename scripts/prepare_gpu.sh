@@ -47,14 +47,13 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 bad = []
 for m in ["fedpriv.core.config", "fedpriv.core.errors", "fedpriv.task.model", "fedpriv.task.features", "fedpriv.task.encoding", "fedpriv.task.lora",
-          "fedpriv.client.trainer", "fedpriv.task.device", "fedpriv.privacy.accountant", "fedpriv.privacy.noise", "gpu_assets", "finetune",
+          "fedpriv.client.trainer", "fedpriv.task.device", "fedpriv.privacy.accountant", "fedpriv.privacy.noise",
+          "fedpriv.privacy.schedule", "fedpriv.strategies.server_update_rules", "gpu_assets", "closed_form", "finetune",
           "dp_cost", "gpu_session"]:
     try:
         importlib.import_module(m)
     except Exception as exc:
         bad.append(f"{m}: {exc}")
-from finetune import import_server_optimizer
-import_server_optimizer()
 print("import check:", "OK" if not bad else "FAILED\n  " + "\n  ".join(bad))
 sys.exit(1 if bad else 0)
 EOF

@@ -24,12 +24,22 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from fedpriv.core.errors import DataError
+from fedpriv.core.files import atomic_write_text
 from fedpriv.task.data import DOMAINS, Example, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     from fedpriv.core.config import FedprivConfig
 
 PARTITION_FILE = "partition.json"
+
+# The shard layout `fedpriv prepare-data --out ROOT` writes (the one place that spells it):
+#   ROOT/regions/<region>/train.jsonl, ROOT/regions/<region>/test.jsonl   one folder per region
+#   ROOT/server/test.jsonl                                                the coordinator's held-out set
+#   ROOT/partition.json                                                   spec + stats
+REGIONS_DIR = "regions"
+SERVER_DIR = "server"
+TRAIN_FILE = "train.jsonl"
+TEST_FILE = "test.jsonl"
 
 
 @dataclass(frozen=True)
@@ -133,35 +143,63 @@ def _split_local(members: list[Example], spec: PartitionSpec, rng: np.random.Gen
 def write_shards(partition: Partition, out_dir: Path) -> Path:
     """One directory per region (a region's process is given only its own) plus the server's."""
     for name, shard in partition.regions.items():
-        write_jsonl(out_dir / "regions" / name / "train.jsonl", shard.train)
-        write_jsonl(out_dir / "regions" / name / "test.jsonl", shard.test)
-    write_jsonl(out_dir / "server" / "test.jsonl", partition.server_test)
+        write_jsonl(region_shard_dir(out_dir, name) / TRAIN_FILE, shard.train)
+        write_jsonl(region_shard_dir(out_dir, name) / TEST_FILE, shard.test)
+    write_jsonl(server_test_path(out_dir), partition.server_test)
     meta = {"spec": {**partition.spec.__dict__, "regions": list(partition.spec.regions)},
             "stats": partition.stats()}
-    (out_dir / PARTITION_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_write_text(partition_meta_path(out_dir), json.dumps(meta, indent=2))
     return out_dir
+
+
+def region_shard_dir(data_root: Path, region: str) -> Path:
+    """Where ``prepare-data`` puts a region's shard: ``<root>/regions/<region>/``."""
+    return Path(data_root) / REGIONS_DIR / region
+
+
+def server_test_path(data_root: Path) -> Path:
+    """The coordinator's held-out posts: ``<root>/server/test.jsonl`` (no region trains on them)."""
+    return Path(data_root) / SERVER_DIR / TEST_FILE
+
+
+def partition_meta_path(data_root: Path) -> Path:
+    """The partition's spec and stats: ``<root>/partition.json``."""
+    return Path(data_root) / PARTITION_FILE
+
+
+def holds_one_region(data_dir: Path) -> bool:
+    """True when ``data_dir`` is itself one region's shard (it holds ``train.jsonl``), as a deployed region is given."""
+    return (Path(data_dir) / TRAIN_FILE).exists()
 
 
 def region_dir(data_root: Path, region: str) -> Path:
     """A region's shard: ``<root>/regions/<region>/`` or ``<root>`` itself if it holds train.jsonl."""
-    if (data_root / "train.jsonl").exists():
+    if holds_one_region(data_root):
         return data_root
-    return data_root / "regions" / region
+    return region_shard_dir(data_root, region)
+
+
+def region_train_path(data_root: Path, region: str) -> Path:
+    return region_dir(data_root, region) / TRAIN_FILE
+
+
+def region_test_path(data_root: Path, region: str) -> Path:
+    return region_dir(data_root, region) / TEST_FILE
 
 
 def load_region(data_root: Path, region: str) -> RegionShard:
     base = region_dir(data_root, region)
     if not base.is_dir():
-        raise DataError(f"no data for region {region!r} under {data_root}: expected {base}/train.jsonl")
-    return RegionShard(train=read_jsonl(base / "train.jsonl"), test=read_jsonl(base / "test.jsonl"))
+        raise DataError(f"no data for region {region!r} under {data_root}: expected {base}/{TRAIN_FILE}")
+    return RegionShard(train=read_jsonl(base / TRAIN_FILE), test=read_jsonl(base / TEST_FILE))
 
 
 def load_server_test(data_root: Path) -> list[Example]:
-    return read_jsonl(data_root / "server" / "test.jsonl")
+    return read_jsonl(server_test_path(data_root))
 
 
 def read_partition_stats(data_root: Path) -> dict:
-    path = data_root / PARTITION_FILE
+    path = partition_meta_path(data_root)
     return json.loads(path.read_text())["stats"] if path.exists() else {}
 
 

@@ -14,11 +14,13 @@ import torch
 
 from fedpriv.cli import main
 from fedpriv.core.config import resolve_config
-from fedpriv.privacy.audit import (attack_metrics, audit_run, bound_check, dp_bounds, format_audit, pair_members,
-                           per_example_losses, roc_curve, save_audit, tpr_at_fpr)
+from fedpriv.privacy.audit import (attack_metrics, bound_check, dp_bounds, format_audit, pair_members,
+                                   per_example_losses, roc_curve, tpr_at_fpr)
+from fedpriv.server.audit_run import audit_run, save_audit
 from fedpriv.privacy.html_report import tpr_bound
 from fedpriv.task.data import Example, write_jsonl
 from fedpriv.task.model import load_tokenizer
+from fedpriv.task.partition import TEST_FILE, TRAIN_FILE, region_shard_dir, server_test_path
 
 DELTA = 1e-5
 
@@ -246,10 +248,10 @@ def run_dir(tmp_path, tokenizer):
     root = tmp_path / "shards"
     pool = random_posts(tokenizer, 80, seed=5)  # 40 / 40 labels
     for name, part in (("us-east", pool[:50]), ("eu-west", pool[50:])):
-        write_jsonl(root / "regions" / name / "train.jsonl", part)
-        write_jsonl(root / "regions" / name / "test.jsonl", part[:2])
+        write_jsonl(region_shard_dir(root, name) / TRAIN_FILE, part)
+        write_jsonl(region_shard_dir(root, name) / TEST_FILE, part[:2])
     held_out = random_posts(tokenizer, 100, seed=6)  # 50 / 50 labels
-    write_jsonl(root / "server" / "test.jsonl", held_out)
+    write_jsonl(server_test_path(root), held_out)
     flat, cfg = resolve_config({"model": "tiny", "trainable": "all", "regions": "us-east,eu-west",
                                 "data-dir": str(root), "run-dir": str(tmp_path / "run"), "seed": 7})
     model = build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)
@@ -294,7 +296,7 @@ def test_audit_drops_held_out_copies_of_training_posts(run_dir, tokenizer):
     run, _, pool = run_dir
     tight = random_posts(tokenizer, 80, seed=8)  # 40 per label, as many as the members
     tight[1] = Example("dup", pool[7].text, tight[1].label, "tweets", 1.0)  # a "non-member" that was trained on
-    write_jsonl(run.parent / "shards" / "server" / "test.jsonl", tight)
+    write_jsonl(server_test_path(run.parent / "shards"), tight)
     audit = audit_run(run)
     assert audit["members"] == audit["non_members"] == 79
 

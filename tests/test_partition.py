@@ -89,3 +89,20 @@ def test_shards_round_trip_and_each_region_reads_only_its_own(tmp_path):
     assert ids(load_server_test(tmp_path)) == ids(part.server_test)
     with pytest.raises(DataError, match="no data for region 'mars'"):
         load_region(tmp_path, "mars")
+
+
+def test_the_path_helpers_name_the_files_write_shards_writes(tmp_path):
+    from fedpriv.task.partition import (partition_meta_path, region_dir, region_shard_dir, region_test_path,
+                                        region_train_path, server_test_path)
+
+    part = partition_corpus(synthetic_examples(600), PartitionSpec(REGIONS))
+    write_shards(part, tmp_path)
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    named = {server_test_path(tmp_path), partition_meta_path(tmp_path)}
+    for name in REGIONS:
+        named |= {region_train_path(tmp_path, name), region_test_path(tmp_path, name)}
+        assert region_dir(tmp_path, name) == region_shard_dir(tmp_path, name)
+    assert written == {p.relative_to(tmp_path) for p in named}
+    # a deployed region is given its own shard folder: that folder is the region's data for any name
+    one = region_shard_dir(tmp_path, REGIONS[0])
+    assert region_dir(one, "anything") == one and ids(load_region(one, "x").train) == ids(part.regions[REGIONS[0]].train)

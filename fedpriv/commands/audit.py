@@ -1,4 +1,8 @@
-"""``fedpriv audit``: a membership-inference attack on a run's final model, added to its report."""
+"""``fedpriv audit``: a membership-inference attack on a run's final model, added to its report.
+
+The attack is :mod:`fedpriv.privacy.audit`; reading the run (model, shards) and writing the
+report is :mod:`fedpriv.server.audit_run`. This module only parses arguments and prints.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ class AuditCommand:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.commands.report import load_run
-        from fedpriv.privacy.audit import audit_run, format_audit, save_audit
+        from fedpriv.privacy.audit import format_audit
+        from fedpriv.server.audit_run import audit_run, save_audit
 
         report = load_run(args.run_dir)
         audit = audit_run(args.run_dir, max_examples=args.max_examples, seed=args.seed, data_dir=args.data_dir,
