@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedpriv.core import report_schema
-from fedpriv.core.files import atomic_write_text
 from fedpriv.core.report_schema import JSON_NAME, MD_NAME, SCHEMA_VERSION, TOP_LEVEL_KEYS
 from fedpriv.privacy.accountant import Entry, cross_check_accountant, epsilon_of
 from fedpriv.privacy.report_markdown import render_markdown
@@ -218,10 +217,6 @@ def is_private(metrics: dict[str, Any]) -> bool:
         return bool(metrics["dp"]) and "epsilon" in metrics
     return "epsilon" in metrics and float(metrics["epsilon"]) >= 0
 
-
-# Older import paths, kept for modules outside the report's home (privacy/audit.py).
-_atomic_write = atomic_write_text
-_json_default = report_schema.json_default
 
 __all__ = ["DP_AT_EPSILON", "JSON_NAME", "MD_NAME", "NOT_PRIVATE", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "RegionRecord",
            "RunReport", "SCHEMA_VERSION", "enforcement_text", "epsilon_text", "is_private", "load_report",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,8 +71,8 @@ def run_config(report: Mapping[str, Any]):
 def audit_run(run_dir: str | Path, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int | None = None,
               data_dir: str | Path | None = None, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the attack on ``run_dir``'s final model; returns the ``audit`` dict (does not write it)."""
-    from fedpriv.privacy.plots import max_region_epsilon
     from fedpriv.privacy.report import load_report
+    from fedpriv.privacy.report_view import max_region_epsilon
     from fedpriv.task.device import select_device
     from fedpriv.task.model import load_tokenizer
     from fedpriv.task.partition import load_region, load_server_test, server_test_path
@@ -114,10 +113,8 @@ def audit_run(run_dir: str | Path, max_examples: int = DEFAULT_MAX_EXAMPLES, see
     model = model.to(device)
     losses = per_example_losses(model, cfg.trainable, members + non_members, load_tokenizer(), cfg.max_length, device)
 
-    epsilon = max_region_epsilon(report)
+    epsilon = max_region_epsilon(report)  # ∞ if any region trained without DP (the report view decides)
     delta = float(report.get("delta") or cfg.delta)
-    if report.get("config", {}).get("dp") is False:
-        epsilon = math.inf
     attack = loss_attack(losses[: len(members)], losses[len(members):], epsilon, delta)
     return {
         **attack,
@@ -154,15 +151,15 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
 
 def save_audit(run_dir: str | Path, audit: Mapping[str, Any]) -> Path:
     """Add ``audit`` to the run's ``privacy_report.json`` and re-render its Markdown (and HTML, if present)."""
-    from fedpriv.privacy.report import JSON_NAME, MD_NAME, _json_default, load_report, render_markdown
+    from fedpriv.core.report_schema import HTML_NAME, JSON_NAME
+    from fedpriv.privacy.report import load_report, save_report
 
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir):
         data = load_report(run_dir)  # re-read: keep whatever else changed meanwhile
         data[AUDIT_KEY] = dict(audit)
-        atomic_write_text(run_dir / JSON_NAME, json.dumps(data, indent=2, default=_json_default))
-        atomic_write_text(run_dir / MD_NAME, render_markdown(data))
-        html = run_dir / "privacy_report.html"
+        save_report(run_dir, data)
+        html = run_dir / HTML_NAME
         if html.exists():
             from fedpriv.privacy.html_report import render_html
 
