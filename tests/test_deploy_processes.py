@@ -24,16 +24,11 @@ import pytest
 
 from fedpriv.cli import main
 from fedpriv.deploy.certs import create_certs
-from fedpriv.deploy.processes import (
-    SuperLinkProcess,
-    SuperNodeProcess,
-    check_port_free,
-    free_port,
-    list_supernodes,
-    register_region,
-    resolve_region_data_dir,
-    write_flwr_home,
-)
+from fedpriv.deploy.flwr_cli import list_supernodes, register_region, write_flwr_home
+from fedpriv.deploy.paths import resolve_region_data_dir
+from fedpriv.deploy.ports import check_port_free, free_port
+from fedpriv.deploy.superlink import SuperLinkProcess
+from fedpriv.deploy.supernode import SuperNodeProcess
 from fedpriv.core.errors import FedprivError
 
 READY_TIMEOUT = 90.0  # generous: CI machines are shared
