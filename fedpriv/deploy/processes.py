@@ -41,30 +41,34 @@ STOP_GRACE = 10.0
 CHILD_ENV_DEFAULTS = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a Flower child: ours, no phoning home, and this interpreter's scripts first on PATH.
+def child_path(path: str | None = None) -> str:
+    """``PATH`` for a Flower child: this interpreter's scripts directory first, then ``path`` (default ours).
 
     Flower's processes start each other by name (``flower-superexec``, ``flwr-serverapp``,
-    ``flwr-clientapp``...): with the scripts installed beside this interpreter first on the
-    children's PATH they are found - and are the pinned ones - also when the virtualenv is not
-    activated. Only the children's environment changes, never this process's.
+    ``flwr-clientapp``...): with the scripts installed beside this interpreter first they are
+    found - and are the pinned ones - also when the virtualenv is not activated.
+    """
+    bindir = os.path.dirname(sys.executable)
+    parts = [p for p in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep) if p and p != bindir]
+    return os.pathsep.join([bindir, *parts])
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower child: ours, no phoning home, and :func:`child_path` as ``PATH``.
+
+    Only the children's environment changes, never this process's.
     """
     env = dict(os.environ)
     for k, v in CHILD_ENV_DEFAULTS.items():
         env.setdefault(k, v)
-    bindir = os.path.dirname(sys.executable)
-    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
-    env["PATH"] = os.pathsep.join([bindir, *parts])
+    env["PATH"] = child_path(env.get("PATH", ""))
     env.update(extra or {})
     return env
 
 
 def flower_executable(name: str) -> str:
-    """``flower-superlink``, ``flwr`` etc.: next to this interpreter (venv) first, then PATH."""
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which(name)
+    """``flower-superlink``, ``flwr`` etc., found where a Flower child would find it (:func:`child_path`)."""
+    found = shutil.which(name, path=child_path())
     if not found:
         raise FedprivError(f"{name} not found: install fedpriv's dependencies (flwr) in this environment")
     return found
