@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedpriv.core.config import APP_DIR, FedprivConfig, resolve_config
-
 from fedpriv.core.errors import ConfigError, DataError
-from fedpriv.submission import FlowerRunClient, RunOutcome
+from fedpriv.deploy.flwr_cli import FlowerRunClient, RunOutcome
 from fedpriv.simulations.local_superlink import LocalSimulationSuperLink
 from fedpriv.task.data import load_corpus
 from fedpriv.task.partition import PARTITION_FILE, partition_corpus, partition_spec, write_shards

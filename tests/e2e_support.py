@@ -144,7 +144,9 @@ class Deployment:
 
     def start(self) -> None:
         from fedpriv.deploy.certs import create_certs, create_region_key
-        from fedpriv.deploy.processes import SuperLinkProcess, free_port, register_region, write_flwr_home
+        from fedpriv.deploy.flwr_cli import register_region, write_flwr_home
+        from fedpriv.deploy.ports import free_port
+        from fedpriv.deploy.superlink import SuperLinkProcess
 
         from fedpriv.deploy.app_signing import create_publisher_key, trust_line
 
@@ -182,7 +184,8 @@ class Deployment:
         self.snapshot()
 
     def start_node(self, region: str, wait: bool = True) -> None:
-        from fedpriv.deploy.processes import SuperNodeProcess, free_port
+        from fedpriv.deploy.ports import free_port
+        from fedpriv.deploy.supernode import SuperNodeProcess
 
         node = SuperNodeProcess(
             region, self.data, self.region_dirs[region], self.superlink.fleet_address, free_port(),  # type: ignore[union-attr]

@@ -24,16 +24,11 @@ import pytest
 
 from fedpriv.cli import main
 from fedpriv.deploy.certs import create_certs
-from fedpriv.deploy.processes import (
-    SuperLinkProcess,
-    SuperNodeProcess,
-    check_port_free,
-    free_port,
-    list_supernodes,
-    register_region,
-    resolve_region_data_dir,
-    write_flwr_home,
-)
+from fedpriv.deploy.flwr_cli import list_supernodes, register_region, write_flwr_home
+from fedpriv.deploy.paths import resolve_region_data_dir
+from fedpriv.deploy.ports import check_port_free, free_port
+from fedpriv.deploy.superlink import SuperLinkProcess
+from fedpriv.deploy.supernode import SuperNodeProcess
 from fedpriv.core.errors import FedprivError
 
 READY_TIMEOUT = 90.0  # generous: CI machines are shared
@@ -675,3 +670,48 @@ def test_supernode_command_region_side_errors_are_one_line(tmp_path, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("fedpriv supernode: error: ") and needle in err, err
+
+
+# ---------------------------------------------------------------------------
+# The flwr CLI helpers (no processes)
+# ---------------------------------------------------------------------------
+
+
+def test_one_flwr_home_writer_for_tls_and_the_insecure_simulation_superlink(tmp_path):
+    """`fedpriv register`/`run` (TLS, our CA) and `fedpriv simulate` (loopback, insecure) write FLWR_HOME alike."""
+    import tomllib
+
+    from fedpriv.deploy.flwr_cli import CONNECTION, FlowerRunClient
+
+    ca = tmp_path / "certs" / "ca.crt"
+    tls = tomllib.loads(write_flwr_home(tmp_path / "tls", "127.0.0.1:9093", ca).read_text())
+    assert tls["superlink"]["default"] == CONNECTION
+    assert tls["superlink"][CONNECTION] == {"address": "127.0.0.1:9093", "root-certificates": str(ca.absolute())}
+    FlowerRunClient(tmp_path / "sim", "127.0.0.1:40123")
+    sim = tomllib.loads((tmp_path / "sim" / "config.toml").read_text())
+    assert sim["superlink"][CONNECTION] == {"address": "127.0.0.1:40123", "insecure": True}
+    with pytest.raises(FedprivError, match="expected HOST:PORT"):
+        write_flwr_home(tmp_path / "bad", "no-port", ca)
+    assert not (tmp_path / "bad" / "config.toml").exists()
+
+
+def test_flwr_json_output_is_read_after_warning_lines():
+    from fedpriv.deploy.flwr_cli import last_line, parse_json_output
+
+    assert parse_json_output('WARNING: a newer flwr exists\n{"success": true, "run-id": 7}\n') == {"success": True, "run-id": 7}
+    assert parse_json_output("Usage: flwr run [OPTIONS]\nError: no such option") is None
+    assert parse_json_output('{"success": tru') is None
+    assert last_line("Using SuperLink 'fedpriv'\nrun 7 not found\n\n") == "run 7 not found"
+    assert last_line("") == "no message"
+
+
+def test_flower_executables_are_found_where_the_flower_children_find_them(monkeypatch, tmp_path):
+    """One resolver: this interpreter's scripts first (also with the virtualenv not activated), then PATH."""
+    from fedpriv.deploy.processes import child_env, flower_executable
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = flower_executable("flwr")
+    assert Path(found).parent == Path(sys.executable).parent
+    assert shutil.which("flwr", path=child_env()["PATH"]) == found
+    with pytest.raises(FedprivError, match="fedpriv-no-such-tool not found"):
+        flower_executable("fedpriv-no-such-tool")

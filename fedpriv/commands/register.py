@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedpriv.commands.options import add_certs, add_control_superlink
 from fedpriv.commands.registry import command
 
 
@@ -19,13 +20,8 @@ from fedpriv.commands.registry import command
 class RegisterCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        from fedpriv.deploy.processes import CONTROL_PORT
-
-        p.add_argument(
-            "--superlink", default=f"127.0.0.1:{CONTROL_PORT}", metavar="HOST:PORT",
-            help=f"the SuperLink's Control API: its --control-port on loopback (default 127.0.0.1:{CONTROL_PORT})",
-        )
-        p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt)")
+        add_control_superlink(p)
+        add_certs(p, "ca.crt")
         p.add_argument("--public-key", action="append", default=[], metavar="NAME=FILE",
                        help="region NAME's public key, the .pub file it made with `fedpriv keygen --region NAME`; repeatable")
         p.add_argument("--keys", default=None, metavar="KEYDIR", help="a directory of NAME.pub files, one per region")
@@ -39,12 +35,13 @@ class RegisterCommand:
     def run(args: argparse.Namespace) -> int:
         from fedpriv.deploy.certs import CertPaths, parse_regions
         from fedpriv.deploy.ports import is_loopback, parse_address
-        from fedpriv.deploy.processes import _require_file, register_region, write_flwr_home
+        from fedpriv.deploy.flwr_cli import register_region, write_flwr_home
+        from fedpriv.deploy.paths import require_file
         from fedpriv.core.errors import FedprivError
 
         certs = CertPaths(Path(args.certs).expanduser().absolute())
         host, _ = parse_address(args.superlink)
-        _require_file(certs.ca_cert, "CA certificate")
+        require_file(certs.ca_cert, "CA certificate")
         keys = collect_public_keys(args.public_key, args.keys, certs)
         if args.regions is not None:
             wanted = parse_regions(args.regions)

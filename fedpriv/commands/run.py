@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpriv.commands.options import add_certs, add_control_superlink, add_quiet, add_run_config, add_run_dir
 from fedpriv.commands.registry import command
 from fedpriv.core.errors import ConfigError, FedprivError
 
 # Keys a resumed run may change: operational only. Anything else (rounds, batch size,
 # noise, data, model...) was part of the privacy plan the first rounds were run under.
 RESUME_OVERRIDABLE = ("round-timeout", "min-train-regions", "num-threads", "secagg-timeout", "fraction-evaluate")
-DEFAULT_CONTROL = "127.0.0.1:9093"
 
 
 @dataclass
@@ -71,32 +71,26 @@ class RunPlan:
 class RunCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--superlink", default=DEFAULT_CONTROL, metavar="HOST:PORT",
-            help=f"the SuperLink's Control API: its --control-port on loopback (default {DEFAULT_CONTROL})",
-        )
-        p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt; regions/*.pub name the known regions)")
+        add_control_superlink(p)
+        add_certs(p, "ca.crt; regions/*.pub name the known regions")
         p.add_argument("--sign-key", default=None, metavar="FILE",
                        help="the publisher's private key (publisher.key from `fedpriv keygen --publisher`) that signs the "
                             "submitted app bundle; regions run only bundles signed by keys in their trust file")
         p.add_argument("--data", default=None, metavar="DIR",
                        help="the directory `fedpriv prepare-data --out DIR` wrote: the coordinator reads DIR/server/test.jsonl "
                             "(default: data-dir of the run config, or of the resumed run)")
-        p.add_argument("--run-dir", default=None, metavar="DIR",
-                       help="where checkpoints, the final model and the privacy report go (default runs/run-<time>)")
-        p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
-                       help="override [tool.flwr.app.config] keys (TOML values), as with `flwr run --run-config`")
-        p.add_argument("--preset", default=None, help="named overrides from simulations/presets.toml (default, smoke, tiny)")
+        add_run_dir(p, "runs/run-<time>")
+        add_run_config(p, preset_default=None)
         p.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR after its last completed round (same job, same config)")
         p.add_argument("--timeout", type=float, default=None, metavar="S",
                        help="stop the run and fail if it has not finished after S seconds")
-        p.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+        add_quiet(p)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.core.config import APP_DIR
-        from fedpriv.submission import FlowerRunClient
+        from fedpriv.deploy.flwr_cli import FlowerRunClient
 
         plan = plan_run(args)
         client = FlowerRunClient(plan.flwr_home, plan.superlink, plan.ca_cert)
@@ -218,14 +212,14 @@ def _data_dir(flag: str | None, configured: Any) -> Path:
 
 
 def check_certs(certs: str) -> tuple[Path, Path]:
+    from fedpriv.deploy.certs import CertPaths
+    from fedpriv.deploy.paths import require_file
+
     certs_dir = Path(certs).expanduser().absolute()
     if not certs_dir.is_dir():
         raise FedprivError(f"--certs {certs_dir}: no such directory (create it with `fedpriv certs {certs_dir}`)")
-    ca = certs_dir / "ca.crt"
-    if not ca.is_file():
-        raise FedprivError(f"missing CA certificate {ca}: run `fedpriv certs {certs_dir}` first (or copy its ca.crt here)")
-    if not os.access(ca, os.R_OK):
-        raise FedprivError(f"cannot read CA certificate {ca}: check its owner and permissions")
+    ca = require_file(CertPaths(certs_dir).ca_cert, "CA certificate",
+                      f"run `fedpriv certs {certs_dir}` first (or copy its ca.crt here)")
     return certs_dir, ca
 
 
@@ -243,8 +237,10 @@ def check_sign_key(path: str | None) -> Path:
 
 def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
     """Every region of the run must have a SuperNode key pair in the certs dir (if it lists any)."""
-    keys_dir = certs_dir / "regions"
-    known = sorted(p.stem for p in keys_dir.glob("*.pub")) if keys_dir.is_dir() else []
+    from fedpriv.deploy.certs import CertPaths
+
+    certs = CertPaths(certs_dir)
+    keys_dir, known = certs.regions_dir, certs.regions_with(".pub")
     if not known:
         return  # a coordinator given only ca.crt: the SuperLink's registry is the authority
     unknown = [r for r in regions if r not in known]
@@ -255,13 +251,9 @@ def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
 
 def check_server_data(data_dir: Path, cfg) -> None:
     """The coordinator's held-out set exists and is readable; the run's regions were prepared."""
-    if not data_dir.exists():
-        raise FedprivError(f"data directory {data_dir} does not exist: pass --data with the directory "
-                           "`fedpriv prepare-data --out DIR` wrote")
-    if not data_dir.is_dir():
-        raise FedprivError(f"--data {data_dir} is not a directory")
-    if not os.access(data_dir, os.R_OK | os.X_OK):
-        raise FedprivError(f"cannot read data directory {data_dir}: check its owner and permissions")
+    from fedpriv.deploy.paths import require_data_dir
+
+    require_data_dir(data_dir, "the directory `fedpriv prepare-data --out DIR` wrote")
     test = data_dir / "server" / "test.jsonl"
     if not test.is_file():
         raise FedprivError(f"no server held-out set {test}: pass --data with the directory "
@@ -310,7 +302,7 @@ def check_superlink(plan: RunPlan) -> int:
     import socket
 
     from fedpriv.deploy.ports import parse_address
-    from fedpriv.deploy.processes import list_supernodes
+    from fedpriv.deploy.flwr_cli import list_supernodes
 
     host, port = parse_address(plan.superlink, "--superlink")
     try:  # fail fast: flwr itself retries a refused connection for ~25 s

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from fedpriv.commands.options import add_quiet, add_run_config, add_run_dir
 from fedpriv.commands.registry import command
 from fedpriv.core.config import parse_overrides
 
@@ -13,11 +13,9 @@ from fedpriv.core.config import parse_overrides
 class SimulateCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="default", help="named overrides from simulations/presets.toml (default, smoke, tiny, gpu)")
-        p.add_argument("--run-config", action="append", default=[], metavar="'K=V ...'",
-                       help="override [tool.flwr.app.config] keys (TOML values), as with `flwr run --run-config`")
-        p.add_argument("--run-dir", type=Path, default=None, help="where checkpoints, the final model and the report go")
-        p.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+        add_run_config(p, preset_default="default")
+        add_run_dir(p, "run-dir of the run config, else runs/sim-<time>")
+        add_quiet(p)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

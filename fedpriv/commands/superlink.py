@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from fedpriv.commands.options import add_certs, add_log
 from fedpriv.commands.registry import command
-from fedpriv.deploy.processes import StopRequested, ignore_stop_signals, install_stop_handlers, restore_handlers
 from fedpriv.core.errors import FedprivError
 
 
@@ -14,9 +14,9 @@ from fedpriv.core.errors import FedprivError
 class SuperLinkCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        from fedpriv.deploy.processes import CONTROL_PORT, FLEET_PORT
+        from fedpriv.deploy.ports import CONTROL_PORT, FLEET_PORT
 
-        p.add_argument("--certs", required=True, metavar="DIR", help="directory from `fedpriv certs` (needs ca.crt, server.crt, server.key)")
+        add_certs(p, "ca.crt, server.crt, server.key")
         p.add_argument(
             "--host", default="127.0.0.1", metavar="ADDR",
             help="address the Fleet API (SuperNodes) listens on: 127.0.0.1 (default, all regions on this machine) "
@@ -28,21 +28,21 @@ class SuperLinkCommand:
             help=f"port of the Control API on 127.0.0.1 for flwr / fedpriv register / fedpriv run (default {CONTROL_PORT}); never exposed",
         )
         p.add_argument("--state", default=None, metavar="FILE", help="SQLite file keeping registrations and runs across restarts (default: in memory)")
-        p.add_argument("--log", default=None, metavar="FILE", help="also append all SuperLink output to FILE")
+        add_log(p, "SuperLink")
         p.add_argument("--ready-timeout", type=float, default=60.0, metavar="S", help=argparse.SUPPRESS)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from fedpriv.deploy.ports import format_address
-        from fedpriv.deploy.processes import SuperLinkProcess, _exit_message
+        from fedpriv.deploy.processes import exit_message, run_in_foreground
+        from fedpriv.deploy.superlink import SuperLinkProcess
 
         sl = SuperLinkProcess(
             args.certs, host=args.host, port=args.port, state_file=args.state, log_file=args.log,
             control_port=args.control_port, echo=True,
         )
-        old = install_stop_handlers()
-        try:
-            sl.start()
+
+        def watch() -> None:
             for w in sl.warnings:
                 print(f"fedpriv superlink: warning: {w}", flush=True)
             sl.wait_ready(args.ready_timeout)
@@ -61,14 +61,7 @@ class SuperLinkCommand:
             while True:
                 dead = sl.exited()
                 if dead is not None:
-                    raise FedprivError(_exit_message(dead))
+                    raise FedprivError(exit_message(dead))
                 time.sleep(0.5)
-        except (KeyboardInterrupt, StopRequested) as exc:
-            print(f"fedpriv superlink: {exc if isinstance(exc, StopRequested) else 'SIGINT'}: stopping", flush=True)
-            return 0
-        finally:
-            ignore_stop_signals()  # a second Ctrl-C must not interrupt the cleanup
-            try:
-                sl.stop()
-            finally:
-                restore_handlers(old)
+
+        return run_in_foreground("superlink", sl, watch)

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedpriv.core.errors import FedprivError
+from fedpriv.deploy.paths import require_private_key
 
 SIGNATURE_ENTRY = ".info/FEDPRIV-SIGNATURE"
 SIGNATURE_FORMAT = "fedpriv-fab-signature/1"
@@ -104,8 +105,7 @@ def load_publisher_key(path: str | os.PathLike) -> ed25519.Ed25519PrivateKey:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FedprivError(f"missing publisher key {p}: create it with `fedpriv keygen --publisher DIR`")
-    if os.stat(p).st_mode & 0o077:
-        raise FedprivError(f"publisher key {p} is readable by other users (mode {stat.S_IMODE(os.stat(p).st_mode):o}): chmod 600 it")
+    require_private_key(p, "publisher key")
     try:
         key = serialization.load_ssh_private_key(p.read_bytes(), password=None)
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:

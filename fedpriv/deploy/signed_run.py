@@ -1,6 +1,6 @@
 """``flwr run`` that submits a pre-built, signed bundle instead of building one.
 
-Usage (what :class:`fedpriv.submission.FlowerRunClient` runs)::
+Usage (what :class:`fedpriv.deploy.flwr_cli.FlowerRunClient` runs)::
 
     python -m fedpriv.deploy.signed_run SIGNED.fab run APP_DIR CONNECTION ...
 

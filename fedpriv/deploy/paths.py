@@ -1,0 +1,83 @@
+"""The files and directories a deployment command is given: present, readable, private where they must be.
+
+Every check raises a one-line :class:`~fedpriv.core.errors.FedprivError` naming the path and
+what to do, before any process starts: a missing certificate, an unreadable data directory
+or a group-readable key is the operator's to fix, not a Flower traceback to decode later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedpriv.core.errors import FedprivError
+
+
+def require_file(path: Path, what: str, hint: str = "run `fedpriv certs DIR` first") -> Path:
+    """``path`` is a file this user can read (``what`` names it in the error, ``hint`` says how to get it)."""
+    if not path.is_file():
+        raise FedprivError(f"missing {what} {path}: {hint}")
+    if not os.access(path, os.R_OK):
+        raise FedprivError(f"cannot read {what} {path}: check its owner and permissions")
+    return path
+
+
+def require_data_dir(path: Path, hint: str) -> Path:
+    """``path`` (given as ``--data``) is an existing directory this user can list; ``hint`` says what to pass."""
+    if not path.exists():
+        raise FedprivError(f"data directory {path} does not exist: pass --data with {hint}")
+    if not path.is_dir():
+        raise FedprivError(f"--data {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise FedprivError(f"cannot read data directory {path}: check its owner and permissions")
+    return path
+
+
+def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
+    """A region's data directory: ``DIR`` itself if it holds ``train.jsonl``, else ``DIR/regions/<region>/``."""
+    base = require_data_dir(Path(data_dir).expanduser().absolute(), "the prepared data directory")
+    if (base / "train.jsonl").is_file():
+        chosen = base
+    else:
+        chosen = base / "regions" / region
+        if not chosen.is_dir():
+            raise FedprivError(
+                f"no data for region {region!r}: expected {chosen}/ or a train.jsonl directly in {base} "
+                "(see `fedpriv prepare-data`)"
+            )
+    if not os.access(chosen, os.R_OK | os.X_OK):
+        raise FedprivError(f"cannot read data directory {chosen}: check its owner and permissions")
+    train = chosen / "train.jsonl"
+    if not train.is_file():
+        raise FedprivError(f"no train.jsonl in {chosen}: prepare the region's data there first (see `fedpriv prepare-data`)")
+    if not os.access(train, os.R_OK):
+        raise FedprivError(f"cannot read {train}: check its owner and permissions")
+    return chosen
+
+
+def require_private_key(path: Path, what: str) -> None:
+    """A private key file that other users cannot read (mode 0600 or stricter)."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise FedprivError(f"{what} {path} is readable by other users (mode {mode:o}): chmod 600 it")
+
+
+def prepare_state_file(state_file: Path) -> None:
+    """The SuperLink's SQLite state (runs, messages): readable and writable, created private (0600) if new."""
+    parent = state_file.parent
+    if not parent.is_dir():
+        raise FedprivError(f"directory of --state {state_file} does not exist: create {parent} first")
+    if state_file.exists():
+        if not os.access(state_file, os.R_OK | os.W_OK):
+            raise FedprivError(f"cannot read and write state file {state_file}: check its permissions")
+        return
+    try:
+        os.close(os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise FedprivError(f"cannot create state file {state_file}: {exc.strerror or exc}") from exc
+
+
+def check_node_config_path(what: str, path: Path | None) -> None:
+    """A path that goes into Flower's ``--node-config`` string, which quotes values with ``'``."""
+    if path is not None and any(ch in str(path) for ch in "'\"\n\r"):
+        raise FedprivError(f"{what} {path}: quotes and newlines are not supported in the path")
