@@ -37,7 +37,7 @@ from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_train_requ
 from fedpriv.task.encoding import encode
 from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
 from fedpriv.task.model import build_model, load_tokenizer, set_trainable_values
-from fedpriv.task.partition import load_region, region_dir
+from fedpriv.task.partition import load_region, region_dir, region_test_path, region_train_path
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class RegionRuntime:
     def _features(self, split_name: str) -> FeatureDataset:
         examples = self.shard.train if split_name == "train" else self.shard.test
         data = encode(examples, self.tokenizer, self.cfg.max_length)
-        shard_file = region_dir(self.identity.data_root, self.identity.name) / f"{split_name}.jsonl"
+        shard_path = region_train_path if split_name == "train" else region_test_path
+        shard_file = shard_path(self.identity.data_root, self.identity.name)
         key = cache_key(self.cfg.model, self.cfg.trainable, self.cfg.pooling, self.cfg.max_length, self.cfg.seed, shard_file)
         cache_dir = shard_file.parent / ".fedpriv-cache"
         try:

@@ -17,7 +17,6 @@ unless the testing-only ``insecure-deterministic-noise`` key asks for a replayab
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import sys
 from collections import OrderedDict
@@ -33,7 +32,6 @@ from tqdm.auto import tqdm
 from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
 from fedpriv.client.randomness import enable_secure_noise, release_randomness
 from fedpriv.core.config import FedprivConfig
-from fedpriv.core.errors import DataError
 from fedpriv.privacy.accountant import Entry
 from fedpriv.privacy.schedule import Schedule, choose_noise_multiplier, region_schedule  # noqa: F401  (re-exported)
 from fedpriv.task.features import FeatureDataset, SplitClassifier, collate_features

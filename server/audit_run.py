@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from fedpriv.core.errors import DataError, FedprivError
-from fedpriv.core.files import atomic_write_text
 from fedpriv.privacy.audit import AUDIT_KEY, DEFAULT_MAX_EXAMPLES, loss_attack, pair_members, per_example_losses
 from fedpriv.server.resume import LOCK_NAME
 

@@ -25,7 +25,7 @@ The arithmetic lives in :class:`fedpriv.strategies.server_update_rules.ServerOpt
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO
 from typing import Any
 

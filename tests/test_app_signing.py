@@ -9,9 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from fedpriv.cli import main
 from fedpriv.deploy.app_signing import (
     SIGNATURE_ENTRY, AppNotTrusted, create_publisher_key, load_publisher_key, load_trust_file, sign_bundle,
     trust_line, verify_bundle,

@@ -12,7 +12,6 @@ import random
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedpriv.client import region as region_mod
 from fedpriv.client.region import RegionRuntime, identify_region
 from fedpriv.client.trainer import choose_noise_multiplier, region_schedule
 from fedpriv.core.config import resolve_config

@@ -11,7 +11,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 
 from fedpriv.cli import main
 from fedpriv.privacy.report import render_markdown

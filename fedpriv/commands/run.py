@@ -252,15 +252,16 @@ def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
 def check_server_data(data_dir: Path, cfg) -> None:
     """The coordinator's held-out set exists and is readable; the run's regions were prepared."""
     from fedpriv.deploy.paths import require_data_dir
+    from fedpriv.task.partition import partition_meta_path, server_test_path
 
     require_data_dir(data_dir, "the directory `fedpriv prepare-data --out DIR` wrote")
-    test = data_dir / "server" / "test.jsonl"
+    test = server_test_path(data_dir)
     if not test.is_file():
         raise FedprivError(f"no server held-out set {test}: pass --data with the directory "
                            "`fedpriv prepare-data --out DIR` wrote (it holds server/test.jsonl)")
     if not os.access(test, os.R_OK) or not os.access(test.parent, os.R_OK | os.X_OK):
         raise FedprivError(f"cannot read {test}: check its owner and permissions")
-    meta = data_dir / "partition.json"
+    meta = partition_meta_path(data_dir)
     if not meta.is_file():
         return
     try:

@@ -35,11 +35,13 @@ def require_data_dir(path: Path, hint: str) -> Path:
 
 def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
     """A region's data directory: ``DIR`` itself if it holds ``train.jsonl``, else ``DIR/regions/<region>/``."""
+    from fedpriv.task.partition import TRAIN_FILE, holds_one_region, region_shard_dir
+
     base = require_data_dir(Path(data_dir).expanduser().absolute(), "the prepared data directory")
-    if (base / "train.jsonl").is_file():
+    if holds_one_region(base):
         chosen = base
     else:
-        chosen = base / "regions" / region
+        chosen = region_shard_dir(base, region)
         if not chosen.is_dir():
             raise FedprivError(
                 f"no data for region {region!r}: expected {chosen}/ or a train.jsonl directly in {base} "
@@ -47,7 +49,7 @@ def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
             )
     if not os.access(chosen, os.R_OK | os.X_OK):
         raise FedprivError(f"cannot read data directory {chosen}: check its owner and permissions")
-    train = chosen / "train.jsonl"
+    train = chosen / TRAIN_FILE
     if not train.is_file():
         raise FedprivError(f"no train.jsonl in {chosen}: prepare the region's data there first (see `fedpriv prepare-data`)")
     if not os.access(train, os.R_OK):

@@ -14,7 +14,6 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-import fedpriv.client.region as region_mod
 from adversary_support import DELTA, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from fedpriv.core import contract
 from fedpriv.privacy.accountant import epsilon_of
