@@ -22,7 +22,7 @@ from fedpriv.core.errors import ConfigError, DataError
 from fedpriv.deploy.flwr_cli import FlowerRunClient, RunOutcome
 from fedpriv.simulations.local_superlink import LocalSimulationSuperLink
 from fedpriv.task.data import load_corpus
-from fedpriv.task.partition import PARTITION_FILE, partition_corpus, partition_spec, write_shards
+from fedpriv.task.partition import PARTITION_FILE, check_prepared_regions, partition_corpus, partition_spec, write_shards
 
 
 def load_presets() -> dict[str, dict[str, Any]]:
@@ -49,14 +49,8 @@ def prepare_shards(cfg: FedprivConfig, corpus_dir: Path) -> Path:
 
 
 def check_region_sizes(root: Path, cfg: FedprivConfig) -> None:
-    import json
-
-    stats = json.loads((root / PARTITION_FILE).read_text())["stats"]
-    for region in cfg.regions:
-        n = stats[region]["train"]
-        if n < cfg.batch_size:
-            raise DataError(f"region {region!r} has {n} training posts, fewer than batch-size = {cfg.batch_size}: "
-                            f"expected batch-size <= {n} (lower batch-size, use fewer regions, or raise max-examples-per-region)")
+    check_prepared_regions(root, cfg.regions, cfg.batch_size,
+                           "lower batch-size, use fewer regions, or raise max-examples-per-region")
 
 
 def detect_gpus() -> int:

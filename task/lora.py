@@ -21,9 +21,9 @@ submodules, which Opacus' per-sample hooks (and ghost clipping's norm samplers)
 support. Two hazards from Opacus issue #820 are avoided by construction:
 adapters are injected before any Opacus hook is registered, and the model is
 on its device before ``make_private`` (``LocalTrainer`` moves it first). The
-benchmark ``bench/dp_cost.py`` re-verifies with the pinned versions that
-per-sample adapter gradients match a per-example loop, that a noiseless DP step
-equals the plain SGD step, and that the adapters change and the loss falls.
+tests re-verify with the pinned versions that per-sample adapter gradients match a
+per-example loop (``tests/test_per_sample_gradients.py``) and that the adapters
+train under DP-SGD (``tests/test_lora.py``).
 
 FedAvg averages ``A`` and ``B`` separately; the mean of the products ``B_i A_i``
 is not the product of the means, a known approximation of federated LoRA that

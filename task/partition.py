@@ -210,3 +210,29 @@ def partition_spec(cfg: "FedprivConfig") -> PartitionSpec:
                          server_test_fraction=cfg.server_test_fraction,
                          max_examples_per_region=cfg.max_examples_per_region,
                          max_server_examples=cfg.max_server_examples)
+
+
+def check_prepared_regions(data_root: Path, regions: Sequence[str], batch_size: int, remedy: str) -> None:
+    """The run's regions were prepared under ``data_root`` with at least ``batch_size`` training posts each.
+
+    Reads the partition's stats (``partition.json``); nothing to check when there is none (a
+    deployed coordinator may hold only the server's held-out set). ``remedy`` ends the one-line
+    error for a region that is too small: what the caller's user can change.
+    """
+    meta = partition_meta_path(data_root)
+    if not meta.is_file():
+        return
+    try:
+        stats = json.loads(meta.read_text())["stats"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{meta} is unreadable or not a fedpriv partition ({exc}): re-run `fedpriv prepare-data --out`") from None
+    prepared = sorted(k for k in stats if k != SERVER_DIR)
+    for region in regions:
+        if region not in stats:
+            raise DataError(f"unknown region {region!r}: {data_root} was prepared for {', '.join(prepared)} "
+                            f"(re-run `fedpriv prepare-data --out DIR --regions ...`)")
+        n = int(stats[region].get("train", 0))
+        if n < batch_size:
+            raise DataError(f"region {region!r} has {n} training posts, fewer than batch-size = {batch_size}: "
+                            f"expected batch-size <= {n} ({remedy})")
+

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fedpriv.commands.registry import command
+from fedpriv.core.report_schema import MD_NAME
 
 
 @command("audit", "Run a loss-threshold membership-inference attack on a run's final model and add it to the report.")
@@ -41,5 +42,5 @@ class AuditCommand:
             print(json.dumps(audit, indent=2))
         else:
             print(format_audit(audit))
-            print(f"\nadded to {path} (key \"audit\") and {args.run_dir / 'privacy_report.md'}")
+            print(f"\nadded to {path} (key \"audit\") and {args.run_dir / MD_NAME}")
         return 0

@@ -26,7 +26,6 @@ errors, 130 on Ctrl-C and 143 on SIGTERM (the run is stopped on the SuperLink).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import uuid
@@ -252,7 +251,7 @@ def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
 def check_server_data(data_dir: Path, cfg) -> None:
     """The coordinator's held-out set exists and is readable; the run's regions were prepared."""
     from fedpriv.deploy.paths import require_data_dir
-    from fedpriv.task.partition import partition_meta_path, server_test_path
+    from fedpriv.task.partition import check_prepared_regions, server_test_path
 
     require_data_dir(data_dir, "the directory `fedpriv prepare-data --out DIR` wrote")
     test = server_test_path(data_dir)
@@ -261,22 +260,7 @@ def check_server_data(data_dir: Path, cfg) -> None:
                            "`fedpriv prepare-data --out DIR` wrote (it holds server/test.jsonl)")
     if not os.access(test, os.R_OK) or not os.access(test.parent, os.R_OK | os.X_OK):
         raise FedprivError(f"cannot read {test}: check its owner and permissions")
-    meta = partition_meta_path(data_dir)
-    if not meta.is_file():
-        return
-    try:
-        stats = json.loads(meta.read_text())["stats"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise FedprivError(f"{meta} is unreadable or not a fedpriv partition ({exc}): re-run `fedpriv prepare-data --out`") from None
-    prepared = sorted(k for k in stats if k != "server")
-    for region in cfg.regions:
-        if region not in stats:
-            raise FedprivError(f"unknown region {region!r}: {data_dir} was prepared for {', '.join(prepared)} "
-                               f"(re-run `fedpriv prepare-data --out DIR --regions ...`)")
-        n = int(stats[region].get("train", 0))
-        if n < cfg.batch_size:
-            raise FedprivError(f"region {region!r} has {n} training posts, fewer than batch-size = {cfg.batch_size}: "
-                               f"expected batch-size <= {n} (lower batch-size or prepare more data)")
+    check_prepared_regions(data_dir, cfg.regions, cfg.batch_size, "lower batch-size or prepare more data")
 
 
 def check_new_run_dir(run_dir: Path) -> None:

@@ -7,6 +7,7 @@ import argparse
 from fedpriv.commands.options import add_quiet, add_run_config, add_run_dir
 from fedpriv.commands.registry import command
 from fedpriv.core.config import parse_overrides
+from fedpriv.core.report_schema import MD_NAME
 
 
 @command("simulate", "Run a local multi-region simulation of the fedpriv app and write its privacy report.")
@@ -23,7 +24,7 @@ class SimulateCommand:
 
         sim = Simulation(parse_overrides(args.run_config), preset=args.preset, run_dir=args.run_dir)
         result = sim.run(stream=not args.quiet)
-        report = result.run_dir / "privacy_report.md"
+        report = result.run_dir / MD_NAME
         if not result.outcome.succeeded:
             print(f"fedpriv simulate: run {result.outcome.run_id} ended with status {result.outcome.status} "
                   f"{result.outcome.details}; see {result.run_dir}/superlink.log", flush=True)
