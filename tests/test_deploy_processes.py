@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from e2e_support import tree_pids
 from fedpriv.cli import main
 from fedpriv.deploy.certs import create_certs
 from fedpriv.deploy.flwr_cli import list_supernodes, register_region, write_flwr_home
@@ -60,20 +61,10 @@ def write_policy(root: Path) -> Path:
     return path
 
 
-def _tree(pid: int | None) -> set[int]:
-    if pid is None:
-        return set()
-    try:
-        p = psutil.Process(pid)
-        return {pid, *(c.pid for c in p.children(recursive=True))}
-    except psutil.Error:
-        return set()
-
-
 def _group_pids(group) -> set[int]:
     pids: set[int] = set()
     for mp in group.procs:
-        pids |= _tree(mp.pid)
+        pids |= tree_pids(mp.pid)
     return pids
 
 
@@ -545,7 +536,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path, si
     try:
         assert ready.wait(READY_TIMEOUT), "".join(out)
         time.sleep(0.5)
-        pids |= _tree(proc.pid)
+        pids |= tree_pids(proc.pid)
         assert len(pids) >= 3  # fedpriv, flower-superlink, gateway (+ flower-superexec)
         os.kill(proc.pid, sig)
         assert proc.wait(timeout=60) == 0

@@ -16,9 +16,9 @@ import uuid
 
 import numpy as np
 import pytest
+from conftest import fixed_task_identity
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.client import secure_aggregation as secagg
 from fedpriv.client.app import app as client_app
@@ -34,10 +34,8 @@ NODE = 1 << 62
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with fixed_task_identity():
+        yield
 
 
 class StageGrid:

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import fixed_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 import fedpriv.client.region
 from fedpriv.client import secure_aggregation as secagg
@@ -39,10 +39,8 @@ NODE_BASE = (1 << 63) + 12345  # Flower node ids are unsigned 64-bit; exercise t
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with fixed_task_identity():
+        yield
 
 
 def _run_config(tmp_path, n, **overrides):

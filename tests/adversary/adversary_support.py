@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fixed_task_identity
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.core import contract
 from fedpriv.privacy.secagg import messages
@@ -128,10 +128,8 @@ def refusal(reply: Message) -> contract.RegionError:
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with fixed_task_identity():
+        yield
 
 
 @pytest.fixture(scope="module")
