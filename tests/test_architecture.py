@@ -92,6 +92,20 @@ t.join()
 """
 
 
+def _race(component: str):
+    """Run RACE as the app bundle is run: the source tree first on the path, no developer install.
+
+    ``-S`` leaves out the ``.pth`` files, so a setuptools editable finder (which would map the
+    sub-packages by name and hide the race) is not consulted; this is the situation of a wheel
+    install whose SuperExec puts the unpacked bundle first on ``sys.path``.
+    """
+    import subprocess
+
+    python, env = lint_imports._python(ROOT)
+    return subprocess.run([*python, "-c", RACE, str(ROOT), component], cwd="/", env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.parametrize("component", ["serverapp", "clientapp"])
 def test_flower_finds_the_apps_while_another_thread_is_still_importing_fedpriv(component: str) -> None:
     """Flower's simulation imports the ServerApp in one thread while another validates the ClientApp.
@@ -101,20 +115,16 @@ def test_flower_finds_the_apps_while_another_thread_is_still_importing_fedpriv(c
     "No module named 'fedpriv.client'" in one simulation out of two. The components in
     pyproject.toml go through :mod:`fedpriv.apps`, which Flower finds in ``fedpriv/`` itself.
     """
-    import subprocess
     import tomllib
 
     ref = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"][component]
-    out = subprocess.run([sys.executable, "-c", RACE, str(ROOT), ref], cwd="/", capture_output=True, text=True, timeout=60)
+    out = _race(ref)
     assert out.stdout.strip() == "(True, None)", out.stdout + out.stderr[-2000:]
 
 
 def test_the_race_is_real_for_a_component_below_the_mapped_folders() -> None:
     """The check above can fail: the same race, naming the app module directly, is caught."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", RACE, str(ROOT), "fedpriv.client.app:app"], cwd="/",
-                         capture_output=True, text=True, timeout=60)
+    out = _race("fedpriv.client.app:app")
     assert "No module named 'fedpriv.client'" in out.stdout + out.stderr
 
 
