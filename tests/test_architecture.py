@@ -134,3 +134,14 @@ def test_the_entry_points_are_the_apps() -> None:
     from fedpriv.server.app import app as server_app
 
     assert fedpriv.apps.serverapp is server_app and fedpriv.apps.clientapp is client_app
+
+
+def test_a_serverapp_process_never_imports_the_regions_code_and_vice_versa() -> None:
+    """``fedpriv.apps`` hands over each app lazily: loading one side imports nothing of the other."""
+    import subprocess
+
+    code = ("import sys, fedpriv.apps as a; a.{0}; "
+            "print(sorted({{m.split('.')[1] for m in sys.modules if m.startswith(('fedpriv.server', 'fedpriv.client'))}}))")
+    seen = {side: subprocess.run([sys.executable, "-c", code.format(side)], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120).stdout.strip() for side in ("serverapp", "clientapp")}
+    assert seen == {"serverapp": "['server']", "clientapp": "['client']"}

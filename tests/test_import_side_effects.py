@@ -20,7 +20,8 @@ BINDIR = str(Path(sys.executable).parent)
 
 
 @pytest.mark.parametrize("module", ["fedpriv", "fedpriv.core.errors", "fedpriv.core.config", "fedpriv.cli",
-                                    "fedpriv.deploy.processes", "fedpriv.deploy.flwr_cli", "fedpriv.simulations.runner"])
+                                    "fedpriv.deploy.processes", "fedpriv.deploy.flwr_cli", "fedpriv.simulations.runner",
+                                    "fedpriv.apps", "fedpriv.core.contract", "fedpriv.core.report_schema"])
 def test_importing_a_fedpriv_module_leaves_path_unchanged(module):
     path = os.pathsep.join(["/usr/bin", "/bin"])  # this interpreter's directory is not on it
     code = f"import json, os; before = os.environ['PATH']; import {module}; print(json.dumps([before, os.environ['PATH']]))"
