@@ -59,7 +59,7 @@ def worker(spec: dict) -> dict:
     result = sim.run(stream=False)
     out = {"status": result.outcome.status, "details": result.outcome.details[-500:] if result.outcome.details else "",
            "wall_s": result.wall_time_s, "total_s": time.time() - t0}
-    from fedpriv.privacy.report import JSON_NAME, load_report
+    from fedpriv.core.report_schema import JSON_NAME, load as load_report
 
     if (Path(spec["run_dir"]) / JSON_NAME).exists():
         data = load_report(Path(spec["run_dir"]))

@@ -529,7 +529,7 @@ def run_simulation(o: dict, log) -> dict:
     """Confirm one point with the real thing: Simulation(...) with the default preset."""
     import tempfile
 
-    from fedpriv.privacy.report import load_report
+    from fedpriv.core.report_schema import load as load_report
     from fedpriv.simulations.runner import Simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-bench-utility-"))

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedpriv.core import report_schema
-from fedpriv.core.report_schema import JSON_NAME, MD_NAME, SCHEMA_VERSION, TOP_LEVEL_KEYS
+from fedpriv.core.report_schema import SCHEMA_VERSION, TOP_LEVEL_KEYS
 from fedpriv.privacy.accountant import Entry, cross_check_accountant, epsilon_of
 from fedpriv.privacy.report_markdown import render_markdown
-from fedpriv.privacy.report_view import (DP_AT_EPSILON, NO_GUARANTEE, NOT_PRIVATE, PUBLIC_BY_POLICY, ReportView,
-                                         budget_left, enforcement_text, epsilon_text, no_dp_guarantee, released_values,
-                                         secure_aggregation_rounds)
+from fedpriv.privacy.report_view import ReportView, budget_left
 
 
 @dataclass
@@ -197,11 +195,6 @@ def _restored(name: str, value: Any) -> Any:
     return value
 
 
-def load_report(run_dir: Path) -> dict[str, Any]:
-    """The run's report, checked and normalised (:func:`fedpriv.core.report_schema.load`)."""
-    return report_schema.load(run_dir)
-
-
 def save_report(run_dir: Path, data: Mapping[str, Any]) -> Path:
     """Rewrite a loaded report (e.g. with an ``audit`` added) and its Markdown, each atomically."""
     return report_schema.save(run_dir, data, render_markdown(data))
@@ -218,6 +211,4 @@ def is_private(metrics: dict[str, Any]) -> bool:
     return "epsilon" in metrics and float(metrics["epsilon"]) >= 0
 
 
-__all__ = ["DP_AT_EPSILON", "JSON_NAME", "MD_NAME", "NOT_PRIVATE", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "RegionRecord",
-           "RunReport", "SCHEMA_VERSION", "enforcement_text", "epsilon_text", "is_private", "load_report",
-           "no_dp_guarantee", "released_values", "render_markdown", "save_report", "secure_aggregation_rounds"]
+__all__ = ["RegionRecord", "RunReport", "is_private", "save_report"]

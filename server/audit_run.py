@@ -69,7 +69,7 @@ def run_config(report: Mapping[str, Any]):
 def audit_run(run_dir: str | Path, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int | None = None,
               data_dir: str | Path | None = None, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the attack on ``run_dir``'s final model; returns the ``audit`` dict (does not write it)."""
-    from fedpriv.privacy.report import load_report
+    from fedpriv.core.report_schema import load as load_report
     from fedpriv.privacy.report_view import max_region_epsilon
     from fedpriv.task.device import select_device
     from fedpriv.task.model import load_tokenizer
@@ -150,7 +150,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
 def save_audit(run_dir: str | Path, audit: Mapping[str, Any]) -> Path:
     """Add ``audit`` to the run's ``privacy_report.json`` and re-render its Markdown (and HTML, if present)."""
     from fedpriv.core.report_schema import HTML_NAME, JSON_NAME
-    from fedpriv.privacy.report import load_report, save_report
+    from fedpriv.core.report_schema import load as load_report
+    from fedpriv.privacy.report import save_report
 
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir):

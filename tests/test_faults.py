@@ -213,7 +213,7 @@ def _write_run(run_dir: Path, evaluated: list[int], checkpoints: list[int], job_
 
 
 def test_constants_match_their_sources():
-    from fedpriv.privacy.report import JSON_NAME
+    from fedpriv.core.report_schema import JSON_NAME
     from fedpriv.server.checkpoints import CHECKPOINT_DIR
 
     assert resume.JSON_NAME == JSON_NAME and resume.CHECKPOINT_DIR == CHECKPOINT_DIR

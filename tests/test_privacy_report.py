@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from fedpriv.privacy.report import RunReport, load_report, render_markdown
+from fedpriv.core.report_schema import load as load_report
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.report_markdown import render_markdown
 from fedpriv.privacy.report_view import max_region_epsilon, region_epsilon_series
 from fedpriv.server.resume import restore_report
 

@@ -12,7 +12,8 @@ from fedpriv.core.errors import ConfigError
 from fedpriv.privacy.ledger import PrivacyLedger, Release
 from fedpriv.privacy.policy import (BUILTIN_SIMULATION_POLICY, PolicyRefusal, check_secagg_threshold, load_policy,
                             load_simulation_policy, policy_for_node)
-from fedpriv.privacy.report import RunReport, render_markdown
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.report_markdown import render_markdown
 
 EXAMPLE = BUILTIN_SIMULATION_POLICY.parents[1] / "examples" / "region-policy.toml"
 

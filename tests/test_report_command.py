@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from fedpriv.cli import main
-from fedpriv.privacy.report import render_markdown
+from fedpriv.privacy.report_markdown import render_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]

@@ -47,13 +47,11 @@ def resolve_region_data_dir(data_dir: str | os.PathLike, region: str) -> Path:
                 f"no data for region {region!r}: expected {chosen}/ or a train.jsonl directly in {base} "
                 "(see `fedpriv prepare-data`)"
             )
-    if not os.access(chosen, os.R_OK | os.X_OK):
-        raise FedprivError(f"cannot read data directory {chosen}: check its owner and permissions")
+    require_data_dir(chosen, "the prepared data directory")
     train = chosen / TRAIN_FILE
     if not train.is_file():
         raise FedprivError(f"no train.jsonl in {chosen}: prepare the region's data there first (see `fedpriv prepare-data`)")
-    if not os.access(train, os.R_OK):
-        raise FedprivError(f"cannot read {train}: check its owner and permissions")
+    require_file(train, "training posts")
     return chosen
 
 

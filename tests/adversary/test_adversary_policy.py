@@ -17,7 +17,9 @@ from opacus.accountants import RDPAccountant
 from adversary_support import DELTA, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from fedpriv.core import contract
 from fedpriv.privacy.accountant import epsilon_of
-from fedpriv.privacy.report import NOT_PRIVATE, RunReport, render_markdown
+from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.report_markdown import render_markdown
+from fedpriv.privacy.report_view import NOT_PRIVATE
 from fedpriv.strategies.private_fedavg import PrivateFedAvg
 
 
