@@ -1,44 +1,32 @@
 #!/usr/bin/env python
-"""Utility vs privacy on the real data: held-out accuracy of centralized, federated and DP federated training.
+"""Utility vs privacy on the real data: the gap between fedpriv's DP-FL and a non-private fine-tune.
 
-The default data split (the default run config's partition: 3 regions, the server's
-held-out set split off first), fedpriv's default model (all-MiniLM-L6-v2, mean
-pooling, ``trainable = head`` on cached frozen features). Rows:
+Two studies, one script:
 
-* non-private **centralized**: all regions' training posts pooled, same model and
-  trainable policy (and, if affordable, a stronger ``trainable = top-2`` baseline);
-* non-private **federated**: FedAvg over the 3 regions;
-* **DP federated** at epsilon = 1, 3, 8 (delta = 1e-5): each region's noise multiplier
-  chosen for its own schedule by ``fedpriv.privacy.schedule.choose_noise_multiplier`` (Opacus'
-  ``get_noise_multiplier`` over all rounds x local steps, as the ClientApp does),
-  cross-checked with ``fedpriv.privacy.planner.plan_schedule``;
-* the current ``pyproject.toml`` defaults at epsilon = 8, and one real ``Simulation``
-  (Flower, SuperLink, Ray, secure aggregation as configured) to confirm epsilon = 8.
+* **The yardstick** (default, :func:`yardstick`; issue 10), on any device (``--device auto``: CUDA
+  when present; every row names where it ran): the ceiling -- a non-private centralized fine-tune
+  of the whole encoder --, a centralized DP fine-tune, and fedpriv's DP-FL families (``head``, LoRA
+  on all layers, ``all``) at epsilon = 8, 3, 1, with the gap to the ceiling as the headline column.
+  Per family the setting is chosen at epsilon = 8 on *validation* accuracy (the regions' local test
+  posts) and only then evaluated on the server's held-out posts. The runs are ``bench/finetune.py``'s
+  (fedpriv's ``LocalTrainer``, FedAvg weighted by examples, the project's server optimizer,
+  schedule and accountant), the same as ``bench/gpu_session.py`` without its time budget.
+* **The head sweep** (``--head-sweep``, :func:`main`): the earlier, CPU-sized study of the default
+  ``trainable = head`` model on cached frozen features -- centralized, federated and DP federated
+  at epsilon = 1, 3, 8 with a hyper-parameter sweep, confirmed by one real ``Simulation``. Its sweep
+  uses a fast in-process round on stacked head features (Poisson sampling at Opacus' rate, per-post
+  clipping from closed-form per-post gradient norms, Gaussian noise; the DP-SGD step of Opacus up to
+  float rounding: ``bench/closed_form.py``, checked by ``tests/test_per_sample_gradients.py``), while
+  every reported number comes from :class:`fedpriv.client.trainer.LocalTrainer`.
+  It writes ``bench/results/utility_head.md``.
 
-Honest tuning: hyper-parameters are chosen on a *validation* set -- the union of the
-regions' local test posts (``local-test-fraction``) -- and only the chosen settings
-are then evaluated on the server's held-out set, which no region trains on and no
-choice looks at. (Tuning itself is not privacy-accounted, as is usual in the DP
-literature; a deployment would fix the settings from a public proxy.)
+Honest tuning in both: hyper-parameters are chosen on validation data, never on the held-out posts
+(tuning itself is not privacy-accounted, as is usual in the DP literature; a deployment would fix
+the settings from a public proxy).
 
-Two implementations of a local round, one result: the hyper-parameter sweep uses a
-fast in-process round on stacked head features (Poisson sampling at Opacus' rate
-``1/ceil(N/B)``, per-post clipping from closed-form per-post gradient norms of the
-two Linear layers, Gaussian noise, Opacus' expected batch size; bit-for-bit the
-DP-SGD step of Opacus up to float rounding: ``bench/closed_form.py``, checked against
-Opacus by ``tests/test_per_sample_gradients.py``), because
-Opacus' per-sample hooks are 5-20x slower on this head. Every reported number
-comes from :class:`fedpriv.client.trainer.LocalTrainer` -- the ClientApp's code path (Opacus
-``PrivacyEngine``, ``BatchMemoryManager``) -- with FedAvg weighted by examples,
-repeated over ``--seeds`` seeds (different sampling/noise/dropout; the model
-initialisation and the data split are the run config's). Both share the rounds, the
-example-weighted mean and the server step (``finetune.federated_rounds`` over
-:class:`fedpriv.strategies.server_update_rules.ServerOptimizer`) and the accounting
-(:mod:`fedpriv.privacy.schedule`, :mod:`fedpriv.privacy.accountant`).
-
-Usage: ``python bench/utility.py`` (writes bench/results/utility.md; 1-3 h on 2
-shared cores, most of it the sweep and the frozen-feature pass, which is cached) or
-``python bench/utility.py --quick`` (a few hundred posts, a tiny grid, prints only).
+Usage: ``python bench/utility.py [--device auto] [--families ...]`` (the yardstick; the ceiling alone
+is about an hour on 2 CPU cores, a minute on a GPU), ``python bench/utility.py --head-sweep``
+(1-3 h on 2 shared cores) or either with ``--quick`` (a few hundred posts, prints only).
 """
 
 from __future__ import annotations
@@ -275,7 +263,11 @@ def mean_sd(xs: list[float]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """``--head-sweep``: the head-only study on cached frozen features (centralized, federated, DP federated
+    at epsilon = 1, 3, 8, a validation sweep, one real Simulation); writes bench/results/utility_head.md.
+
+    See the module docstring for how its fast sweep relates to the reported LocalTrainer runs."""
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred posts per region, tiny grid, 1 seed")
     parser.add_argument("--seeds", type=int, default=None, help="repetitions of each reported run (default 3)")
     parser.add_argument("--no-simulation", action="store_true", help="skip the real Simulation at epsilon = 8")
@@ -287,7 +279,7 @@ def main(argv=None) -> int:
                         help="a 12-setting DP grid per epsilon and 3 finalists (about a third of the full sweep)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None,
-                        help="write the Markdown here (default bench/results/utility.md; nothing for --quick)")
+                        help="write the Markdown here (default bench/results/utility_head.md; nothing for --quick)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import warnings
@@ -298,7 +290,7 @@ def main(argv=None) -> int:
     quick = args.quick
     seeds = args.seeds or (1 if quick else 3)
     top2_epochs = args.top2_epochs if args.top2_epochs is not None else (0 if quick else 3)
-    out_path = args.out if args.out is not None else (None if quick else RESULTS / "utility.md")
+    out_path = args.out if args.out is not None else (None if quick else RESULTS / "utility_head.md")
     limit = 64 if quick else None
     started = time.time()
 
@@ -486,7 +478,7 @@ def main(argv=None) -> int:
                           + ", ".join(f"{p[1]:.2f}" for p in row["planner"]))
     n_train = {r: len(d) for r, d in data.train.items()}
     body = "\n".join([
-        "Generated by `python bench/utility.py`; do not edit by hand.",
+        "Generated by `python bench/utility.py --head-sweep`; do not edit by hand.",
         "",
         f"Machine: {machine_line([f'{args.threads} torch threads'])}. Total run time {(time.time() - started) / 60:.0f} min.",
         "",
