@@ -34,6 +34,25 @@ def test_file_mode_is_set_before_the_content_lands(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_a_new_file_gets_the_mode_open_would_give_and_a_rewrite_keeps_the_old_mode(tmp_path: Path) -> None:
+    """A report must be readable by whoever the operator's umask lets read it, as before the one writer: the
+    temporary file's 0600 must not leak onto the target (it did: reports became owner-only)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        report = atomic_write_text(tmp_path / "privacy_report.json", "{}")
+        assert stat.S_IMODE(report.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "private.md", "x").stat().st_mode) == 0o600
+        report.chmod(0o640)  # an operator's choice survives the next round's rewrite
+        atomic_write_text(report, '{"round": 2}')
+        assert stat.S_IMODE(report.stat().st_mode) == 0o640
+        assert stat.S_IMODE(atomic_write_text(report, "{}", file_mode=0o600).stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_only_write_modes_are_accepted(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'a'"):
         with atomic_open(tmp_path / "x", "a"):

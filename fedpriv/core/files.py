@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -20,9 +21,12 @@ from typing import IO, Iterator
 def atomic_open(path: str | Path, mode: str = "w", *, file_mode: int | None = None) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``.
 
-    ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. ``file_mode`` (e.g. ``0o600`` for secrets) is set
-    before any byte is written. If the block raises, the target is untouched and the temporary
-    file is removed.
+    ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. Permissions are set before any byte is written:
+    ``file_mode`` (e.g. ``0o600`` for secrets) if given; otherwise those of the file being replaced (an
+    operator's ``chmod`` survives the rewrite), and for a new file what ``open()`` would give (0666 less
+    the umask) -- not the 0600 of the temporary file, which would lock a report away from the privacy
+    officer it is written for. If the block raises, the target is untouched and the temporary file is
+    removed.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
@@ -30,8 +34,7 @@ def atomic_open(path: str | Path, mode: str = "w", *, file_mode: int | None = No
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        if file_mode is not None:
-            os.fchmod(fd, file_mode)
+        os.fchmod(fd, file_mode if file_mode is not None else _replacement_mode(target))
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
             yield fh
             fh.flush()
@@ -41,6 +44,26 @@ def atomic_open(path: str | Path, mode: str = "w", *, file_mode: int | None = No
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _replacement_mode(target: Path) -> int:
+    """The permission bits a plain ``open(target, "w")`` would leave: the existing file's, or 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` must set it to read it,
+    which another thread could observe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str, *, file_mode: int | None = None) -> Path:
