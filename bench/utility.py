@@ -559,15 +559,13 @@ def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
     layer with LoRA adapters on cached layer-5 features, ~75 s per epoch of the 14,887 posts on 2 cores (DP on the
     full top layer, 1.9 M parameters, is ~3x slower: bench/results/dp_cost.md). Adam with server momentum, as the
     GPU runs chose for the whole encoder."""
-    sched = {"local-optimizer": "adam", "weight-decay": 0.0, "grad-sample-mode": "hooks", "server-optimizer": "fedavgm",
-             "server-momentum": 0.5}
+    top1 = {"trainable": "top-1", "lora-rank": 8, "local-optimizer": "adam", "weight-decay": 0.0, "learning-rate": 3e-3,
+            "grad-sample-mode": "hooks", "server-optimizer": "fedavgm", "server-momentum": 0.5, "local-epochs": 1.0}
     if quick:
-        return [("top-1 LoRA r=8, Adam 3e-3", {"trainable": "top-1", "lora-rank": 8, "learning-rate": 3e-3, **sched,
-                                               "batch-size": 64, "physical-batch-size": 64, "local-epochs": 1.0,
+        return [("top-1 LoRA r=8, Adam 3e-3", {**top1, "batch-size": 64, "physical-batch-size": 64,
                                                "num-server-rounds": 2})]
     return [("top-1 LoRA r=8, Adam 3e-3, B 1024, E 1 x R 8, FedAvgM 0.5",
-             {"trainable": "top-1", "lora-rank": 8, "learning-rate": 3e-3, **sched, "batch-size": 1024,
-              "physical-batch-size": 256, "local-epochs": 1.0, "num-server-rounds": 8})]
+             {**top1, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 8})]
 
 
 def yardstick(argv=None) -> int:

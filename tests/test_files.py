@@ -30,6 +30,11 @@ def test_writes_replace_the_target_and_create_its_folder(tmp_path: Path) -> None
 
 
 def test_file_mode_is_set_before_the_content_lands(tmp_path: Path) -> None:
+    import os
+
+    with atomic_open(tmp_path / "secret.key", file_mode=0o600) as fh:
+        assert stat.S_IMODE(os.fstat(fh.fileno()).st_mode) == 0o600  # before a byte is written
+        fh.write("key")
     target = atomic_write_text(tmp_path / "secret.key", "key", file_mode=0o600)
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 

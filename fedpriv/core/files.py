@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -24,17 +24,23 @@ def atomic_open(path: str | Path, mode: str = "w", *, file_mode: int | None = No
     ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. Permissions are set before any byte is written:
     ``file_mode`` (e.g. ``0o600`` for secrets) if given; otherwise those of the file being replaced (an
     operator's ``chmod`` survives the rewrite), and for a new file what ``open()`` would give (0666 less
-    the umask) -- not the 0600 of the temporary file, which would lock a report away from the privacy
-    officer it is written for. If the block raises, the target is untouched and the temporary file is
+    the umask) -- not ``mkstemp``'s 0600, which would lock a report away from the privacy officer it is
+    written for. If the block raises, the target is untouched and the temporary file is
     removed.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    # Created with the secret's mode, or as open() would (0666 less the umask, applied by the kernel): a secret's
+    # file is never, even empty, open to others (an fd opened then could read it later). O_EXCL: never another's file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o666 if file_mode is None else file_mode)
     try:
-        os.fchmod(fd, file_mode if file_mode is not None else _replacement_mode(target))
+        mode_now = file_mode if file_mode is not None else _existing_mode(target)
+        if mode_now is not None:
+            os.fchmod(fd, mode_now)
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
             yield fh
             fh.flush()
@@ -46,24 +52,12 @@ def atomic_open(path: str | Path, mode: str = "w", *, file_mode: int | None = No
         raise
 
 
-def _replacement_mode(target: Path) -> int:
-    """The permission bits a plain ``open(target, "w")`` would leave: the existing file's, or 0666 & ~umask."""
+def _existing_mode(target: Path) -> int | None:
+    """The permission bits of the file being replaced, or None for a new file."""
     try:
         return stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
-        return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux shows it (``os.umask`` must set it to read it,
-    which another thread could observe)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        return None
 
 
 def atomic_write_text(path: str | Path, text: str, *, file_mode: int | None = None) -> Path:
