@@ -6,7 +6,8 @@ that Poisson-samples every example with probability ``1 / len(loader)`` and atta
 accountant hook that records that same rate at every optimizer step. So the run's schedule is
 
 - sample rate  q = 1 / ceil(N/B)  (expected logical batch N / ceil(N/B) <= B), and
-- steps per round = ceil(E · ceil(N/B)): E epochs of that loader (E may be fractional),
+- steps per round = ceil(E · ceil(N/B)): E epochs of that loader (E may be fractional), or exactly
+  S when the run config sets ``local-steps = S`` (S = 1 is DP-FedSGD: one noisy step per round),
 
 and the whole run is ``rounds × steps per round`` steps at q. The planner once used q = B/N
 and ceil(E·N/B) instead, so ``fedpriv plan`` predicted ε for a schedule no run used; now every
@@ -44,7 +45,7 @@ class Schedule:
     sample_rate: float
     """Poisson rate q = 1 / ceil(N/B), the rate Opacus samples and accounts with."""
     steps_per_round: int
-    """Logical DP-SGD steps per round, ceil(E · ceil(N/B))."""
+    """Logical DP-SGD steps per round: ceil(E · ceil(N/B)), or ``local-steps`` when set."""
     total_steps: int
     """Steps over all planned rounds (σ is chosen so these spend at most the target ε)."""
 
@@ -88,19 +89,25 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
     return 1.0 / batches_per_epoch(num_examples, batch_size)
 
 
-def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> int:
-    """Logical DP-SGD steps per round: ceil(local_epochs · ceil(N/B)), at least 1."""
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: float, local_steps: int = 0) -> int:
+    """Logical DP-SGD steps per round: ``local_steps`` when > 0 (the same count in every region, whatever its
+    size), else ceil(local_epochs · ceil(N/B)), at least 1."""
     batches = batches_per_epoch(num_examples, batch_size)
+    _check(isinstance(local_steps, int) and not isinstance(local_steps, bool) and local_steps >= 0, "local-steps",
+           local_steps, "0 (steps from local-epochs) or a number of DP-SGD steps per round >= 1")
+    if local_steps:
+        return local_steps
     ok = not isinstance(local_epochs, bool) and isinstance(local_epochs, (int, float)) and math.isfinite(local_epochs)
     _check(ok and local_epochs > 0, "local-epochs", local_epochs, "a number of epochs > 0")
     return max(1, math.ceil(_exact(local_epochs) * batches))
 
 
-def schedule_for(num_examples: int, batch_size: int, local_epochs: float, rounds: int) -> Schedule:
-    """The schedule of ``rounds`` rounds of ``local_epochs`` epochs over N examples at logical batch B."""
+def schedule_for(num_examples: int, batch_size: int, local_epochs: float, rounds: int, local_steps: int = 0) -> Schedule:
+    """The schedule of ``rounds`` rounds of ``local_epochs`` epochs (or ``local_steps`` steps) over N examples at
+    logical batch B."""
     _check(isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1, "rounds", rounds,
            "an integer >= 1")
-    steps = steps_per_round(num_examples, batch_size, local_epochs)
+    steps = steps_per_round(num_examples, batch_size, local_epochs, local_steps)
     return Schedule(sample_rate=sample_rate_for(num_examples, batch_size), steps_per_round=steps,
                     total_steps=steps * rounds)
 
@@ -112,7 +119,7 @@ def region_schedule(num_examples: int, cfg: "FedprivConfig") -> Schedule:
             f"region has {num_examples} training examples, fewer than batch-size = {cfg.batch_size}: "
             f"expected batch-size <= {num_examples} (lower batch-size or give the region more data)"
         )
-    return schedule_for(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
+    return schedule_for(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds, cfg.local_steps)
 
 
 def choose_noise_multiplier(schedule: Schedule, cfg: "FedprivConfig") -> float:

@@ -69,3 +69,21 @@ def test_bad_input_is_one_line(call, match):
     with pytest.raises(ConfigError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_local_steps_fix_the_steps_of_every_region_whatever_its_size():
+    """local-steps = S: exactly S steps per round (DP-FedSGD at S = 1), at the region's own Poisson rate."""
+    assert steps_per_round(80, 32, 1.5, local_steps=1) == 1
+    assert steps_per_round(8000, 32, 1.5, local_steps=7) == 7
+    s = schedule_for(8000, 1000, 2.0, 5, local_steps=1)
+    assert (s.steps_per_round, s.total_steps, s.rounds) == (1, 5, 5)
+    assert s.sample_rate == 1 / 8
+    cfg = resolve_config({"batch-size": 32, "local-epochs": 1.5, "num-server-rounds": 3, "local-steps": 2})[1]
+    assert region_schedule(80, cfg) == schedule_for(80, 32, 1.5, 3, local_steps=2)
+    assert region_schedule(80, cfg).total_steps == 6
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_local_steps_must_be_a_count(bad):
+    with pytest.raises(ConfigError, match="local-steps"):
+        steps_per_round(80, 32, 1.0, local_steps=bad)

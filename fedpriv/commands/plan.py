@@ -21,7 +21,8 @@ def _app_defaults() -> dict:
 
     app = load_app_defaults()
     return {"delta": float(app["delta"]), "rounds": int(app["num-server-rounds"]), "batch_size": int(app["batch-size"]),
-            "local_epochs": float(app["local-epochs"]), "accountant": str(app["accountant"])}
+            "local_epochs": float(app["local-epochs"]), "local_steps": int(app.get("local-steps", 0)),
+            "accountant": str(app["accountant"])}
 
 
 DEFAULTS = _app_defaults()
@@ -39,7 +40,8 @@ class PlanCommand:
                        help="federated rounds the region trains in (default: %(default)s)")
         steps = p.add_mutually_exclusive_group()
         steps.add_argument("--local-steps", type=int, metavar="S",
-                           help="DP-SGD steps per round")
+                           help="DP-SGD steps per round, the run config's local-steps (default: %s)"
+                                % (DEFAULTS["local_steps"] or "from --local-epochs"))
         steps.add_argument("--local-epochs", type=float, metavar="X",
                            help="local epochs per round; steps = ceil(X · ceil(N / B)) (default: %s)" % DEFAULTS["local_epochs"])
         p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="B",
@@ -65,6 +67,8 @@ class PlanCommand:
         _check(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1")
         _check(args.batch_size <= args.num_examples, "--batch-size", args.batch_size,
                f"at most --num-examples = {args.num_examples}")
+        if args.local_steps is None and args.local_epochs is None and DEFAULTS["local_steps"]:
+            args.local_steps = DEFAULTS["local_steps"]
         if args.local_steps is not None:
             _check(args.local_steps >= 1, "--local-steps", args.local_steps, "an integer >= 1")
             steps = args.local_steps

@@ -151,6 +151,7 @@ class FedprivConfig:
     pooling: str
     lora_rank: int
     local_epochs: float
+    local_steps: int
     batch_size: int
     physical_batch_size: int
     learning_rate: float
@@ -242,6 +243,8 @@ class FedprivConfig:
         _check(self.lora_rank == 0 or self.trainable != "head", "lora-rank", self.lora_rank,
                "0 with trainable = 'head' (LoRA adapts encoder layers: use trainable = top-K or all)")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number of epochs > 0")
+        _check(self.local_steps >= 0, "local-steps", self.local_steps,
+               "0 (steps from local-epochs) or a number of DP-SGD steps per round >= 1")
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
         _check(self.physical_batch_size >= 0, "physical-batch-size", self.physical_batch_size,
                "0 (auto: from the device's free memory) or an integer >= 1")

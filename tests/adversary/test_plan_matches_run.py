@@ -43,21 +43,16 @@ def shard_root(tmp_path_factory):
     return write_shards(partition, tmp_path_factory.mktemp("shards"))
 
 
-def planned(accountant: str, capsys) -> dict:
-    assert main(["plan", "--target-epsilon", str(TARGET), "--delta", str(DELTA), "--rounds", str(ROUNDS),
-                 "--local-epochs", str(EPOCHS), "--batch-size", str(BATCH), "--num-examples", str(N),
-                 "--accountant", accountant, "--json"]) == 0
+def planned(accountant: str, capsys, steps: list[str]) -> dict:
+    assert main(["plan", "--target-epsilon", str(TARGET), "--delta", str(DELTA), "--rounds", str(ROUNDS), *steps,
+                 "--batch-size", str(BATCH), "--num-examples", str(N), "--accountant", accountant, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("accountant", ACCOUNTANTS)
-def test_every_round_records_the_planned_epsilon(accountant, shard_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FEDPRIV_CACHE_DIR", str(tmp_path / "cache"))
-    plan = planned(accountant, capsys)
-    assert (plan["sample_rate"], plan["steps_per_round"]) == (1 / 3, 5)
-
+def run_and_compare(plan: dict, accountant: str, shard_root, tmp_path, steps: dict) -> None:
+    """Train the region round by round under the run config and hold every round to the plan."""
     cfg = resolve_config({"model": "tiny", "trainable": "all", "regions": "us-east", "num-server-rounds": ROUNDS,
-                          "batch-size": BATCH, "physical-batch-size": 16, "local-epochs": EPOCHS,
+                          "batch-size": BATCH, "physical-batch-size": 16, **steps,
                           "target-epsilon": TARGET, "delta": DELTA, "accountant": accountant, "num-threads": 1,
                           "data-dir": str(shard_root), "run-dir": str(tmp_path / "run")})[1]
     policy = write_policy(tmp_path / "policy.toml", delta=DELTA, **{"max-lifetime-epsilon": 100.0,
@@ -78,4 +73,21 @@ def test_every_round_records_the_planned_epsilon(accountant, shard_root, tmp_pat
         recorded = ledger.epsilon(DELTA, accountant)
     assert recorded == pytest.approx(plan["final_epsilon"], rel=1e-9)
     assert plan["final_epsilon"] <= TARGET
+
+
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_every_round_records_the_planned_epsilon(accountant, shard_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDPRIV_CACHE_DIR", str(tmp_path / "cache"))
+    plan = planned(accountant, capsys, ["--local-epochs", str(EPOCHS)])
+    assert (plan["sample_rate"], plan["steps_per_round"]) == (1 / 3, 5)
+    run_and_compare(plan, accountant, shard_root, tmp_path, {"local-epochs": EPOCHS})
     assert plan["check_accountant"] == CROSS_CHECK[accountant] and plan["per_round"][-1]["epsilon_check"] > 0
+
+
+def test_local_steps_run_takes_the_planned_steps(shard_root, tmp_path, monkeypatch, capsys):
+    """``local-steps = 2`` (not the 5 steps 1.5 epochs would take): the region runs and accounts exactly 2 steps
+    a round at its own rate 1/3, and records the ε ``fedpriv plan --local-steps 2`` predicts."""
+    monkeypatch.setenv("FEDPRIV_CACHE_DIR", str(tmp_path / "cache"))
+    plan = planned("pld", capsys, ["--local-steps", "2"])
+    assert (plan["sample_rate"], plan["steps_per_round"]) == (1 / 3, 2)
+    run_and_compare(plan, "pld", shard_root, tmp_path, {"local-epochs": EPOCHS, "local-steps": 2})
