@@ -70,12 +70,14 @@ def describe(o: dict) -> str:
     """Short text of the settings that matter for a run."""
     short = [("trainable", ""), ("lora-rank", "LoRA r="), ("local-optimizer", ""), ("learning-rate", "lr "),
              ("weight-decay", "wd "), ("batch-size", "B "), ("physical-batch-size", "phys "), ("local-epochs", "E "),
-             ("num-server-rounds", "R "), ("max-grad-norm", "C "), ("server-optimizer", "server "),
+             ("local-steps", "S "), ("num-server-rounds", "R "), ("max-grad-norm", "C "), ("server-optimizer", "server "),
              ("server-learning-rate", "slr "), ("server-momentum", "smom "), ("grad-sample-mode", ""),
              ("mixed-precision", ""), ("accountant", "")]
     parts = []
     for key, label in short:
-        if key in o and not (key == "lora-rank" and not o[key]):
+        if key == "local-epochs" and o.get("local-steps"):
+            continue  # local-steps overrides the epochs
+        if key in o and not (key in ("lora-rank", "local-steps") and not o[key]):
             v = o[key]
             parts.append(f"{label}{v:g}" if isinstance(v, float) else f"{label}{v}")
     return ", ".join(parts)

@@ -18,8 +18,8 @@ a. DP cost per step (``bench/dp_cost.py`` accelerator rows): trainable = all and
    fastest DP setting measured here is what the later DP runs use (grad-sample-mode, physical batch,
    bf16 if fedpriv's ``mixed-precision`` key exists).
 b. The ceiling: non-private centralized fine-tune of the whole encoder (AdamW 5e-5, batch 32, 3 epochs).
-c. fedpriv DP-FL at ε = 8: a small grid (full fine-tune / LoRA; Adam lr, server momentum, batch,
-   rounds x epochs), chosen on **validation** accuracy (the regions' local test posts, or with
+c. fedpriv DP-FL at ε = 8: a small grid (``--grid first|long|fedsgd``: full fine-tune / LoRA; local Adam with
+   server momentum, or DP-FedSGD with server Adam; batch, rounds x epochs), chosen on **validation** accuracy (the regions' local test posts, or with
    ``--val-from train`` 10 % of their training posts); then the chosen run's held-out accuracy.
 d. The chosen configuration at ε = 3 and ε = 1.
 e. Centralized DP fine-tune (all training posts in one place, same trainer) at ε = 8.
@@ -55,6 +55,9 @@ TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon =
           "e": "centralized DP at epsilon = 8", "f": "head (CPU default) at epsilon = 8"}
 
 
+GRIDS = ("first", "long", "fedsgd")  # section c's candidate lists (``grid``); --plan-only caches σ for all of them
+
+
 def dp_base(accountant: str) -> dict:
     return {"dp": True, "delta": 1e-5, "noise-multiplier": 0.0, "accountant": accountant, "momentum": 0.0,
             "max-grad-norm": 1.0, "target-epsilon": 8.0}
@@ -65,6 +68,8 @@ def grid(quick: bool, name: str = "first") -> list[tuple[str, dict]]:
     budget allows, at least the first two. ``name = "long"``: the second session's grid, more rounds
     (the first session's validation curves were still rising after 5-10 rounds)."""
     adam = {"local-optimizer": "adam", "weight-decay": 0.0}
+    if name == "fedsgd":
+        return fedsgd_grid(quick)
     if name == "long" and not quick:
         long = {"local-epochs": 1.0, "num-server-rounds": 25, "batch-size": 1024,
                 "server-optimizer": "fedavgm", "server-momentum": 0.5,
@@ -92,6 +97,30 @@ def grid(quick: bool, name: str = "first") -> list[tuple[str, dict]]:
                                                            "batch-size": 1024, **sched, "server-optimizer": "fedavgm",
                                                            "server-momentum": 0.5}),
     ]
+
+
+def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
+    """The third session's grid: DP-FedSGD (``local-steps = 1``: each region releases one noisy clipped gradient a
+    round) with Adam on the server (FedAdam, post-processing). The server then takes the DP-Adam step a centralized
+    run takes, on the example-weighted mean of the regions' noisy gradients -- no client drift and no Adam state
+    reset every round, the two things separating the 83.7 % of local Adam + FedAvgM from centralized DP's 86.2 %.
+    On 2 CPU cores this closed half of that gap for LoRA on the top layer (bench/results/utility_cpu_fedsgd.md).
+    150 rounds = the 150 steps per region of the current preset (25 rounds x 6 steps) and of centralized DP; the
+    current preset runs last, as the reference this session's noise is compared against."""
+    fedsgd = {"local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "weight-decay": 0.0, "local-steps": 1,
+              "server-optimizer": "fedadam", "server-momentum": 0.9, "server-beta2": 0.999, "server-tau": 1e-8,
+              "batch-size": 1024, "num-server-rounds": 150}
+    if quick:
+        small = {"batch-size": 64, "physical-batch-size": 64, "num-server-rounds": 4}
+        return [("all, DP-FedSGD, FedAdam 1e-3", {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3, **small}),
+                ("LoRA r=4 all layers, DP-FedSGD, FedAdam 3e-3",
+                 {"trainable": "all", "lora-rank": 4, **fedsgd, "server-learning-rate": 3e-3, **small})]
+    fastest = {"grad-sample-mode": "hooks", "physical-batch-size": 512}  # H200: fastest exact DP step (section a)
+    return [("all, DP-FedSGD (1 step of SGD lr 1 a round), B 1024, R 150, FedAdam 1e-3",
+             {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3, **fastest}),
+            ("LoRA r=16 all layers, DP-FedSGD, B 1024, R 150, FedAdam 3e-3",
+             {"trainable": "all", "lora-rank": 16, **fedsgd, "server-learning-rate": 3e-3, **fastest}),
+            ("gpu preset (simulations/presets.toml)", {**gpu_preset(), **fastest})]
 
 
 def gpu_preset() -> dict:
@@ -289,34 +318,44 @@ def _settings(s: Session, o: dict, eps: float, accountant: str) -> dict:
     return {k: v for k, v in merged.items() if k in known_keys() or k in o}  # unknown keys in o fail loudly later
 
 
+def _examples_per_round(bench, o: dict, pooled: bool = False) -> float:
+    """Expected training examples all regions process in one round of ``o`` (privacy/schedule.py's steps at
+    Opacus' expected batch N / ceil(N/B)), whether ``o`` counts local epochs or ``local-steps``."""
+    from fedpriv.core.config import load_app_defaults
+    from fedpriv.privacy.schedule import batches_per_epoch, steps_per_round
+
+    sizes = [sum(bench.sizes().values())] if pooled else list(bench.sizes().values())
+    b = int(o.get("batch-size", load_app_defaults()["batch-size"]))
+    e, k = float(o.get("local-epochs", 1)), int(o.get("local-steps", 0))
+    return sum(steps_per_round(n, min(b, n), e, k) * n / batches_per_epoch(n, min(b, n)) for n in sizes)
+
+
 def _predicted(s: Session, bench, o: dict, pooled: bool = False) -> float | None:
     fam = "LoRA" if o.get("lora-rank") else o.get("trainable", "all")
     if fam not in s.rate:
         return None
-    n = sum(bench.sizes().values())
-    return s.rate[fam] * n * float(o.get("local-epochs", 1)) * int(o.get("num-server-rounds", 1))
+    return s.rate[fam] * _examples_per_round(bench, o, pooled) * int(o.get("num-server-rounds", 1))
 
 
-def _learn_rate(s: Session, bench, o: dict, res) -> None:
+def _learn_rate(s: Session, bench, o: dict, res, pooled: bool = False) -> None:
     if not res.val_acc:
         return
     fam = "LoRA" if o.get("lora-rank") else o.get("trainable", "all")
-    n = sum(bench.sizes().values())
-    s.rate[fam] = res.seconds / (n * float(o.get("local-epochs", 1)) * len(res.val_acc))
+    s.rate[fam] = res.seconds / (_examples_per_round(bench, o, pooled) * len(res.val_acc))
 
 
 def run_one(s: Session, bench, label: str, o: dict, section: str, deadline: float, pooled: bool = False,
             report_held_out: bool = True, kind: str = "utility"):
     from finetune import dp_fl, held_out
 
-    pred = _predicted(s, bench, o)
+    pred = _predicted(s, bench, o, pooled)
     if pred is not None and time.perf_counter() + pred > deadline:
         s.log(f"skip {label}: predicted {pred:.0f}s, {deadline - time.perf_counter():.0f}s left in the section")
         s.write({"kind": "skipped", "section": section, "label": label, "settings": o, "predicted_s": pred})
         return None
     s.log(f"{label}: {_describe(o)}")
     res = dp_fl(bench, o, label, deadline=deadline, pooled=pooled, keep_values=True)
-    _learn_rate(s, bench, o, res)
+    _learn_rate(s, bench, o, res, pooled)
     if report_held_out:
         held_out(bench, res)
     row = res.row()
@@ -439,7 +478,8 @@ def summary(s: Session) -> str:
 
 
 def plan_only(s: Session, accountant: str) -> int:
-    """Compute (and cache in FEDPRIV_CACHE_DIR) every σ the session may ask for: run on the CPU machine."""
+    """Compute (and cache in FEDPRIV_CACHE_DIR) every σ the session may ask for, whichever ``--grid`` it runs:
+    run on the CPU machine."""
     import gpu_assets
     from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
     from finetune import MissingFeature, make_config
@@ -449,7 +489,7 @@ def plan_only(s: Session, accountant: str) -> int:
     sizes = {r: len(splits.train[r]) for r in splits.regions}
     if s.args.val_from == "train":
         sizes = {r: n - max(1, n // 10) for r, n in sizes.items()}
-    todo = [(g, eps, False) for _, g in grid(s.quick, s.args.grid) for eps in (8.0, 3.0, 1.0)]
+    todo = [(g, eps, False) for name in GRIDS for _, g in grid(s.quick, name) for eps in (8.0, 3.0, 1.0)]
     todo += [(central_dp(s.quick), 8.0, True), (head_default(s.quick), 8.0, False)]
     n_done = 0
     for o, eps, pooled in todo:
@@ -464,11 +504,28 @@ def plan_only(s: Session, accountant: str) -> int:
                 t0 = time.perf_counter()
                 sigma = choose_noise_multiplier(region_schedule(n, cfg), cfg)
                 n_done += 1
-                print(f"sigma {sigma:.4f} for eps {eps:g}, N {n}, B {cfg.batch_size}, E {cfg.local_epochs:g}, "
-                      f"R {cfg.num_server_rounds}, {cfg.accountant} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                print(f"sigma {sigma:.4f} for eps {eps:g}, N {n}, B {cfg.batch_size}, "
+                      + (f"S {cfg.local_steps}, " if cfg.local_steps else f"E {cfg.local_epochs:g}, ")
+                      + f"R {cfg.num_server_rounds}, {cfg.accountant} ({time.perf_counter() - t0:.1f}s)", flush=True)
             break
     print(f"{n_done} noise multipliers cached in {os.environ['FEDPRIV_CACHE_DIR']}")
     return 0
+
+
+def parse_budgets(parser: argparse.ArgumentParser, text: str) -> dict[str, float]:
+    """``c=360,d=240`` -> {"c": 360.0, "d": 240.0}; a bad entry is one argparse error line."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if key not in BUDGETS or not seconds > 0:
+            parser.error(f"--section-budgets {item!r}: expected SECTION=SECONDS with SECTION one of "
+                         f"{''.join(BUDGETS)} and SECONDS > 0")
+        out[key] = seconds
+    return out
 
 
 def main(argv=None) -> int:
@@ -477,9 +534,13 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all sections together (default 480)")
     parser.add_argument("--quick", action="store_true", help="256 posts per split, tiny schedules: a CPU smoke run")
     parser.add_argument("--sections", default="abcdef", help="which sections, in priority order (default abcdef)")
+    parser.add_argument("--section-budgets", default="", metavar="K=S,...",
+                        help="override sections' budgets in seconds, e.g. c=360,d=240 (defaults: %s)"
+                             % ",".join(f"{k}={v}" for k, v in BUDGETS.items()))
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--grid", choices=("first", "long"), default="first",
-                        help="section c's candidates: the first session's, or the longer schedules tried second")
+    parser.add_argument("--grid", choices=GRIDS, default="first",
+                        help="section c's candidates: the first session's, the longer schedules tried second, or "
+                             "DP-FedSGD with server Adam (the third session's)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="the folder prepare_gpu.sh filled (default .gpu)")
     parser.add_argument("--val-from", choices=("local-test", "train"), default="local-test",
                         help="validation = the regions' local test posts (default; never trained on) or 10%% of "
@@ -495,7 +556,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a loaded CPU
     s = Session(args)
-    budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    budgets = {**(QUICK_BUDGETS if args.quick else BUDGETS), **parse_budgets(parser, args.section_budgets)}
     if args.plan_only:
         from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 

@@ -557,15 +557,24 @@ def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
     """Encoder fine-tunes a 2-core CPU can afford in the CPU preset's 10 minutes (issue 10: "if a configuration
     that trains encoder layers beats the head there within that time, make it the CPU default"): the top encoder
     layer with LoRA adapters on cached layer-5 features, ~75 s per epoch of the 14,887 posts on 2 cores (DP on the
-    full top layer, 1.9 M parameters, is ~3x slower: bench/results/dp_cost.md). Adam with server momentum, as the
-    GPU runs chose for the whole encoder."""
-    top1 = {"trainable": "top-1", "lora-rank": 8, "local-optimizer": "adam", "weight-decay": 0.0, "learning-rate": 3e-3,
-            "grad-sample-mode": "hooks", "server-optimizer": "fedavgm", "server-momentum": 0.5, "local-epochs": 1.0}
+    full top layer, 1.9 M parameters, is ~3x slower: bench/results/dp_cost.md). Two ways to run it federated:
+    Adam in each region with server momentum (as the GPU runs chose for the whole encoder), and DP-FedSGD (one
+    noisy SGD step a round, ``local-steps = 1``) with Adam on the server -- the same DP-Adam a centralized run
+    takes, on the regions' summed noisy gradients, so no local drift and no Adam state reset every round."""
+    top1 = {"trainable": "top-1", "lora-rank": 8, "weight-decay": 0.0, "grad-sample-mode": "hooks"}
+    local_adam = {**top1, "local-optimizer": "adam", "learning-rate": 3e-3, "server-optimizer": "fedavgm",
+                  "server-momentum": 0.5, "local-epochs": 1.0}
+    fedsgd = {**top1, "local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 1,
+              "server-optimizer": "fedadam", "server-learning-rate": 3e-3, "server-momentum": 0.9,
+              "server-beta2": 0.999, "server-tau": 1e-8}
     if quick:
-        return [("top-1 LoRA r=8, Adam 3e-3", {**top1, "batch-size": 64, "physical-batch-size": 64,
-                                               "num-server-rounds": 2})]
+        small = {"batch-size": 64, "physical-batch-size": 64}
+        return [("top-1 LoRA r=8, Adam 3e-3", {**local_adam, **small, "num-server-rounds": 2}),
+                ("top-1 LoRA r=8, DP-FedSGD, FedAdam 3e-3", {**fedsgd, **small, "num-server-rounds": 4})]
     return [("top-1 LoRA r=8, Adam 3e-3, B 1024, E 1 x R 8, FedAvgM 0.5",
-             {**top1, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 8})]
+             {**local_adam, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 8}),
+            ("top-1 LoRA r=8, DP-FedSGD (1 step of SGD lr 1 a round), B 1024, R 48, FedAdam 3e-3",
+             {**fedsgd, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 48})]
 
 
 def yardstick(argv=None) -> int:
