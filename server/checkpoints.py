@@ -2,7 +2,9 @@
 
 A checkpoint holds only the trainable (travelling) parameters — the frozen rest
 is the packaged model, identical everywhere — as safetensors, plus the round
-number in its metadata. The final model is exported with ``save_pretrained`` and
+number in its metadata. Only the newest ``keep-checkpoints`` rounds stay on disk
+(:func:`prune_checkpoints`): the whole encoder with its server-optimizer moments
+is 130 MB a round, so a 150-round run would otherwise leave 20 GB. The final model is exported with ``save_pretrained`` and
 the tokenizer, so ``transformers.pipeline("text-classification", model=DIR)``
 loads it with no fedpriv code.
 """
@@ -10,6 +12,7 @@ loads it with no fedpriv code.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -73,6 +76,22 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, "OrderedDict[str, np.ndarray]
     return server_round, OrderedDict((n, values[n]) for n in names)
 
 
+def prune_checkpoints(run_dir: Path, keep: int, newest: int) -> list[Path]:
+    """Delete the checkpoints (model and server-optimizer state) of rounds <= ``newest - keep``; ``keep = 0``
+    keeps all. Call it only once round ``newest`` is complete on both sides (checkpoint *and* report), so the
+    round a resumed run would start from (server/resume.py) is never among them. Moved-aside
+    ``*.discarded`` files are left for forensics."""
+    if keep <= 0:
+        return []
+    removed = []
+    for p in sorted((Path(run_dir) / CHECKPOINT_DIR).glob("round-*.safetensors")):
+        digits = p.name[len("round-"):].split(".", 1)[0]
+        if digits.isdigit() and int(digits) <= newest - keep and p.name.endswith(".safetensors"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
     """``save_pretrained`` + tokenizer. A mean-pooling model ships its modeling file (``auto_map``).
 
@@ -90,4 +109,15 @@ def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
         model.register_for_auto_class("AutoModelForSequenceClassification")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _give_weights_the_mode_of(out, out / "config.json")
     return out
+
+
+def _give_weights_the_mode_of(folder: Path, reference: Path) -> None:
+    """safetensors' writer creates its files 0600 whatever the umask, so the exported weights were readable by
+    their owner only while the ``config.json`` beside them (Python's ``open``) has the mode the operator's umask
+    gives. The model is no secret to the people the run is for (it is the DP release's post-processing): give
+    the weights that same mode."""
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.glob("*.safetensors"):
+        os.chmod(path, mode)

@@ -28,8 +28,8 @@ from fedpriv.task.device import peak_memory_mb, select_device
 from fedpriv.core.config import FedprivConfig
 from fedpriv.core.errors import FedprivError
 from fedpriv.privacy.report import RunReport
-from fedpriv.server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state, save_checkpoint,
-                                save_server_optimizer_state)
+from fedpriv.server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state,
+                                         prune_checkpoints, save_checkpoint, save_server_optimizer_state)
 from fedpriv.server.evaluation import CentralEvaluator
 from fedpriv.server.faults import WatchedGrid
 from fedpriv.server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
@@ -115,6 +115,8 @@ class Coordinator:
         self._note_lost_regions(absolute)
         self.segment.update(last_round=absolute, wall_time_s=round(time.time() - self.started, 1))
         self.report.write()
+        if server_round > 0:  # the round is complete on both sides now: older checkpoints can go
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, absolute)
         log(INFO, "round %d: global model on %d held-out posts: accuracy %.4f, loss %.4f",
             absolute, self.evaluator.size, accuracy, loss)
         return MetricRecord({"accuracy": accuracy, "loss": loss})

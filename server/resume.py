@@ -1,13 +1,14 @@
 """Continuing a run after its coordinator died: ``fedpriv run --resume RUN_DIR``.
 
 A run directory holds everything needed to go on: ``privacy_report.json`` (the
-run config, with its ``job-id``, and every round's facts so far) and one
-checkpoint per completed round (``checkpoints/round-NNN.safetensors``). A resumed
-coordinator
+run config, with its ``job-id``, and every round's facts so far) and the checkpoints
+of the newest completed rounds (``checkpoints/round-NNN.safetensors``; ``keep-checkpoints``
+of them). A resumed coordinator
 
 * takes the last round that is *complete on both sides* - its checkpoint was saved
-  and the report recorded its central evaluation (a coordinator killed between
-  the two writes leaves one without the other; that round is re-run);
+  and the report recorded its central evaluation, with every earlier round evaluated
+  too (a coordinator killed between the two writes leaves one without the other;
+  that round is re-run);
 * restores the report up to that round through the one report schema
   (``fedpriv.core.report_schema.load`` / ``truncate``, then ``RunReport.restore``: every saved
   per-region field, rounds, secure-aggregation records; nothing is reset) and drops anything
@@ -119,13 +120,12 @@ def find_resume_point(run_dir: str | os.PathLike, load_values: bool = True) -> R
                            "ledgers cannot be matched to it (only runs started by `fedpriv run` can be resumed)")
     done = evaluated_rounds(report)
     ckpts = checkpoint_rounds(run_dir)
-    both = sorted(done & set(ckpts))
-    # Rounds complete on both sides must be a prefix 1..k; anything after a gap is redone.
-    completed = 0
-    for rnd in both:
-        if rnd != completed + 1:
-            break
-        completed = rnd
+    # The report's evaluated rounds must be a prefix 1..p (anything after a gap is redone); the run resumes from
+    # the newest checkpoint within it. Older checkpoints may have been pruned (keep-checkpoints).
+    prefix = 0
+    while prefix + 1 in done:
+        prefix += 1
+    completed = max((r for r in ckpts if r <= prefix), default=0)
     values = load_checkpoint(run_dir, completed) if (completed and load_values) else None
     later = [checkpoint_path(run_dir, r) for r in ckpts if r > completed]
     return ResumePoint(run_dir, report, completed, values, later)

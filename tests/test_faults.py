@@ -242,6 +242,40 @@ def test_resume_point_is_the_last_round_with_checkpoint_and_evaluation(tmp_path)
     assert point.completed_round == 0 and point.values is None
 
 
+def test_resume_starts_from_the_newest_kept_checkpoint_after_pruning(tmp_path):
+    """keep-checkpoints = 2 deleted rounds 1-3: the run still resumes at round 5, not from scratch."""
+    _write_run(tmp_path, evaluated=[1, 2, 3, 4, 5], checkpoints=[4, 5])
+    point = resume.find_resume_point(tmp_path)
+    assert point.completed_round == 5 and point.values["w"].tolist() == [5.0, 5.0, 5.0]
+    # killed between round 5's checkpoint and its evaluation: back to round 4, round 5 is redone
+    other = tmp_path / "other"
+    _write_run(other, evaluated=[1, 2, 3, 4], checkpoints=[4, 5])
+    point = resume.find_resume_point(other)
+    assert point.completed_round == 4 and point.later_checkpoints == [resume.checkpoint_path(other, 5)]
+    # a gap in the report's rounds: nothing after it counts, and no kept checkpoint lies before it
+    gap = tmp_path / "gap"
+    _write_run(gap, evaluated=[1, 3, 4], checkpoints=[3, 4])
+    assert resume.find_resume_point(gap).completed_round == 0
+
+
+def test_prune_checkpoints_keeps_the_newest_rounds_and_their_optimizer_state(tmp_path):
+    from fedpriv.server.checkpoints import prune_checkpoints, save_server_optimizer_state
+
+    _write_run(tmp_path, evaluated=[1, 2, 3, 4], checkpoints=[1, 2, 3, 4])
+    for r in (1, 2, 3, 4):
+        save_server_optimizer_state(tmp_path, r, {"name": "fedadam", "steps": r, "arrays": {"m/w": np.zeros(3)}})
+    aside = resume.checkpoint_path(tmp_path, 9).with_name("round-009.safetensors.discarded")
+    aside.write_bytes(b"kept for forensics")
+    assert prune_checkpoints(tmp_path, 0, 4) == []  # 0 = keep all
+    removed = prune_checkpoints(tmp_path, 2, 4)
+    assert sorted(p.name for p in removed) == ["round-001.safetensors", "round-001.server-optimizer.safetensors",
+                                               "round-002.safetensors", "round-002.server-optimizer.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "round-003.safetensors", "round-003.server-optimizer.safetensors", "round-004.safetensors",
+        "round-004.server-optimizer.safetensors", "round-009.safetensors.discarded"]
+    assert resume.find_resume_point(tmp_path).completed_round == 4
+
+
 def test_resume_refuses_unusable_run_dirs(tmp_path):
     with pytest.raises(FedprivError, match="not a directory"):
         resume.find_resume_point(tmp_path / "missing")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,13 @@ def test_export_merges_the_adapters_into_a_plain_model(tmp_path):
     inputs = {"input_ids": torch.randint(5, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
     with torch.no_grad():
         expected = model(**inputs).logits
-    out = export_model(tmp_path, model, load_tokenizer())
+    old_umask = os.umask(0o022)
+    try:
+        out = export_model(tmp_path, model, load_tokenizer())
+    finally:
+        os.umask(old_umask)
+    # safetensors writes 0600 whatever the umask: the export gives the weights the umask's mode, like config.json
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
     loaded = MeanPoolingBertForSequenceClassification.from_pretrained(out).eval()
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():

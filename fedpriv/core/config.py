@@ -183,6 +183,7 @@ class FedprivConfig:
     sim_ledger_dir: str
     sim_gpus_per_region: float
     sim_region_policy: str
+    keep_checkpoints: int
     run_dir: Path
     job_id: str
     resume_from: str
@@ -282,6 +283,8 @@ class FedprivConfig:
         _check(self.sim_max_epsilon >= 0, "sim-max-epsilon", self.sim_max_epsilon,
                "0 (the simulation policy's own cap) or a budget > 0")
         _check(self.num_threads >= 1, "num-threads", self.num_threads, "an integer >= 1")
+        _check(self.keep_checkpoints >= 0, "keep-checkpoints", self.keep_checkpoints,
+               "0 (keep every round's checkpoint) or the number of newest rounds to keep >= 1")
         _check(self.job_id == "" or JOB_ID.fullmatch(str(self.job_id)) is not None, "job-id", self.job_id,
                "'' (set by the CLI) or 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit "
                "(a region keys its releases as '<job-id>/<attempt>')")
