@@ -105,7 +105,8 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
     run takes, on the example-weighted mean of the regions' noisy gradients -- no client drift and no Adam state
     reset every round, the two things separating the 83.7 % of local Adam + FedAvgM from centralized DP's 86.2 %.
     On 2 CPU cores this closed half of that gap for LoRA on the top layer (bench/results/utility_cpu_fedsgd.md).
-    150 rounds = the 150 steps per region of the current preset (25 rounds x 6 steps) and of centralized DP; the
+    150 rounds = the 150 steps per region of the current preset (25 rounds x 6 steps) and of centralized DP (3 local
+    steps x a third of the rounds, to cut Flower's per-round cost, lost 2 points on the CPU proxy: not tried); the
     current preset runs last, as the reference this session's noise is compared against."""
     fedsgd = {"local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "weight-decay": 0.0, "local-steps": 1,
               "server-optimizer": "fedadam", "server-momentum": 0.9, "server-beta2": 0.999, "server-tau": 1e-8,
