@@ -4,9 +4,9 @@ A checkpoint holds only the trainable (travelling) parameters — the frozen res
 is the packaged model, identical everywhere — as safetensors, plus the round
 number in its metadata. Only the newest ``keep-checkpoints`` rounds stay on disk
 (:func:`prune_checkpoints`): the whole encoder with its server-optimizer moments
-is 130 MB a round, so a 150-round run would otherwise leave 20 GB. The final model is exported with ``save_pretrained`` and
-the tokenizer, so ``transformers.pipeline("text-classification", model=DIR)``
-loads it with no fedpriv code.
+is 130 MB a round, so a 150-round run would otherwise leave 20 GB. The final model
+is exported with ``save_pretrained`` and the tokenizer, so
+``transformers.pipeline("text-classification", model=DIR)`` loads it with no fedpriv code.
 """
 
 from __future__ import annotations
