@@ -89,6 +89,33 @@ def test_fedadam_first_steps_by_hand():
     assert x2 == pytest.approx(x1 + eta2 * m / (np.sqrt(v) + 1e-3), rel=1e-12)
 
 
+def test_dp_fedsgd_with_fedadam_is_torch_adam_on_the_regions_mean_gradient():
+    """README's claim for ``local-steps = 1``: each region takes one SGD step of lr 1 (x - g_r), FedAvg weights the
+    results by examples, and FedAdam on that aggregate moves the model exactly as ``torch.optim.Adam`` moves it
+    when fed the example-weighted mean gradient. τ is added to √v before the bias correction (Reddi et al.), torch
+    adds eps after it, so they agree to τ's size; gradients here are DP-sized (~1e-3)."""
+    import torch
+
+    lr, b1, b2, tau = 1e-3, 0.9, 0.999, 1e-12
+    sizes = np.array([5881.0, 2885.0, 6121.0])
+    rng = np.random.default_rng(7)
+    x0 = _start()
+    opt = ServerOptimizer("fedadam", learning_rate=lr, momentum=b1, beta2=b2, tau=tau)
+    params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in x0.items()}
+    adam = torch.optim.Adam(params.values(), lr=lr, betas=(b1, b2), eps=tau)
+    x = x0
+    for _ in range(5):
+        grads = [{k: rng.normal(0, 1e-3, s) for k, s in SHAPES.items()} for _ in sizes]
+        local = [{k: x[k] - g[k] for k in x} for g in grads]  # one SGD step of lr 1 in each region
+        aggregated = {k: sum(n * u[k] for n, u in zip(sizes, local)) / sizes.sum() for k in x}  # FedAvg
+        x = opt.step(x, aggregated)
+        for k, p in params.items():
+            p.grad = torch.tensor(sum(n * g[k] for n, g in zip(sizes, grads)) / sizes.sum())
+        adam.step()
+        for k, p in params.items():
+            np.testing.assert_allclose(x[k], p.detach().numpy(), rtol=1e-7, atol=1e-12)
+
+
 def test_fedyogi_steps_follow_its_second_moment_rule():
     opt = ServerOptimizer("fedyogi", learning_rate=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
     adam = ServerOptimizer("fedadam", learning_rate=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
