@@ -36,6 +36,8 @@ ATTACKS = {
     "dp off": ({"dp": False}, 1, "require-dp"),
     "low noise": ({"noise-multiplier": 0.3}, 1, "max-job-epsilon"),
     "target above the ceiling": ({"noise-multiplier": 0.0, "target-epsilon": 60.0}, 1, "max-job-epsilon"),
+    # σ stays the 1.0 the region accepts elsewhere; the coordinator multiplies the noisy steps instead
+    "many local steps": ({"local-steps": 2000}, 1, "max-job-epsilon"),
     "secure aggregation off": ({"secure-aggregation": False}, None, "require-secure-aggregation"),
     "plain round in a secure run": ({}, None, "require-secure-aggregation"),
     "deterministic noise": ({}, 1, "allow-deterministic-noise"),
