@@ -19,8 +19,9 @@ a. DP cost per step (``bench/dp_cost.py`` accelerator rows): trainable = all and
    bf16 if fedpriv's ``mixed-precision`` key exists).
 b. The ceiling: non-private centralized fine-tune of the whole encoder (AdamW 5e-5, batch 32, 3 epochs).
 c. fedpriv DP-FL at ε = 8: a small grid (``--grid first|long|fedsgd``: full fine-tune / LoRA; local Adam with
-   server momentum, or DP-FedSGD with server Adam; batch, rounds x epochs), chosen on **validation** accuracy (the regions' local test posts, or with
-   ``--val-from train`` 10 % of their training posts); then the chosen run's held-out accuracy.
+   server momentum, or DP-FedSGD with server Adam; batch, rounds x epochs), chosen on **validation**
+   accuracy (the regions' local test posts, or with ``--val-from train`` 10 % of their training posts);
+   then the chosen run's held-out accuracy.
 d. The chosen configuration at ε = 3 and ε = 1.
 e. Centralized DP fine-tune (all training posts in one place, same trainer) at ε = 8.
 f. fedpriv's CPU default (``trainable = head``) at ε = 8, for comparison.
@@ -56,6 +57,12 @@ TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon =
 
 
 GRIDS = ("first", "long", "fedsgd")  # section c's candidate lists (``grid``); --plan-only caches σ for all of them
+
+# DP-FedSGD with server Adam: one noisy SGD step of lr 1 a round in each region (its update is minus its noisy
+# gradient), FedAdam on the example-weighted mean (tests/test_server_optimizer.py: that is torch's Adam on the
+# mean gradient). Shared by this grid and bench/utility.py's CPU grid; each adds model, batch and server lr.
+FEDSGD = {"local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "weight-decay": 0.0, "local-steps": 1,
+          "server-optimizer": "fedadam", "server-momentum": 0.9, "server-beta2": 0.999, "server-tau": 1e-8}
 
 
 def dp_base(accountant: str) -> dict:
@@ -108,9 +115,7 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
     150 rounds = the 150 steps per region of the current preset (25 rounds x 6 steps) and of centralized DP (3 local
     steps x a third of the rounds, to cut Flower's per-round cost, lost 2 points on the CPU proxy: not tried); the
     current preset runs last, as the reference this session's noise is compared against."""
-    fedsgd = {"local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "weight-decay": 0.0, "local-steps": 1,
-              "server-optimizer": "fedadam", "server-momentum": 0.9, "server-beta2": 0.999, "server-tau": 1e-8,
-              "batch-size": 1024, "num-server-rounds": 150}
+    fedsgd = {**FEDSGD, "batch-size": 1024, "num-server-rounds": 150}
     if quick:
         small = {"batch-size": 64, "physical-batch-size": 64, "num-server-rounds": 4}
         return [("all, DP-FedSGD, FedAdam 1e-3", {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3, **small}),

@@ -559,14 +559,15 @@ def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
     layer with LoRA adapters on cached layer-5 features, ~75 s per epoch of the 14,887 posts on 2 cores (DP on the
     full top layer, 1.9 M parameters, is ~3x slower: bench/results/dp_cost.md). Two ways to run it federated:
     Adam in each region with server momentum (as the GPU runs chose for the whole encoder), and DP-FedSGD (one
-    noisy SGD step a round, ``local-steps = 1``) with Adam on the server -- the same DP-Adam a centralized run
-    takes, on the regions' summed noisy gradients, so no local drift and no Adam state reset every round."""
+    noisy SGD step a round, ``local-steps = 1``) with Adam on the server -- the DP-Adam step a centralized run
+    takes, on the example-weighted mean of the regions' noisy gradients, so no local drift and no Adam state
+    reset every round."""
+    from gpu_session import FEDSGD
+
     top1 = {"trainable": "top-1", "lora-rank": 8, "weight-decay": 0.0, "grad-sample-mode": "hooks"}
     local_adam = {**top1, "local-optimizer": "adam", "learning-rate": 3e-3, "server-optimizer": "fedavgm",
                   "server-momentum": 0.5, "local-epochs": 1.0}
-    fedsgd = {**top1, "local-optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 1,
-              "server-optimizer": "fedadam", "server-learning-rate": 3e-3, "server-momentum": 0.9,
-              "server-beta2": 0.999, "server-tau": 1e-8}
+    fedsgd = {**top1, **FEDSGD, "server-learning-rate": 3e-3}
     if quick:
         small = {"batch-size": 64, "physical-batch-size": 64}
         return [("top-1 LoRA r=8, Adam 3e-3", {**local_adam, **small, "num-server-rounds": 2}),
