@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
+from fedpriv.client import book_keeping
 from fedpriv.client.randomness import enable_secure_noise, release_randomness
 from fedpriv.core.config import FedprivConfig
 from fedpriv.privacy.accountant import Entry
@@ -83,7 +84,9 @@ class LocalTrainer:
     def _train_private(self, optimizer, history, noise_multiplier, seed, label) -> TrainResult:
         """Opacus DP-SGD. ``grad-sample-mode = ghost``: per-sample gradient *norms* only, then a second
         backward on the clipped loss (same clipping, noise and accounting as ``hooks``, which materialise every
-        per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py).
+        per-sample gradient: at batch 256 that is most of a step's cost on the head, see bench/dp_cost.py);
+        ``bk``: book-keeping (client/book_keeping.py), norms and the clipped sum from one backward, with
+        Opacus' sampler, noise and accountant.
 
         Noise and Poisson sampling draw from generators made for this release alone (OS entropy)."""
         rng = release_randomness(self.device, seed if self.cfg.insecure_deterministic_noise else None)
@@ -102,6 +105,10 @@ class LocalTrainer:
         if self.cfg.grad_sample_mode == "ghost":
             module, dp_optimizer, criterion, dp_loader = engine.make_private(
                 **kwargs, criterion=torch.nn.CrossEntropyLoss(), grad_sample_mode="ghost")
+        elif self.cfg.grad_sample_mode == "bk":
+            module, dp_optimizer, criterion, dp_loader = book_keeping.make_private(
+                self.top, optimizer, loader, engine.accountant, noise_multiplier=noise_multiplier,
+                max_grad_norm=self.cfg.max_grad_norm, noise_generator=rng.noise)
         else:
             module, dp_optimizer, dp_loader = engine.make_private(**kwargs)
         enable_secure_noise(dp_optimizer)
@@ -125,8 +132,8 @@ class LocalTrainer:
     def _loop(self, module, optimizer, loader, physical: int, label: str, criterion=None) -> tuple[list[float], int, int]:
         """Iterate until ``steps_per_round`` logical steps have been taken (epochs may be fractional).
 
-        ``criterion``: Opacus' ghost-clipping loss wrapper (its ``backward`` runs both passes); else the
-        model's own loss."""
+        ``criterion``: Opacus' ghost-clipping loss wrapper (its ``backward`` runs both passes) or book-keeping's
+        (its ``backward`` clips per example); else the model's own loss."""
         target = self.schedule.steps_per_round
         losses: list[float] = []
         correct = seen = steps = 0
@@ -140,13 +147,12 @@ class LocalTrainer:
                     out = module(**batch)
                     loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
                 # DP: what bounds a contribution (per-sample norms, clipping, the clipped sum, noise) is exact fp32.
-                # Ghost clipping takes the norms and the clipped sum from two backward passes, which must agree.
+                # Ghost clipping takes the norms and the clipped sum from two backward passes, which must agree
+                # (book-keeping takes both from one set of stored tensors and makes its own arithmetic exact).
                 exact = exact_fp32_matmul if self.cfg.dp else contextlib.nullcontext
-                with exact() if criterion is not None else contextlib.nullcontext():
+                with exact() if self.cfg.grad_sample_mode == "ghost" else contextlib.nullcontext():
                     loss.backward()
                 with exact():
-                    if self.cfg.dp:
-                        grad_samples_to_param_dtype(optimizer)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if len(batch["labels"]):
@@ -185,8 +191,9 @@ def per_example_bytes(top: torch.nn.Module, cfg: FedprivConfig, tokens: int) -> 
 
     Activations kept for the backward: per token and encoder layer h·(34 + 5·a·T/h) bytes at 16 bits
     (Korthikanti et al. 2022, "Reducing activation recomputation"), twice that in fp32. ``hooks``
-    materialise one per-sample gradient (fp32, plus its bf16 original under autocast); ghost clipping
-    instead keeps two T x T Gram matrices per linear layer. For all-MiniLM (T = 64, every layer trains)
+    materialise one per-sample gradient (fp32); ghost clipping instead keeps two T x T Gram matrices per
+    linear layer; book-keeping every trainable linear layer's input and output gradient (T x (in + out)
+    values each). For all-MiniLM (T = 64, every layer trains)
     this gives ~55 MB per example with hooks and ~14 MB with ghost: ~14 / 3.6 GB at batch 256, the
     order of the 11.0 / 3.0 GiB peaks measured on an H100 (issue 10).
     """
@@ -197,23 +204,11 @@ def per_example_bytes(top: torch.nn.Module, cfg: FedprivConfig, tokens: int) -> 
     activations = tokens * max(1, layers) * per_token_layer
     trainable = sum(p.numel() for p in top.parameters() if p.requires_grad)
     if cfg.grad_sample_mode == "hooks":
-        per_sample = trainable * (4 + (2 if cfg.mixed_precision == "bf16" else 0))
+        per_sample = trainable * 4
+    elif cfg.grad_sample_mode == "bk":  # each trainable linear layer's input and output gradient, fp32 copies
+        per_sample = sum(tokens * (m.in_features + m.out_features) * 4 for m in top.modules()
+                         if isinstance(m, torch.nn.Linear) and m.weight.requires_grad) + 2 * tokens * tokens * 4
     else:
         linears = sum(1 for m in top.modules() if isinstance(m, torch.nn.Linear))
         per_sample = linears * 2 * tokens * tokens * 4
     return int(activations + per_sample)
-
-
-def grad_samples_to_param_dtype(dp_optimizer) -> None:
-    """Per-sample gradients in the parameter's dtype (fp32) *before* Opacus takes their norms and clips them.
-
-    Under bf16 autocast Opacus' hooks compute per-sample gradients in bf16 and would take their norms and clip
-    factors in bf16 too (relative error ~2^-8): a clipped contribution could then exceed max-grad-norm. A bf16
-    per-sample gradient is still a function of one example, so casting it up and clipping in fp32 keeps the
-    sensitivity bound exact. No-op in fp32 and for ghost clipping (no materialised per-sample gradients)."""
-    for p in dp_optimizer.params:
-        gs = getattr(p, "grad_sample", None)
-        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
-            p.grad_sample = gs.to(p.dtype)
-        elif isinstance(gs, list):
-            p.grad_sample = [g.to(p.dtype) for g in gs]

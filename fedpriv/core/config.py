@@ -25,7 +25,7 @@ APP_DIR = Path(__file__).resolve().parents[2]
 
 TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # = fedpriv.privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
-GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus: ghost clipping, or per-sample gradients from hooks
+GRAD_SAMPLE_MODES = ("bk", "ghost", "hooks")  # book-keeping (client/book_keeping.py); Opacus: ghost clipping, hooks
 LOCAL_OPTIMIZERS = ("sgd", "adam", "adamw")  # the region's optimizer; Opacus makes any of them DP
 MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (task/device.py)
 MODELS = ("minilm", "tiny")
@@ -258,9 +258,10 @@ class FedprivConfig:
         _check(self.weight_decay >= 0, "weight-decay", self.weight_decay, "a number >= 0")
         _check(self.mixed_precision in MIXED_PRECISIONS, "mixed-precision", self.mixed_precision,
                f"one of {', '.join(MIXED_PRECISIONS)}")
-        _check(self.mixed_precision == "off" or not self.dp or self.grad_sample_mode == "hooks", "mixed-precision",
-               self.mixed_precision, "'off' with grad-sample-mode = 'ghost' (ghost clipping sums the clipped "
-               "gradients in a bf16 backward pass whose rounding max-grad-norm does not bound; use 'hooks')")
+        _check(self.mixed_precision == "off" or not self.dp or self.grad_sample_mode == "bk", "mixed-precision",
+               self.mixed_precision, f"'off' with grad-sample-mode = {self.grad_sample_mode!r} (under bf16 its "
+               "per-sample arithmetic lets one post move the clipped sum by more than max-grad-norm; "
+               "grad-sample-mode = 'bk' keeps that arithmetic fp32)")
         _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "a clipping norm > 0")
         _check(0.0 < self.delta < 1.0, "delta", self.delta, "a probability in (0, 1), typically < 1/num-examples")
         _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, "0 (derive from target-epsilon) or a value > 0")

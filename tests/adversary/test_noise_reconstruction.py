@@ -128,7 +128,7 @@ def _update_q(cfg, data):
     return np.concatenate([(result.values[k] - start[k]).ravel() for k in start]).astype(np.float64)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "bk"])
 def test_noise_is_drawn_in_secure_mode_from_the_release_generator(monkeypatch, mode):
     """Every noise draw: Opacus' floating-point-attack defence on, a dedicated generator (never torch's
     global one, which the run seed sets), on the parameter's device."""
