@@ -71,7 +71,7 @@ SPLIT_TOP1_MODES = ("non-private", "DP hooks", "DP LoRA")
 
 # =============================================================== accelerator rows (in-process)
 
-CUDA_MODES = ("non-private", "DP ghost", "DP hooks")
+CUDA_MODES = ("non-private", "DP ghost", "DP hooks", "DP bk")
 
 
 def fixed_length_batch(features, labels, batch: int, seq_len: int = SEQ_LEN, offset: int = 0):
@@ -96,8 +96,9 @@ def accelerator_step_rows(templates: dict, features, labels, device, *, physical
                           warmup: int = 3, lr: float = 1e-3, log=print, on_row=None) -> list[dict]:
     """Time one training step of fedpriv's trainable top on ``device`` for every (family, batch, precision, mode).
 
-    ``templates``: family name ("full", "LoRA") -> a ``ClassifierTop`` on ``device`` (deep-copied for every
-    configuration, so Opacus' hooks never stack). The step is Adam (what DP fine-tuning uses); DP is Opacus
+    ``templates``: family name ("full", "LoRA", "head") -> a ``ClassifierTop`` on ``device`` (deep-copied for
+    every configuration, so Opacus' hooks never stack); ``features``: the posts' prefix features, or a dict of
+    them by family (the head's are pooled vectors). The step is Adam (what DP fine-tuning uses); DP is Opacus
     with Poisson-rate bookkeeping, noise multiplier SIGMA, clip CLIP. bf16 = ``torch.autocast`` around forward + loss
     (parameters, optimizer state and Opacus' clipping/noise stay float32). Peak memory is
     ``torch.cuda.max_memory_allocated`` since just before the configuration (CUDA only). Configurations run in
@@ -113,7 +114,8 @@ def accelerator_step_rows(templates: dict, features, labels, device, *, physical
     base: dict[tuple, float] = {}
     order = [(fam, b, prec) for b in physical_batches for fam in templates for prec in precisions]
     for fam, batch, prec in order:
-        data = [fixed_length_batch(features, labels, batch, offset=k * batch) for k in range(2)]
+        feats = features[fam] if isinstance(features, dict) else features
+        data = [fixed_length_batch(feats, labels, batch, offset=k * batch) for k in range(2)]
         data = [({k: v.to(device) for k, v in x.items()}, y.to(device)) for x, y in data]
         for mode in modes:
             if time.perf_counter() > t_end:
@@ -128,7 +130,7 @@ def accelerator_step_rows(templates: dict, features, labels, device, *, physical
                 optimizer = torch.optim.Adam(params, lr=lr)
                 criterion = torch.nn.CrossEntropyLoss()
                 if mode.startswith("DP"):
-                    module, optimizer, crit = _private_with(module, optimizer, batch, "ghost" in mode, batch * 64)
+                    module, optimizer, crit = _private_with(module, optimizer, batch, mode.split()[-1], batch * 64)
                     criterion = crit or criterion
                 if cuda:
                     torch.cuda.synchronize()
@@ -186,17 +188,26 @@ def accelerator_step_rows(templates: dict, features, labels, device, *, physical
     return rows
 
 
-def _private_with(module, optimizer, batch: int, ghost: bool, n_examples: int):
-    """Opacus around a given optimizer; returns (module, optimizer, criterion or None)."""
+def _private_with(module, optimizer, batch: int, how: str, n_examples: int):
+    """Opacus around a given optimizer (``how``: hooks, ghost, or fedpriv's book-keeping ``bk``);
+    returns (module, optimizer, criterion or None)."""
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    loader = DataLoader(TensorDataset(torch.zeros(n_examples, 1)), batch_size=batch)  # sets q = batch / n
+    loader = DataLoader(TensorDataset(torch.zeros(n_examples, 1)), batch_size=batch,
+                        generator=torch.Generator())  # sets q = batch / n
     engine = PrivacyEngine(accountant="rdp")
     kwargs = dict(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=SIGMA,
                   max_grad_norm=CLIP, poisson_sampling=True)
-    if ghost:
+    if how == "bk":
+        from fedpriv.client import book_keeping
+
+        module, optimizer, criterion, _ = book_keeping.make_private(
+            module, optimizer, loader, engine.accountant, noise_multiplier=SIGMA, max_grad_norm=CLIP,
+            noise_generator=torch.Generator(device=next(module.parameters()).device))
+        return module, optimizer, criterion
+    if how == "ghost":
         module, optimizer, criterion, _ = engine.make_private(**kwargs, criterion=torch.nn.CrossEntropyLoss(),
                                                               grad_sample_mode="ghost")
         return module, optimizer, criterion
@@ -236,22 +247,28 @@ def accelerator_main(args) -> int:
     model_name = "tiny" if args.quick else "minilm"
     texts, labels = _texts(64 if args.quick else 1024)
     enc = load_tokenizer()(texts, truncation=True, max_length=SEQ_LEN)
-    templates, feats = {}, None
-    for fam, rank in (("full", 0), ("LoRA", LORA_RANK)):
-        model = build_model(model_name, "all", 42, "mean", rank).train()
-        split = SplitClassifier(model, "all")
+    templates, feats = {}, {}
+    families = {"full": ("all", 0), "LoRA": ("all", LORA_RANK), "head": ("head", 0)}
+    for fam in args.families.split(","):
+        trainable, rank = families[fam]
+        model = build_model(model_name, trainable, 42, "mean", rank).train()
+        split = SplitClassifier(model, trainable)
         split.model.to(device)
-        if feats is None:
-            feats = split.features(EncodedDataset(list(enc["input_ids"]), labels), device).features
+        feats[fam] = split.features(EncodedDataset(list(enc["input_ids"]), labels), device).features
         templates[fam] = split.top
-    batches = (8, 16) if args.quick else (256, 512)
+    batches = tuple(int(b) for b in args.physical_batches.split(",")) if args.physical_batches else \
+        ((8, 16) if args.quick else (256, 512))
+    steps = args.steps or (2 if args.quick else 10)
     rows = accelerator_step_rows(templates, feats, labels, device, physical_batches=batches,
-                                 budget_s=20 if args.quick else 300, steps=2 if args.quick else 10,
-                                 warmup=1 if args.quick else 3, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 precisions=tuple(args.precisions.split(",")),
+                                 budget_s=20 if args.quick else 1800, steps=steps,
+                                 warmup=1 if args.quick else min(3, steps), log=lambda m: print(m, file=sys.stderr, flush=True))
     body = "\n".join([f"Machine: {machine_line([str(device)])}.", "",
-                      f"fedpriv's trainable top (`trainable = all`: all 6 encoder layers + head over frozen embeddings; "
-                      f"LoRA r={LORA_RANK} on query/value of all layers + head), {SEQ_LEN} tokens, Adam; DP = Opacus "
-                      f"(noise {SIGMA}, clip {CLIP}); bf16 = autocast around forward and loss.", "",
+                      f"fedpriv's trainable top (full = `trainable = all`: all 6 encoder layers + head over frozen "
+                      f"embeddings; LoRA r={LORA_RANK} on query/value of all layers + head; head = the CPU default's "
+                      f"head on pooled vectors), {SEQ_LEN} tokens, Adam; DP = Opacus hooks or ghost clipping, or "
+                      f"fedpriv's book-keeping (bk), noise {SIGMA}, clip {CLIP}; bf16 = autocast around forward and "
+                      f"loss.", "",
                       accelerator_table(rows)])
     out = args.out if args.out is not None else (None if args.quick else RESULTS / "dp_cost_cuda.md")
     write_result("dp_cost_cuda", "Cost of differential privacy per training step on an accelerator", body, out)
@@ -618,7 +635,16 @@ def main(argv=None) -> int:
                         help="cpu-processes (default): the CPU study in fresh processes; cuda / auto / cpu: the "
                              "in-process accelerator rows (trainable = all, full and LoRA; non-private, ghost, hooks; "
                              "fp32 and bf16; peak GPU memory) -> bench/results/dp_cost_cuda.md")
+    parser.add_argument("--physical-batches", default=None,
+                        help="accelerator rows: comma-separated physical batches (default 256,512; quick 8,16)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="accelerator rows: fp32 and/or bf16")
+    parser.add_argument("--steps", type=int, default=None, help="accelerator rows: timed steps (default 10; quick 2)")
+    parser.add_argument("--families", default="full,LoRA",
+                        help="accelerator rows: full (trainable = all), LoRA (r=8, all layers), head (pooled vectors)")
     args = parser.parse_args(argv)
+    bad = [f for f in args.families.split(",") if f not in ("full", "LoRA", "head")]
+    if bad:
+        parser.error(f"--families {args.families!r}: expected a comma-separated subset of full, LoRA, head")
     if args.device != "cpu-processes":
         set_threads(args.threads)
         return accelerator_main(args)

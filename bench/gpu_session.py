@@ -14,9 +14,9 @@ Sections, in priority order, each with its own time budget and try/except; every
 is rewritten after every section:
 
 a. DP cost per step (``bench/dp_cost.py`` accelerator rows): trainable = all and LoRA on all layers;
-   non-private, Opacus ghost, hooks; fp32 and bf16; physical batch 256 and 512; peak GPU memory. The
-   fastest DP setting measured here is what the later DP runs use (grad-sample-mode, physical batch,
-   bf16 if fedpriv's ``mixed-precision`` key exists).
+   non-private, Opacus hooks, fedpriv's book-keeping (``bk``); fp32 and bf16; physical batch 256 and 512;
+   peak GPU memory. The fastest DP setting measured here is what the later DP runs use (grad-sample-mode,
+   physical batch, bf16 with ``bk``); without section a they use ``H200_FASTEST``.
 b. The ceiling: non-private centralized fine-tune of the whole encoder (AdamW 5e-5, batch 32, 3 epochs).
 c. fedpriv DP-FL at ε = 8: a small grid (``--grid first|long|fedsgd``: full fine-tune / LoRA; local Adam with
    server momentum, or DP-FedSGD with server Adam; batch, rounds x epochs), chosen on **validation**
@@ -55,6 +55,11 @@ QUICK_BUDGETS = {"a": 15, "b": 30, "c": 90, "d": 60, "e": 30, "f": 30}
 TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon = 8", "d": "chosen DP-FL at epsilon = 3, 1",
           "e": "centralized DP at epsilon = 8", "f": "head (CPU default) at epsilon = 8"}
 
+
+# The fastest exact DP step the H200 sessions measured for the whole encoder (book-keeping had not run there yet):
+# what DP runs use when section a does not run this session.
+H200_FASTEST = {"grad-sample-mode": "hooks", "physical-batch-size": 512}
+SECTION_A_MODES = ("non-private", "DP hooks", "DP bk")  # ghost: measured twice (0.33x), slower than hooks there
 
 GRIDS = ("first", "long", "fedsgd")  # section c's candidate lists (``grid``); --plan-only caches σ for all of them
 
@@ -121,12 +126,12 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
         return [("all, DP-FedSGD, FedAdam 1e-3", {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3, **small}),
                 ("LoRA r=4 all layers, DP-FedSGD, FedAdam 3e-3",
                  {"trainable": "all", "lora-rank": 4, **fedsgd, "server-learning-rate": 3e-3, **small})]
-    fastest = {"grad-sample-mode": "hooks", "physical-batch-size": 512}  # H200: fastest exact DP step (section a)
+    # how they clip: section a's fastest DP setting this session, else H200_FASTEST (Session.dp_settings)
     return [("all, DP-FedSGD (1 step of SGD lr 1 a round), B 1024, R 150, FedAdam 1e-3",
-             {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3, **fastest}),
+             {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3}),
             ("LoRA r=16 all layers, DP-FedSGD, B 1024, R 150, FedAdam 3e-3",
-             {"trainable": "all", "lora-rank": 16, **fedsgd, "server-learning-rate": 3e-3, **fastest}),
-            ("gpu preset (simulations/presets.toml)", {**gpu_preset(), **fastest})]
+             {"trainable": "all", "lora-rank": 16, **fedsgd, "server-learning-rate": 3e-3}),
+            ("gpu preset (simulations/presets.toml)", gpu_preset())]
 
 
 def gpu_preset() -> dict:
@@ -176,7 +181,7 @@ class Session:
         self.t_start = time.perf_counter()
         self.deadline = self.t_start + args.budget
         self.records: list[dict] = []
-        self.dp_settings: dict = {}
+        self.dp_settings: dict = {} if args.quick else dict(H200_FASTEST)
         self.chosen: tuple[str, dict] | None = None
         self.ceiling_acc: float | None = None
         self.rate: dict[str, float] = {}  # seconds per (example x epoch) by model family, from finished runs
@@ -284,19 +289,19 @@ def section_a(s: Session, bench, env, budget: float) -> None:
     labels = pd_full.train[bench.regions[0]].labels
     batches = (16, 32) if s.quick else (256, 512)
     rows = accelerator_step_rows({"full": pd_full.split.top, "LoRA": pd_lora.split.top}, feats, labels, bench.device,
-                                 physical_batches=batches, budget_s=budget, steps=2 if s.quick else 10,
+                                 physical_batches=batches, modes=SECTION_A_MODES, budget_s=budget,
+                                 steps=2 if s.quick else 10,
                                  warmup=1 if s.quick else 3, log=s.log,
                                  on_row=lambda r: s.write({"kind": "dp_cost", "section": "a", **r}))
     # the fastest DP setting for the full model (examples/s) decides how the later DP runs train
     from finetune import known_keys
 
-    # fedpriv's trainer takes bf16 with grad-sample-mode = hooks only (clipping stays fp32 there)
+    # fedpriv's trainer takes bf16 with grad-sample-mode = bk only (its per-sample arithmetic stays fp32)
     ok = [r for r in rows if r["family"] == "full" and r["mode"].startswith("DP") and "error" not in r
-          and (r["precision"] == "fp32" or ("mixed-precision" in known_keys() and r["mode"] == "DP hooks"))]
+          and (r["precision"] == "fp32" or ("mixed-precision" in known_keys() and r["mode"] == "DP bk"))]
     if ok:
         best = max(ok, key=lambda r: r["examples_per_s"])
-        s.dp_settings = {"grad-sample-mode": "ghost" if "ghost" in best["mode"] else "hooks",
-                         "physical-batch-size": best["batch"]}
+        s.dp_settings = {"grad-sample-mode": best["mode"].split()[-1], "physical-batch-size": best["batch"]}
         if "mixed-precision" in known_keys():
             s.dp_settings["mixed-precision"] = "bf16" if best["precision"] == "bf16" else "off"
         s.write({"kind": "dp_choice", "section": "a", **s.dp_settings, "examples_per_s": best["examples_per_s"]})
