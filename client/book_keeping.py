@@ -54,13 +54,14 @@ class _Layer:
     version: int = 0
     handles: list = field(default_factory=list)
 
-    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return  # evaluation, or a layer nothing trainable depends on
         if self.output is not None:
             raise RuntimeError(f"book-keeping: layer {self.name} ran twice in one forward pass; "
                                "its per-sample gradient would be split over two uses")
-        self.inputs, self.output, self.version = args[0].detach(), output, output._version
+        x = args[0] if args else kwargs["input"]
+        self.inputs, self.output, self.version = x.detach(), output, output._version
 
     def clear(self) -> None:
         self.inputs = self.output = None
@@ -78,7 +79,7 @@ class BookKeeping(nn.Module):
         self.max_grad_norm = float(max_grad_norm)
         self.layers = _trainable_layers(module)
         for layer in self.layers:
-            layer.handles.append(layer.module.register_forward_hook(layer.capture))
+            layer.handles.append(layer.module.register_forward_hook(layer.capture, with_kwargs=True))
 
     def forward(self, *args, **kwargs):
         for layer in self.layers:
@@ -96,7 +97,9 @@ class BookKeeping(nn.Module):
         for layer in live:
             if layer.output._version != layer.version:
                 raise RuntimeError(f"book-keeping: the output of {layer.name} was modified in place after the forward")
-        grads = torch.autograd.grad(per_sample_loss.sum(), [layer.output for layer in live]) if live and n else []
+        grads = torch.autograd.grad(per_sample_loss.sum(), [layer.output for layer in live],
+                                    allow_unused=True) if live and n else []
+        live, grads = [layer for layer, g in zip(live, grads) if g is not None], [g for g in grads if g is not None]
         with exact_fp32_matmul():
             device = per_sample_loss.device
             sq = torch.zeros(n, dtype=torch.float32, device=device)

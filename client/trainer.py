@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -141,24 +142,17 @@ class LocalTrainer:
                    unit="step", disable=not sys.stderr.isatty(), leave=False)
         while steps < target:
             for batch in loader:
-                batch = batch if isinstance(batch, dict) and len(batch["labels"]) else collate_features([], self.data.features[0].shape[1])
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                with forward_precision(self.cfg.mixed_precision, self.device):
-                    out = module(**batch)
-                    loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
-                # DP: what bounds a contribution (per-sample norms, clipping, the clipped sum, noise) is exact fp32.
-                # Ghost clipping takes the norms and the clipped sum from two backward passes, which must agree
-                # (book-keeping takes both from one set of stored tensors and makes its own arithmetic exact).
-                exact = exact_fp32_matmul if self.cfg.dp else contextlib.nullcontext
-                with exact() if self.cfg.grad_sample_mode == "ghost" else contextlib.nullcontext():
-                    loss.backward()
-                with exact():
+                if isinstance(batch, dict) and len(batch["labels"]):
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    loss, logits = self._forward_backward(module, batch, criterion)
+                    losses.append(float(loss.detach()))
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                    seen += len(batch["labels"])
+                else:  # Poisson sampling drew no post: the logical step still happens (noise only)
+                    no_contribution(optimizer)
+                with exact_fp32_matmul() if self.cfg.dp else contextlib.nullcontext():
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if len(batch["labels"]):
-                    losses.append(float(loss.detach()))
-                    correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-                    seen += len(batch["labels"])
                 if not getattr(optimizer, "_is_last_step_skipped", False) or not self.cfg.dp:
                     steps += 1
                     bar.update(1)
@@ -167,6 +161,18 @@ class LocalTrainer:
         bar.close()
         return losses, correct, seen
 
+    def _forward_backward(self, module, batch, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+        with forward_precision(self.cfg.mixed_precision, self.device):
+            out = module(**batch)
+            loss = out.loss if criterion is None else criterion(out.logits, batch["labels"])
+        # DP: what bounds a contribution (per-sample norms, clipping, the clipped sum, noise) is exact fp32.
+        # Ghost clipping takes the norms and the clipped sum from two backward passes, which must agree
+        # (book-keeping takes both from one set of stored tensors and makes its own arithmetic exact).
+        exact = self.cfg.dp and self.cfg.grad_sample_mode == "ghost"
+        with exact_fp32_matmul() if exact else contextlib.nullcontext():
+            loss.backward()
+        return loss, out.logits
+
     def _result(self, losses, correct, seen, history, noise_multiplier) -> TrainResult:
         return TrainResult(
             values=get_trainable(self.model), loss=float(np.mean(losses)) if losses else float("nan"),
@@ -174,6 +180,17 @@ class LocalTrainer:
             steps=self.schedule.steps_per_round, history=history, noise_multiplier=noise_multiplier,
             sample_rate=self.schedule.sample_rate, peak_memory_mb=peak_memory_mb(),
         )
+
+
+def no_contribution(dp_optimizer) -> None:
+    """What an empty physical batch leaves for the DP optimizer: a zero clipped sum, without running the model
+    (a Transformer layer cannot run on zero posts). Ghost clipping and book-keeping hand the optimizer the
+    clipped sum in ``p.grad``; Opacus' hooks hand it per-sample gradients, here none."""
+    for p in dp_optimizer.params:
+        if isinstance(dp_optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
 
 
 def local_optimizer(params: list[torch.nn.Parameter], cfg: FedprivConfig) -> torch.optim.Optimizer:

@@ -115,11 +115,13 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.features[i], self.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """A tensor (a view of the stored array), so that Opacus can shape an empty Poisson batch drawn before
+        any other from the dataset's first item (it cannot from a numpy dtype)."""
+        return torch.from_numpy(self.features[i]), self.labels[i]
 
 
-def collate_features(batch: Sequence[tuple[np.ndarray, int]], dim: int = 1) -> dict[str, torch.Tensor]:
+def collate_features(batch: Sequence[tuple[np.ndarray | torch.Tensor, int]], dim: int = 1) -> dict[str, torch.Tensor]:
     """Pad to the batch's longest post. An empty batch (Poisson sampling can draw one) has ``dim`` features."""
     if len(batch) == 0:
         return {"hidden": torch.zeros((0, 1, dim)), "attention_mask": torch.zeros((0, 1), dtype=torch.long),
@@ -129,7 +131,7 @@ def collate_features(batch: Sequence[tuple[np.ndarray, int]], dim: int = 1) -> d
     hidden = torch.zeros((len(batch), length, dim), dtype=torch.float32)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
     for row, (feat, _) in enumerate(batch):
-        hidden[row, : feat.shape[0]] = torch.from_numpy(feat.astype(np.float32))
+        hidden[row, : feat.shape[0]] = torch.as_tensor(feat)
         mask[row, : feat.shape[0]] = 1
     labels = torch.tensor([label for _, label in batch], dtype=torch.long)
     return {"hidden": hidden, "attention_mask": mask, "labels": labels}

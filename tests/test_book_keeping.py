@@ -123,3 +123,44 @@ def test_an_output_changed_in_place_after_the_forward_is_refused():
     out = bk(torch.randn(4, 3))
     with pytest.raises(RuntimeError, match="modified in place"):
         bk.clip_and_sum(torch.nn.functional.nll_loss(out, torch.tensor([0, 1, 0, 1]), reduction="none"))
+
+
+def test_a_layer_the_loss_does_not_use_gets_a_zero_gradient():
+    class Branch(torch.nn.Module):  # the second layer runs but the loss never uses it
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    model = Branch()
+    bk = BookKeeping(model, 1.0)
+    logits = bk(torch.randn(4, 3))
+    bk.clip_and_sum(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1]), reduction="none"))
+    assert model.used.weight.grad.abs().sum() > 0 and not model.unused.weight.grad.any()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
+def test_an_empty_poisson_batch_is_a_noise_only_step_for_encoder_layers(monkeypatch, mode):
+    """Poisson sampling can draw no post (here q = 1/16, so about one step in three); the step must still be
+    taken -- noise only -- without running a Transformer layer on zero posts (which cannot run)."""
+    import fedpriv.client.trainer as trainer_mod
+
+    empty = []
+    real = trainer_mod.no_contribution
+    monkeypatch.setattr(trainer_mod, "no_contribution", lambda opt: (empty.append(1), real(opt)))
+    rng = np.random.default_rng(2)
+    dim = _model("all").config.hidden_size
+    data = FeatureDataset([rng.standard_normal((4, dim)).astype(np.float16) for _ in range(16)], [0, 1] * 8)
+    _, cfg = resolve_config({**TINY, "trainable": "all", "grad-sample-mode": mode, "batch-size": 1,
+                             "local-steps": 12, "physical-batch-size": 1, "max-grad-norm": 0.1,
+                             "insecure-deterministic-noise": True})
+    split = SplitClassifier(copy.deepcopy(_model("all")), "all")
+    result = LocalTrainer(split, data, cfg, torch.device("cpu")).train([], noise_multiplier=1.0, seed=0)
+    assert empty, "the seed must draw at least one empty batch for this test to mean anything"
+    assert result.steps == 12 and len(result.history) == 1 and result.history[0][2] == 12
+    start = get_trainable(_model("all"))
+    assert all(np.isfinite(v).all() for v in result.values.values())
+    assert any(np.abs(result.values[k] - start[k]).max() > 0 for k in start)
