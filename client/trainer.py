@@ -210,9 +210,9 @@ def per_example_bytes(top: torch.nn.Module, cfg: FedprivConfig, tokens: int) -> 
     (Korthikanti et al. 2022, "Reducing activation recomputation"), twice that in fp32. ``hooks``
     materialise one per-sample gradient (fp32); ghost clipping instead keeps two T x T Gram matrices per
     linear layer; book-keeping every trainable linear layer's input and output gradient (T x (in + out)
-    values each). For all-MiniLM (T = 64, every layer trains)
-    this gives ~55 MB per example with hooks and ~14 MB with ghost: ~14 / 3.6 GB at batch 256, the
-    order of the 11.0 / 3.0 GiB peaks measured on an H100 (issue 10).
+    values each). For all-MiniLM (T = 64, every layer trains) this gives ~55 MB per example with hooks and
+    ~14 MB with ghost: ~14 / 3.6 GB at batch 256, the order of the 11.0 / 3.0 GiB peaks measured on an H100
+    (issue 10).
     """
     config = top.config
     bits = 2 if cfg.mixed_precision == "bf16" else 4
