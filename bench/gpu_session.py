@@ -25,6 +25,8 @@ c. fedpriv DP-FL at ε = 8: a small grid (``--grid first|long|fedsgd``: full fin
 d. The chosen configuration at ε = 3 and ε = 1.
 e. Centralized DP fine-tune (all training posts in one place, same trainer) at ε = 8.
 f. fedpriv's CPU default (``trainable = head``) at ε = 8, for comparison.
+g. One crafted post against the clipping bound on this device, for every clipping mode and precision
+   (``bench/clipping_bound.py``): on a GPU, TF32/bf16 kernels may let one post move the others' contributions.
 
 Privacy accounting: the accountant named in fedpriv's config (``pld`` when this checkout has it),
 σ from fedpriv's own search, ε of every region recomputed from its DP history and cross-checked by a
@@ -50,10 +52,11 @@ from fedpriv.core.files import atomic_write_text  # noqa: E402
 ASSETS = ROOT / ".gpu"
 
 # Section budgets in seconds (full run); --budget caps their sum.
-BUDGETS = {"a": 60, "b": 40, "c": 190, "d": 130, "e": 65, "f": 30}
-QUICK_BUDGETS = {"a": 15, "b": 30, "c": 90, "d": 60, "e": 30, "f": 30}
+BUDGETS = {"a": 60, "b": 40, "c": 190, "d": 130, "e": 65, "f": 30, "g": 30}
+QUICK_BUDGETS = {"a": 15, "b": 30, "c": 90, "d": 60, "e": 30, "f": 30, "g": 30}
 TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon = 8", "d": "chosen DP-FL at epsilon = 3, 1",
-          "e": "centralized DP at epsilon = 8", "f": "head (CPU default) at epsilon = 8"}
+          "e": "centralized DP at epsilon = 8", "f": "head (CPU default) at epsilon = 8",
+          "g": "one crafted post against the clipping bound"}
 
 
 # The fastest exact DP step the H200 sessions measured for the whole encoder (book-keeping had not run there yet):
@@ -438,7 +441,23 @@ def section_f(s: Session, bench, env, budget: float) -> None:
     run_one(s, bench, "DP-FL head (CPU default) ε = 8", o, "f", end)
 
 
-SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f}
+def section_g(s: Session, bench, env, budget: float) -> None:
+    """The attacker's crafted post against every clipping mode and precision on this device (bench/clipping_bound.py):
+    TF32/bf16 kernels chosen by matrix shape may let one post move the other posts' contributions."""
+    from clipping_bound import attack
+
+    from fedpriv.task.features import FeatureDataset
+
+    pd = bench.data("all")
+    train = pd.train[bench.regions[0]]
+    n = 16 if s.quick else 64
+    honest = FeatureDataset(list(train.features[:n]), list(train.labels[:n]))
+    for row in attack(pd.split, honest, bench.device, bench.model_name, log=s.log):
+        s.write({"kind": "clipping_bound", "section": "g", **row})
+
+
+SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f,
+            "g": section_g}
 
 
 # =============================================================== summary
@@ -461,6 +480,12 @@ def summary(s: Session) -> str:
         choice = next((r for r in s.records if r["kind"] == "dp_choice"), None)
         if choice:
             lines += [f"DP runs below used: {', '.join(f'{k} = {v}' for k, v in choice.items() if k not in ('kind', 'section', 't'))}", ""]
+    bound = [r for r in s.records if r["kind"] == "clipping_bound"]
+    if bound:
+        from clipping_bound import table
+
+        lines += ["## One crafted post against the clipping bound (units of C; bench/clipping_bound.py)", "",
+                  table(bound), ""]
     util = [r for r in s.records if r["kind"] == "utility"]
     if util:
         from finetune import utility_table
