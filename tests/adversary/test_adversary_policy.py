@@ -66,6 +66,20 @@ def test_a_request_the_policy_forbids_is_refused_before_training_and_recording(t
     assert f"round 1: refused by region policy: {rule}:" in render_markdown(report.to_dict())
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_coordinator_asking_for_bf16_with_opacus_clipping_gets_a_one_line_error_and_nothing_trains(
+        tmp_path, shard_root, train_calls, mode):
+    """bf16 with Opacus' clipping lets one post move the sum past C (tests/adversary/test_clipping_bound.py); the
+    region's own code refuses that run config from the coordinator before anything trains or is recorded."""
+    run = run_config(shard_root, tmp_path / "run")
+    run.update({"mixed-precision": "bf16", "grad-sample-mode": mode})  # the coordinator's choice, unvalidated
+    region = _region(shard_root, tmp_path, run)
+    reply = region.train(global_arrays(run_config(shard_root, tmp_path / "run")))
+    assert reply.has_error() and reply.error.code == contract.FAILED, reply.error.reason if reply.has_error() else ""
+    assert f"mixed-precision = 'bf16': expected 'off' with grad-sample-mode = '{mode}'" in reply.error.reason
+    assert train_calls == [] and region.releases() == []
+
+
 def test_a_smaller_delta_is_accepted_and_epsilon_is_still_the_regions(tmp_path, shard_root, train_calls):
     run = run_config(shard_root, tmp_path / "run", delta=1e-7)
     region = _region(shard_root, tmp_path, run)
