@@ -134,7 +134,8 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
              {"trainable": "all", **fedsgd, "server-learning-rate": 1e-3}),
             ("LoRA r=16 all layers, DP-FedSGD, B 1024, R 150, FedAdam 3e-3",
              {"trainable": "all", "lora-rank": 16, **fedsgd, "server-learning-rate": 3e-3}),
-            # twice the batch: 9 % less noise in the regions' mean gradient per step (0.90e-3 vs 0.98e-3 C), twice the compute
+            # twice the batch: 9 % less noise in the regions' mean gradient per step (0.90e-3 vs 0.98e-3 C),
+            # for twice the compute
             ("all, DP-FedSGD, B 2048, R 150, FedAdam 1e-3",
              {"trainable": "all", **fedsgd, "batch-size": 2048, "server-learning-rate": 1e-3}),
             ("gpu preset (simulations/presets.toml)", gpu_preset())]
