@@ -101,17 +101,17 @@ class BookKeeping(nn.Module):
                                     allow_unused=True) if live and n else []
         live, grads = [layer for layer, g in zip(live, grads) if g is not None], [g for g in grads if g is not None]
         with exact_fp32_matmul():
-            device = per_sample_loss.device
-            sq = torch.zeros(n, dtype=torch.float32, device=device)
-            for layer, g in zip(live, grads):
-                sq += _squared_norms(layer, g.float())
+            parts = [(layer, _per_sample_parts(layer, g.float())) for layer, g in zip(live, grads)]
+            sq = torch.zeros(n, dtype=torch.float32, device=per_sample_loss.device)
+            for layer, part in parts:
+                sq += _squared_norms(layer, part)
             norms = sq.sqrt()
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             for layer in self.layers:
                 for p in layer.params:
                     p.grad = torch.zeros_like(p)
-            for layer, g in zip(live, grads):
-                _add_clipped_sum(layer, g.float(), factor)
+            for layer, part in parts:
+                _add_clipped_sum(layer, part, factor)
         for layer in self.layers:
             layer.clear()
         return norms
@@ -178,26 +178,25 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.float().reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _linear_parts(layer: _Layer, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flat(layer.inputs), _flat(g)
-
-
-def _layernorm_parts(layer: _Layer, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of LayerNorm's weight and bias (batch, features): Σ_t g_t ⊙ x̂_t and Σ_t g_t."""
+def _per_sample_parts(layer: _Layer, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What both the norms and the clipped sum are computed from, once per layer: for a linear layer its input
+    and output gradient as (batch, tokens, features); for LayerNorm the per-sample gradients of its weight and
+    bias, Σ_t g_t ⊙ x̂_t and Σ_t g_t."""
     m = layer.module
+    if not isinstance(m, nn.LayerNorm):
+        return _flat(layer.inputs), _flat(g)
     x_hat = nn.functional.layer_norm(layer.inputs.float(), m.normalized_shape, eps=m.eps)
     dims = tuple(range(1, g.dim() - len(m.normalized_shape)))
     return (g * x_hat).sum(dim=dims), g.sum(dim=dims)
 
 
-def _squared_norms(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
+def _squared_norms(layer: _Layer, part: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Each example's squared gradient norm over this layer's trainable parameters."""
     m = layer.module
     if isinstance(m, nn.LayerNorm):
-        w, b = _layernorm_parts(layer, g)
-        return sum(x.flatten(1).pow(2).sum(1) for x, p in ((w, m.weight), (b, m.bias))
+        return sum(x.flatten(1).pow(2).sum(1) for x, p in zip(part, (m.weight, m.bias))
                    if p is not None and p.requires_grad)
-    a, gf = _linear_parts(layer, g)
+    a, gf = part
     sq = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
     if m.weight.requires_grad:
         tokens, d_in, d_out = a.shape[1], a.shape[2], gf.shape[2]
@@ -210,19 +209,17 @@ def _squared_norms(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
     return sq
 
 
-def _add_clipped_sum(layer: _Layer, g: torch.Tensor, factor: torch.Tensor) -> None:
+def _add_clipped_sum(layer: _Layer, part: tuple[torch.Tensor, torch.Tensor], factor: torch.Tensor) -> None:
     """``p.grad += Σ_i c_i ∇_i p`` for this layer's trainable parameters."""
     m = layer.module
     if isinstance(m, nn.LayerNorm):
-        w, b = _layernorm_parts(layer, g)
-        for per_sample, p in ((w, m.weight), (b, m.bias)):
+        for per_sample, p in zip(part, (m.weight, m.bias)):
             if p is not None and p.requires_grad:
                 p.grad += torch.einsum("b,b...->...", factor, per_sample).to(p.dtype)
         return
-    a, gf = _linear_parts(layer, g)
+    a, gf = part
     scaled = gf * factor[:, None, None]
     if m.weight.requires_grad:
-        p = m.weight
-        p.grad += (scaled.reshape(-1, scaled.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(p.dtype)
+        m.weight.grad += (scaled.reshape(-1, scaled.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
     if m.bias is not None and m.bias.requires_grad:
         m.bias.grad += scaled.sum(dim=(0, 1)).to(m.bias.dtype)

@@ -86,7 +86,7 @@ def prune_checkpoints(run_dir: Path, keep: int, newest: int) -> list[Path]:
     removed = []
     for p in sorted((Path(run_dir) / CHECKPOINT_DIR).glob("round-*.safetensors")):
         digits = p.name[len("round-"):].split(".", 1)[0]
-        if digits.isdigit() and int(digits) <= newest - keep and p.name.endswith(".safetensors"):
+        if digits.isdigit() and int(digits) <= newest - keep:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
