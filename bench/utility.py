@@ -556,15 +556,16 @@ def run_simulation(o: dict, log) -> dict:
 def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
     """Encoder fine-tunes a 2-core CPU can afford in the CPU preset's 10 minutes (issue 10: "if a configuration
     that trains encoder layers beats the head there within that time, make it the CPU default"): the top encoder
-    layer with LoRA adapters on cached layer-5 features, ~75 s per epoch of the 14,887 posts on 2 cores (DP on the
-    full top layer, 1.9 M parameters, is ~3x slower: bench/results/dp_cost.md). Two ways to run it federated:
+    layer with LoRA adapters on cached layer-5 features, ~75 s per epoch of the 14,887 posts on 2 cores (with
+    Opacus hooks, DP on the full top layer, 1.9 M parameters, was ~3x slower: bench/results/dp_cost.md; clipping
+    is now the default book-keeping, the same update, bench/results/dp_cost_bk_cpu.md). Two ways to run it federated:
     Adam in each region with server momentum (as the GPU runs chose for the whole encoder), and DP-FedSGD (one
     noisy SGD step a round, ``local-steps = 1``) with Adam on the server -- the DP-Adam step a centralized run
     takes, on the example-weighted mean of the regions' noisy gradients, so no local drift and no Adam state
     reset every round."""
     from gpu_session import FEDSGD
 
-    top1 = {"trainable": "top-1", "lora-rank": 8, "weight-decay": 0.0, "grad-sample-mode": "hooks"}
+    top1 = {"trainable": "top-1", "lora-rank": 8, "weight-decay": 0.0}
     local_adam = {**top1, "local-optimizer": "adam", "learning-rate": 3e-3, "server-optimizer": "fedavgm",
                   "server-momentum": 0.5, "local-epochs": 1.0}
     fedsgd = {**top1, **FEDSGD, "server-learning-rate": 3e-3}
