@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
 from fedpriv.client import book_keeping
+from fedpriv.client.batching import sort_batches_by_length
 from fedpriv.client.randomness import enable_secure_noise, release_randomness
 from fedpriv.core.config import FedprivConfig
 from fedpriv.privacy.accountant import Entry
@@ -68,6 +69,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.device = device
         self.schedule = region_schedule(len(data), cfg)
+        self.lengths = [f.shape[0] for f in data.features]
 
     def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "") -> TrainResult:
         """One round. ``seed`` (public: derived from the run config) seeds dropout and non-DP shuffling only."""
@@ -116,6 +118,7 @@ class LocalTrainer:
         if dp_loader.batch_sampler.generator is not rng.sampling or dp_optimizer.generator is not rng.noise:
             raise RuntimeError("Opacus did not take the release's generators: refusing to train on predictable noise")
         physical = self.physical_batch_size()
+        dp_loader = sort_batches_by_length(dp_loader, self.lengths)  # physical batches of similar length: less padding
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=physical,
                                 optimizer=dp_optimizer) as memory_safe_loader:
             losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, physical, label, criterion)
