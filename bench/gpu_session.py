@@ -27,6 +27,8 @@ e. Centralized DP fine-tune (all training posts in one place, same trainer) at �
 f. fedpriv's CPU default (``trainable = head``) at ε = 8, for comparison.
 g. One crafted post against the clipping bound on this device, for every clipping mode and precision
    (``bench/clipping_bound.py``): on a GPU, TF32/bf16 kernels may let one post move the others' contributions.
+h. A real local DP round of the whole encoder with each Poisson batch cut into physical batches in drawing
+   order and by length (``bench/padding.py``; fedpriv sorts, client/batching.py): what padding costs there.
 
 Privacy accounting: the accountant named in fedpriv's config (``pld`` when this checkout has it),
 σ from fedpriv's own search, ε of every region recomputed from its DP history and cross-checked by a
@@ -52,11 +54,12 @@ from fedpriv.core.files import atomic_write_text  # noqa: E402
 ASSETS = ROOT / ".gpu"
 
 # Section budgets in seconds (full run); --budget caps their sum.
-BUDGETS = {"a": 60, "b": 40, "c": 190, "d": 130, "e": 65, "f": 30, "g": 30}
-QUICK_BUDGETS = {"a": 15, "b": 30, "c": 90, "d": 60, "e": 30, "f": 30, "g": 30}
+BUDGETS = {"a": 60, "b": 40, "c": 190, "d": 130, "e": 65, "f": 30, "g": 30, "h": 30}
+QUICK_BUDGETS = {"a": 15, "b": 30, "c": 90, "d": 60, "e": 30, "f": 30, "g": 30, "h": 30}
 TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon = 8", "d": "chosen DP-FL at epsilon = 3, 1",
           "e": "centralized DP at epsilon = 8", "f": "head (CPU default) at epsilon = 8",
-          "g": "one crafted post against the clipping bound"}
+          "g": "one crafted post against the clipping bound",
+          "h": "length-sorted physical batches"}
 
 
 # The fastest exact DP step the H200 sessions measured for the whole encoder (book-keeping had not run there yet):
@@ -460,8 +463,19 @@ def section_g(s: Session, bench, env, budget: float) -> None:
         s.write({"kind": "clipping_bound", "section": "g", **row})
 
 
+def section_h(s: Session, bench, env, budget: float) -> None:
+    """A real local DP round of the whole encoder with each Poisson batch cut in drawing order and cut by length
+    (bench/padding.py, client/batching.py), with the clipping section a chose (else the H200's fastest)."""
+    from padding import measure_rows
+
+    mode = s.dp_settings.get("grad-sample-mode", "bk")
+    physicals = [16] if s.quick else sorted({256, int(s.dp_settings.get("physical-batch-size", 512))})
+    for row in measure_rows(bench, ["all"], physicals, steps=2, batch=64 if s.quick else 1024, mode=mode, log=s.log):
+        s.write({"kind": "padding", "section": "h", **row})
+
+
 SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f,
-            "g": section_g}
+            "g": section_g, "h": section_h}
 
 
 # =============================================================== summary
@@ -490,6 +504,12 @@ def summary(s: Session) -> str:
 
         lines += ["## One crafted post against the clipping bound (units of C; bench/clipping_bound.py)", "",
                   table(bound), ""]
+    padding = [r for r in s.records if r["kind"] == "padding"]
+    if padding:
+        from padding import table as padding_table
+
+        lines += ["## Length-sorted physical batches (one region's local DP round; bench/padding.py)", "",
+                  padding_table(padding), ""]
     util = [r for r in s.records if r["kind"] == "utility"]
     if util:
         from finetune import utility_table

@@ -49,7 +49,7 @@ bad = []
 for m in ["fedpriv.core.config", "fedpriv.core.errors", "fedpriv.task.model", "fedpriv.task.features", "fedpriv.task.encoding", "fedpriv.task.lora",
           "fedpriv.client.trainer", "fedpriv.task.device", "fedpriv.privacy.accountant", "fedpriv.privacy.noise",
           "fedpriv.privacy.schedule", "fedpriv.strategies.server_update_rules", "gpu_assets", "closed_form", "finetune",
-          "fedpriv.client.book_keeping", "dp_cost", "clipping_bound", "gpu_session"]:
+          "fedpriv.client.book_keeping", "fedpriv.client.batching", "dp_cost", "clipping_bound", "padding", "gpu_session"]:
     try:
         importlib.import_module(m)
     except Exception as exc:
