@@ -77,7 +77,8 @@ def train_metrics(policy: RegionPolicy, cfg: FedprivConfig, outcome: Any) -> dic
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedpriv.client.region import RegionRuntime, identify_region
+    from fedpriv.client import runtime_cache
+    from fedpriv.client.region import identify_region
     from fedpriv.task.model import from_array_record, to_array_record
 
     cfg: FedprivConfig | None = None
@@ -87,9 +88,13 @@ def train(msg: Message, context: Context) -> Message:
         server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
         secagg_round = msg.content[wire.CONFIG].get(TRAIN_FLAG)
         global_values = from_array_record(msg.content[wire.ARRAYS])
-        region = RegionRuntime(cfg, identity)
-        outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
-                               attempt_id=str(context.run_id), secure_round=secagg_round is not None)
+        region = runtime_cache.runtime(cfg, identity)
+        try:
+            outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
+                                   attempt_id=str(context.run_id), secure_round=secagg_round is not None)
+        except BaseException:
+            runtime_cache.drop(region)  # a half-finished round may have left hooks on its model
+            raise
     except FedprivError as exc:
         return _error(msg, _region_label(context, cfg), exc)
 
@@ -118,11 +123,17 @@ def evaluate(msg: Message, context: Context) -> Message:
             from fedpriv.client.region import LOCAL_EVALUATION_REFUSED
 
             raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
-        from fedpriv.client.region import RegionRuntime, identify_region
+        from fedpriv.client import runtime_cache
+        from fedpriv.client.region import identify_region
         from fedpriv.task.model import from_array_record
 
         identity = identify_region(context.node_config, cfg)
-        loss, accuracy, n = RegionRuntime(cfg, identity).evaluate(from_array_record(msg.content[wire.ARRAYS]))
+        region = runtime_cache.runtime(cfg, identity)
+        try:
+            loss, accuracy, n = region.evaluate(from_array_record(msg.content[wire.ARRAYS]))
+        except BaseException:
+            runtime_cache.drop(region)
+            raise
     except FedprivError as exc:
         return _error(msg, _region_label(context, cfg), exc)
     metrics = MetricRecord({wire.NUM_EXAMPLES: n, wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})

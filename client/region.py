@@ -95,12 +95,19 @@ class RegionRuntime:
         self.tokenizer = load_tokenizer()
         self.shard = load_region(identity.data_root, identity.name)
         self.split = SplitClassifier(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank), cfg.trainable)
+        self._feature_sets: dict[str, FeatureDataset] = {}
 
     def round_seed(self, server_round: int) -> int:
         """Distinct, reproducible randomness per (run seed, region, round)."""
         return int(np.random.SeedSequence([self.cfg.seed, self.identity.index, server_round]).generate_state(1)[0])
 
     def _features(self, split_name: str) -> FeatureDataset:
+        """The frozen prefix's features of the shard's ``split_name`` posts (computed once per runtime)."""
+        if split_name not in self._feature_sets:
+            self._feature_sets[split_name] = self._load_features(split_name)
+        return self._feature_sets[split_name]
+
+    def _load_features(self, split_name: str) -> FeatureDataset:
         examples = self.shard.train if split_name == "train" else self.shard.test
         data = encode(examples, self.tokenizer, self.cfg.max_length)
         shard_path = region_train_path if split_name == "train" else region_test_path
