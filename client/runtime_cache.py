@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from fedpriv.client import region as region_module
 from fedpriv.client.region import RegionIdentity, RegionRuntime
 from fedpriv.core.config import FedprivConfig
 from fedpriv.task.partition import region_test_path, region_train_path
@@ -41,7 +42,7 @@ def runtime(cfg: FedprivConfig, identity: RegionIdentity) -> RegionRuntime:
     """This process's runtime for ``(cfg, identity)``: reused when the run, the config and the shard are the same."""
     key = _key(cfg, identity)
     found = _RUNTIMES.pop(key, None)
-    found = found if found is not None else RegionRuntime(cfg, identity)
+    found = found if found is not None else region_module.RegionRuntime(cfg, identity)  # looked up now: tests swap it
     found.identity = identity  # the node's policy and ledger, read for this call
     _RUNTIMES[key] = found
     while len(_RUNTIMES) > MAX_RUNTIMES:

@@ -43,6 +43,17 @@ def write_corpus(data_dir: Path, n: int, seed: int = 0) -> Path:
     return data_dir
 
 
+@pytest.fixture(autouse=True)
+def fresh_region_runtimes():
+    """Each test starts with no region runtime kept from another test's rounds (client/runtime_cache.py)."""
+    import sys
+
+    yield
+    cache = sys.modules.get("fedpriv.client.runtime_cache")
+    if cache is not None:
+        cache.clear()
+
+
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "data", 1200)
