@@ -88,13 +88,9 @@ def train(msg: Message, context: Context) -> Message:
         server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
         secagg_round = msg.content[wire.CONFIG].get(TRAIN_FLAG)
         global_values = from_array_record(msg.content[wire.ARRAYS])
-        region = runtime_cache.runtime(cfg, identity)
-        try:
+        with runtime_cache.kept(cfg, identity) as region:  # dropped if the round raises (hooks may be left)
             outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
                                    attempt_id=str(context.run_id), secure_round=secagg_round is not None)
-        except BaseException:
-            runtime_cache.drop(region)  # a half-finished round may have left hooks on its model
-            raise
     except FedprivError as exc:
         return _error(msg, _region_label(context, cfg), exc)
 
@@ -128,12 +124,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         from fedpriv.task.model import from_array_record
 
         identity = identify_region(context.node_config, cfg)
-        region = runtime_cache.runtime(cfg, identity)
-        try:
+        with runtime_cache.kept(cfg, identity) as region:
             loss, accuracy, n = region.evaluate(from_array_record(msg.content[wire.ARRAYS]))
-        except BaseException:
-            runtime_cache.drop(region)
-            raise
     except FedprivError as exc:
         return _error(msg, _region_label(context, cfg), exc)
     metrics = MetricRecord({wire.NUM_EXAMPLES: n, wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})

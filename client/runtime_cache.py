@@ -16,6 +16,8 @@ at most :data:`MAX_RUNTIMES` stay (one actor may serve several simulated regions
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
 
 from fedpriv.client import region as region_module
 from fedpriv.client.region import RegionIdentity, RegionRuntime
@@ -48,6 +50,17 @@ def runtime(cfg: FedprivConfig, identity: RegionIdentity) -> RegionRuntime:
     while len(_RUNTIMES) > MAX_RUNTIMES:
         _RUNTIMES.popitem(last=False)
     return found
+
+
+@contextmanager
+def kept(cfg: FedprivConfig, identity: RegionIdentity) -> Iterator[RegionRuntime]:
+    """:func:`runtime`, dropped again if the work done with it raises."""
+    region = runtime(cfg, identity)
+    try:
+        yield region
+    except BaseException:
+        drop(region)
+        raise
 
 
 def drop(region: RegionRuntime) -> None:
