@@ -318,10 +318,13 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
     else:
         res.sigma = {r: 0.0 for r in names}
     model = pd.split.model
+    kept: dict[str, dict] = {}  # local-optimizer-state = keep: each region's state (in-process; every round accounted)
 
     def local_round(region: str, seed: int, history: list):
         trainer = LocalTrainer(pd.split, train[region], cfg, bench.device)
-        out = trainer.train(history, res.sigma[region], seed=seed, label=region)
+        out = trainer.train(history, res.sigma[region], seed=seed, label=region, optimizer_state=kept.get(region))
+        if out.optimizer_state:
+            kept[region] = out.optimizer_state
         return out.values, out.history
 
     t0 = time.perf_counter()

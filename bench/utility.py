@@ -218,6 +218,7 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
     model, split, initial = _MODELS[key]
     device = torch.device("cpu")
     out = SweepRun([], [], [], sigma=sig)
+    kept: dict[str, dict] = {}  # local-optimizer-state = keep: each region's state (in-process; every round accounted)
 
     def local_round(region: str, seed: int, history: list):
         if fast is not None:
@@ -225,7 +226,10 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
             if cfg.dp:  # the round's DP-SGD steps, as LocalTrainer's accountant records them
                 history = history + region_schedule(len(train[region]), cfg).history(sig[region], after_round=1)
             return get_trainable(model), history
-        result = LocalTrainer(split, train[region], cfg, device).train(history, sig[region], seed=seed, label=region)
+        result = LocalTrainer(split, train[region], cfg, device).train(history, sig[region], seed=seed, label=region,
+                                                                       optimizer_state=kept.get(region))
+        if result.optimizer_state:
+            kept[region] = result.optimizer_state
         return result.values, result.history
 
     def after_round(_rnd: int, _values: dict) -> None:

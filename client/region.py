@@ -21,12 +21,14 @@ write transaction that checks it was not released before.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from fedpriv.client import optimizer_state
 from fedpriv.task.device import select_device
 from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
 from fedpriv.core.config import FedprivConfig
@@ -134,7 +136,8 @@ class RegionRuntime:
         schedule = region_schedule(len(self.shard.train), cfg)
         with PrivacyLedger(self.identity.ledger_path) as ledger:
             sigma = self._noise_multiplier(ledger, schedule, job_id)
-            job_history = [r.history_entry for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
+            job_releases = [r for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
+        job_history = [r.history_entry for r in job_releases]
         release = Release(run_id=f"{job_id}/{attempt_id}", round=server_round, steps=schedule.steps_per_round,
                           sample_rate=schedule.sample_rate, noise_multiplier=sigma,
                           max_grad_norm=cfg.max_grad_norm, delta=delta, accountant=cfg.accountant)
@@ -150,14 +153,37 @@ class RegionRuntime:
                     raise BudgetExhausted(decision.reason)
             set_trainable_values(self.split.model, global_values)
             trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device)
-            result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name)
+            result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name,
+                                   optimizer_state=self._kept_optimizer_state(job_id, job_releases))
             decision = ledger.reserve(release, cap, delta, cfg.accountant, new_only=True)
             if not decision.allowed:  # another process released this round, or spent the budget, meanwhile
                 raise BudgetExhausted(decision.reason)
+            self._keep_optimizer_state(job_id, server_round, result)  # only now: its steps are accounted
             history = job_history + [release.history_entry]
             lifetime = clamp_epsilon(ledger.epsilon(delta, cfg.accountant)) if cfg.dp else math.inf
         epsilon = clamp_epsilon(epsilon_of(history, delta, cfg.accountant)) if cfg.dp else math.inf
         return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history))
+
+    def _optimizer_state_file(self, job_id: str) -> Path:
+        return optimizer_state.state_file(self.identity.ledger_path, self.identity.name, job_id)
+
+    def _kept_optimizer_state(self, job_id: str, job_releases: list[Release]) -> dict[str, np.ndarray] | None:
+        """``local-optimizer-state = keep``: the state saved after this job's last recorded release, if any."""
+        if self.cfg.local_optimizer_state != "keep" or not job_releases:
+            return None
+        last = max(r.round for r in job_releases)
+        return optimizer_state.load_state(self._optimizer_state_file(job_id), job_id, last)
+
+    def _keep_optimizer_state(self, job_id: str, server_round: int, result: TrainResult) -> None:
+        """Save the state after a round whose release the ledger has just recorded. A failed write only costs
+        the next round its moments (it will not find this round's state and starts fresh)."""
+        if not result.optimizer_state:  # reset, or an optimizer without state (SGD without momentum)
+            return
+        try:
+            optimizer_state.save_state(self._optimizer_state_file(job_id), job_id, server_round, result.optimizer_state)
+        except OSError as exc:
+            warnings.warn(f"{self.identity.name}: could not keep the local optimizer state ({exc}); the next round "
+                          "starts with a fresh optimizer")
 
     def _check_job_ceiling(self, schedule, sigma: float, history_after: list, server_round: int) -> None:
         """``max-job-epsilon``: refuse a σ too low for the planned rounds, and any round beyond the ceiling."""

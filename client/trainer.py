@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
 from fedpriv.client import book_keeping
 from fedpriv.client.batching import sort_batches_by_length
+from fedpriv.client.optimizer_state import export_state, import_state
 from fedpriv.client.randomness import enable_secure_noise, release_randomness
 from fedpriv.core.config import FedprivConfig
 from fedpriv.privacy.accountant import Entry
@@ -52,6 +53,7 @@ class TrainResult:
     noise_multiplier: float
     sample_rate: float
     peak_memory_mb: float
+    optimizer_state: "dict[str, np.ndarray] | None" = None  # ``local-optimizer-state = keep``: client/optimizer_state.py
 
 
 class LocalTrainer:
@@ -71,18 +73,30 @@ class LocalTrainer:
         self.schedule = region_schedule(len(data), cfg)
         self.lengths = [f.shape[0] for f in data.features]
 
-    def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "") -> TrainResult:
-        """One round. ``seed`` (public: derived from the run config) seeds dropout and non-DP shuffling only."""
+    def train(self, history: list[Entry], noise_multiplier: float, seed: int, label: str = "",
+              optimizer_state: "dict[str, np.ndarray] | None" = None) -> TrainResult:
+        """One round. ``seed`` (public: derived from the run config) seeds dropout and non-DP shuffling only.
+
+        ``optimizer_state``: the local optimizer's state after the region's previous round of this job
+        (``local-optimizer-state = keep``; the caller vouches that round was accounted, client/optimizer_state.py);
+        with ``keep`` the result carries the state after this round."""
         torch.manual_seed(seed)
         self.top.train()
-        params = [p for p in self.top.parameters() if p.requires_grad]
-        optimizer = local_optimizer(params, self.cfg)
+        named = [(n, p) for n, p in self.top.named_parameters() if p.requires_grad]
+        optimizer = local_optimizer([p for _, p in named], self.cfg)
+        if optimizer_state and not import_state(optimizer, [n for n, _ in named], optimizer_state):
+            warnings.warn(f"{label}: the kept optimizer state does not match the trainable parameters; this round "
+                          "starts with a fresh optimizer")
         if self.cfg.dp:
-            return self._train_private(optimizer, history, noise_multiplier, seed, label)
-        loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate_features,
-                            generator=torch.Generator().manual_seed(seed))
-        losses, correct, seen = self._loop(self.top, optimizer, loader, self.cfg.batch_size, label)
-        return self._result(losses, correct, seen, history, 0.0)
+            result = self._train_private(optimizer, history, noise_multiplier, seed, label)
+        else:
+            loader = DataLoader(self.data, batch_size=self.cfg.batch_size, shuffle=True, collate_fn=collate_features,
+                                generator=torch.Generator().manual_seed(seed))
+            losses, correct, seen = self._loop(self.top, optimizer, loader, self.cfg.batch_size, label)
+            result = self._result(losses, correct, seen, history, 0.0)
+        if self.cfg.local_optimizer_state == "keep":
+            result.optimizer_state = export_state(optimizer, [n for n, _ in named])
+        return result
 
     def _train_private(self, optimizer, history, noise_multiplier, seed, label) -> TrainResult:
         """Opacus DP-SGD. ``grad-sample-mode = ghost``: per-sample gradient *norms* only, then a second

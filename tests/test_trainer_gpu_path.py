@@ -141,6 +141,7 @@ def test_noiseless_unclipped_dp_adamw_step_equals_the_plain_adamw_step():
     ({"local-optimizer": "adam", "momentum": 0.9}, r"^momentum = 0.9: expected 0 with local-optimizer = 'adam'"),
     ({"weight-decay": -0.1}, r"^weight-decay = -0.1: expected a number >= 0$"),
     ({"mixed-precision": "fp16"}, r"^mixed-precision = 'fp16': expected one of off, bf16$"),
+    ({"local-optimizer-state": "persist"}, r"^local-optimizer-state = 'persist': expected one of reset, keep$"),
 ])
 def test_bad_trainer_settings_get_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -27,6 +27,7 @@ TRAINABLE_CHOICES = ("head", "top-1", "top-2", "top-3", "all")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # = fedpriv.privacy.accountant.ACCOUNTANTS (tested); kept here so the CLI stays light
 GRAD_SAMPLE_MODES = ("bk", "ghost", "hooks")  # book-keeping (client/book_keeping.py); Opacus: ghost clipping, hooks
 LOCAL_OPTIMIZERS = ("sgd", "adam", "adamw")  # the region's optimizer; Opacus makes any of them DP
+LOCAL_OPTIMIZER_STATES = ("reset", "keep")  # a fresh local optimizer every round, or its state kept (client/optimizer_state.py)
 MIXED_PRECISIONS = ("off", "bf16")  # autocast of the local forward pass (task/device.py)
 MODELS = ("minilm", "tiny")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
@@ -156,6 +157,7 @@ class FedprivConfig:
     physical_batch_size: int
     learning_rate: float
     local_optimizer: str
+    local_optimizer_state: str
     momentum: float
     weight_decay: float
     mixed_precision: str
@@ -252,6 +254,8 @@ class FedprivConfig:
         _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "a number > 0")
         _check(self.local_optimizer in LOCAL_OPTIMIZERS, "local-optimizer", self.local_optimizer,
                f"one of {', '.join(LOCAL_OPTIMIZERS)}")
+        _check(self.local_optimizer_state in LOCAL_OPTIMIZER_STATES, "local-optimizer-state", self.local_optimizer_state,
+               f"one of {', '.join(LOCAL_OPTIMIZER_STATES)}")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.momentum == 0 or self.local_optimizer == "sgd", "momentum", self.momentum,
                f"0 with local-optimizer = {self.local_optimizer!r} (momentum is SGD's; Adam has its own betas)")
