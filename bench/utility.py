@@ -583,6 +583,16 @@ def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
              {**fedsgd, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 48})]
 
 
+def cpu_encoder_preset() -> dict:
+    """The ``cpu-encoder`` preset as committed (simulations/presets.toml): DP-Adam on the whole top encoder layer."""
+    import tomllib
+
+    from _common import ROOT
+
+    with (ROOT / "simulations" / "presets.toml").open("rb") as fh:
+        return dict(tomllib.load(fh)["cpu-encoder"])
+
+
 def yardstick(argv=None) -> int:
     """The right yardstick (issue 10), on any device: the ceiling, centralized DP, fedpriv's DP-FL (head, LoRA on
     all layers, all) at epsilon = 1, 3, 8; the gap to the ceiling is the headline column.
@@ -598,7 +608,8 @@ def yardstick(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 posts per split, tiny model and schedules, prints only")
     parser.add_argument("--model", choices=("minilm", "tiny"), default=None, help="default minilm (--quick: tiny)")
     parser.add_argument("--families", default="ceiling,central,head,lora,all",
-                        help="which rows (default ceiling,central,head,lora,all; top1-lora: an encoder fine-tune a CPU affords)")
+                        help="which rows (default ceiling,central,head,lora,all; top1-lora, cpu-encoder: encoder "
+                             "fine-tunes a CPU affords)")
     parser.add_argument("--epsilons", default="8,3,1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/utility.md (nothing for --quick)")
@@ -657,9 +668,12 @@ def yardstick(argv=None) -> int:
                               pooled=True, keep_values=True))
     candidates = {"head": [("CPU default (pyproject.toml)", head_default(args.quick))],
                   "top1-lora": cpu_encoder_grid(args.quick),
+                  "cpu-encoder": [("cpu-encoder preset (simulations/presets.toml)",
+                                   {**cpu_encoder_preset(), **({"batch-size": 64, "num-server-rounds": 2} if args.quick
+                                                               else {})})],
                   "lora": [(n, g) for n, g in grid(args.quick) if g.get("lora-rank")],
                   "all": [(n, g) for n, g in grid(args.quick) if not g.get("lora-rank")]}
-    for fam in ("head", "top1-lora", "lora", "all"):
+    for fam in ("head", "top1-lora", "cpu-encoder", "lora", "all"):
         if fam not in families or not candidates[fam]:
             continue
         tried = []

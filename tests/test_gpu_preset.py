@@ -102,9 +102,9 @@ def test_simulate_submits_the_gpu_share_it_computed(tmp_path, monkeypatch):
     assert submitted == {"num-supernodes": 4, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.5}
 
 
-def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_path):
-    preset = preset_overrides("gpu")
-    assert preset["trainable"] == "all" and preset["server-optimizer"] == "fedavgm"
+def _two_preset_rounds(tmp_path, name: str):
+    """Two rounds of two tiny regions with preset ``name``: (config, initial values, final values, optimizer)."""
+    preset = preset_overrides(name)
     small = {"model": "tiny", "regions": "us-east,eu-west", "max-examples-per-region": 256, "max-server-examples": 200,
              "batch-size": 64, "physical-batch-size": 32, "num-server-rounds": 2, "num-threads": 1}
     corpus_dir = write_corpus(tmp_path / "corpus", 800)
@@ -112,16 +112,13 @@ def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_pat
     root = tmp_path / "shards"
     write_shards(partition_corpus(load_corpus(corpus_dir), partition_spec(cfg)), root)
     _, cfg = resolve_config({**small, "data-dir": str(root), "run-dir": str(tmp_path / "run")}, preset)
-    assert (cfg.trainable, cfg.local_optimizer, cfg.server_optimizer, cfg.server_momentum, cfg.grad_sample_mode) == \
-        ("all", "adam", "fedavgm", 0.5, "hooks")
     regions = [RegionRuntime(cfg, identify_region({"partition-id": i}, cfg)) for i in range(2)]
     optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum,
                                 cfg.server_beta2, cfg.server_tau)
     start = get_trainable(regions[0].split.model)
-    assert any(name.startswith(("bert.encoder", "encoder")) or ".encoder." in name for name in start)
     x = start
     for rnd in (1, 2):
-        outcomes = [r.train(x, rnd, job_id="gpu-preset", attempt_id="a1") for r in regions]
+        outcomes = [r.train(x, rnd, job_id=f"{name}-preset", attempt_id="a1") for r in regions]
         for out in outcomes:
             assert out.steps > 0 and 0 < out.epsilon <= cfg.target_epsilon + 1e-6
         weights = [out.result.num_examples for out in outcomes]
@@ -129,6 +126,24 @@ def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_pat
         x = optimizer.step(x, avg)
         assert all(np.isfinite(v).all() for v in x.values())
     assert optimizer.steps == 2
+    return cfg, start, x
+
+
+def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_path):
+    cfg, start, x = _two_preset_rounds(tmp_path, "gpu")
+    assert (cfg.trainable, cfg.local_optimizer, cfg.server_optimizer, cfg.server_momentum, cfg.grad_sample_mode) == \
+        ("all", "adam", "fedavgm", 0.5, "hooks")
+    assert any(name.startswith(("bert.encoder", "encoder")) or ".encoder." in name for name in start)
     changed = [k for k in start if not np.array_equal(start[k], x[k])]
     encoder = [k for k in start if "encoder" in k]
     assert encoder and set(encoder) <= set(changed)  # every travelling encoder parameter was fine-tuned
+
+
+def test_cpu_encoder_preset_fine_tunes_the_top_encoder_layer_on_cpu(tmp_path):
+    cfg, start, x = _two_preset_rounds(tmp_path, "cpu-encoder")
+    assert (cfg.trainable, cfg.local_optimizer, cfg.server_optimizer, cfg.server_momentum, cfg.lora_rank) == \
+        ("top-1", "adam", "fedavgm", 0.5, 0)
+    layers = {k.split(".layer.")[1].split(".")[0] for k in start if ".layer." in k}
+    assert len(layers) == 1, f"only the top encoder layer travels, not {sorted(layers)}"
+    changed = [k for k in start if not np.array_equal(start[k], x[k])]
+    assert set(start) == set(changed)  # the top layer and the head were fine-tuned
