@@ -58,7 +58,7 @@ def import_state(optimizer: torch.optim.Optimizer, names: list[str], arrays: dic
     if len(params) != len(names):
         return False
     for index, (name, param) in enumerate(zip(names, params)):
-        keys = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == name}
+        keys = {key: v for k, v in arrays.items() for owner, sep, key in [k.partition("/")] if sep and owner == name}
         if not keys or any(v.ndim and v.shape != tuple(param.shape) for v in keys.values()):
             return False
         per_param[index] = {k: torch.from_numpy(np.array(v)) for k, v in keys.items()}

@@ -66,6 +66,7 @@ def test_a_state_that_does_not_fit_is_refused_whole(tmp_path):
     assert not st.import_state(target, names, {**arrays, "0.weight/exp_avg": np.zeros((2, 2), np.float32)})  # wrong shape
     assert not st.import_state(target, names, {**arrays, "9.weight/exp_avg": np.zeros(1, np.float32)})  # a stranger's
     assert not st.import_state(target, names[:-1], arrays)
+    assert not st.import_state(target, names, {**arrays, "0.weight": np.zeros((3, 4), np.float32)})  # not "name/key"
     assert target.state_dict()["state"] == {}, "nothing was loaded"
 
 
