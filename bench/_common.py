@@ -61,6 +61,15 @@ def set_threads(n: int = 2) -> None:
     torch.set_num_threads(n)
 
 
+def committed_preset(name: str) -> dict:
+    """A preset of simulations/presets.toml as committed (read directly: the runner that owns presets imports
+    flwr, which a GPU machine lacks)."""
+    import tomllib
+
+    with (ROOT / "simulations" / "presets.toml").open("rb") as fh:
+        return dict(tomllib.load(fh).get(name, {}))
+
+
 def machine_line(extra: Iterable[str] = ()) -> str:
     """One line describing where and with what a result was measured."""
     parts = [f"{platform.machine()}, {os.cpu_count()} CPU(s)", f"Python {platform.python_version()}"]

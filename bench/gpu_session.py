@@ -149,11 +149,9 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
 
 def gpu_preset() -> dict:
     """The ``gpu`` preset as committed (DP-Adam if the preset does not name a local optimizer yet)."""
-    import tomllib
+    from _common import committed_preset
 
-    with (ROOT / "simulations" / "presets.toml").open("rb") as fh:
-        preset = dict(tomllib.load(fh).get("gpu", {}))
-    preset = {k: v for k, v in preset.items() if not k.startswith("sim-")}  # Ray's GPU share: not a training knob
+    preset = {k: v for k, v in committed_preset("gpu").items() if not k.startswith("sim-")}  # Ray's GPU share: not a training knob
     preset.setdefault("local-optimizer", "adam")
     preset.pop("physical-batch-size", None)  # section a's measurement decides
     preset.pop("grad-sample-mode", None)

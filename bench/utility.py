@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt_s, machine_line, markdown_table, set_threads, write_result  # noqa: E402
+from _common import RESULTS, committed_preset, fmt_s, machine_line, markdown_table, set_threads, write_result  # noqa: E402
 
 EPSILONS = (8.0, 3.0, 1.0)
 DELTA = 1e-5
@@ -583,16 +583,6 @@ def cpu_encoder_grid(quick: bool) -> list[tuple[str, dict]]:
              {**fedsgd, "batch-size": 1024, "physical-batch-size": 256, "num-server-rounds": 48})]
 
 
-def cpu_encoder_preset() -> dict:
-    """The ``cpu-encoder`` preset as committed (simulations/presets.toml): DP-Adam on the whole top encoder layer."""
-    import tomllib
-
-    from _common import ROOT
-
-    with (ROOT / "simulations" / "presets.toml").open("rb") as fh:
-        return dict(tomllib.load(fh)["cpu-encoder"])
-
-
 def yardstick(argv=None) -> int:
     """The right yardstick (issue 10), on any device: the ceiling, centralized DP, fedpriv's DP-FL (head, LoRA on
     all layers, all) at epsilon = 1, 3, 8; the gap to the ceiling is the headline column.
@@ -669,7 +659,7 @@ def yardstick(argv=None) -> int:
     candidates = {"head": [("CPU default (pyproject.toml)", head_default(args.quick))],
                   "top1-lora": cpu_encoder_grid(args.quick),
                   "cpu-encoder": [("cpu-encoder preset (simulations/presets.toml)",
-                                   {**cpu_encoder_preset(), **({"batch-size": 64, "num-server-rounds": 2} if args.quick
+                                   {**committed_preset("cpu-encoder"), **({"batch-size": 64, "num-server-rounds": 2} if args.quick
                                                                else {})})],
                   "lora": [(n, g) for n, g in grid(args.quick) if g.get("lora-rank")],
                   "all": [(n, g) for n, g in grid(args.quick) if not g.get("lora-rank")]}
