@@ -62,12 +62,13 @@ TITLES = {"a": "DP cost per step", "b": "ceiling", "c": "DP-FL grid at epsilon =
           "h": "length-sorted physical batches"}
 
 
-# The fastest exact DP step the H200 sessions measured for the whole encoder (book-keeping had not run there yet):
-# what DP runs use when section a does not run this session.
-H200_FASTEST = {"grad-sample-mode": "hooks", "physical-batch-size": 512}
+# The fastest exact DP step the H200 sessions measured for the whole encoder (the fourth session, section a:
+# book-keeping, fp32, physical batch 512, 0.55x of the non-private step): what DP runs use when section a does
+# not run this session.
+H200_FASTEST = {"grad-sample-mode": "bk", "physical-batch-size": 512, "mixed-precision": "off"}
 SECTION_A_MODES = ("non-private", "DP hooks", "DP bk")  # ghost: measured twice (0.33x), slower than hooks there
 
-GRIDS = ("first", "long", "fedsgd")  # section c's candidate lists (``grid``); --plan-only caches σ for all of them
+GRIDS = ("first", "long", "fedsgd", "fedsgd-tune")  # section c's candidate lists (``grid``); --plan-only caches σ for all of them
 
 # DP-FedSGD with server Adam: one noisy SGD step of lr 1 a round in each region (its update is minus its noisy
 # gradient), FedAdam on the example-weighted mean (tests/test_server_optimizer.py: that is torch's Adam on the
@@ -88,6 +89,8 @@ def grid(quick: bool, name: str = "first") -> list[tuple[str, dict]]:
     adam = {"local-optimizer": "adam", "weight-decay": 0.0}
     if name == "fedsgd":
         return fedsgd_grid(quick)
+    if name == "fedsgd-tune":
+        return fedsgd_tune_grid(quick)
     if name == "long" and not quick:
         long = {"local-epochs": 1.0, "num-server-rounds": 25, "batch-size": 1024,
                 "server-optimizer": "fedavgm", "server-momentum": 0.5,
@@ -145,6 +148,21 @@ def fedsgd_grid(quick: bool) -> list[tuple[str, dict]]:
             ("all, DP-FedSGD, B 2048, R 75, FedAdam 2e-3",
              {"trainable": "all", **fedsgd, "batch-size": 2048, "num-server-rounds": 75, "server-learning-rate": 2e-3}),
             ("gpu preset (simulations/presets.toml)", gpu_preset())]
+
+
+def fedsgd_tune_grid(quick: bool) -> list[tuple[str, dict]]:
+    """The levers the fourth session left untried around the ``gpu`` preset (DP-FedSGD, B 2048, 75 rounds, FedAdam
+    2e-3: 83.5 % validation, 85.5 % held-out at ε = 8), most promising first. A small clipping norm: server Adam
+    is invariant to the gradient's scale, so C only sets which posts are clipped, and clipping nearly all of them
+    (normalised per-post gradients) is what the DP fine-tuning literature found best; σ does not depend on C.
+    Then the server learning rate both ways. The chosen run's ε = 3 and 1 follow in section d."""
+    preset = gpu_preset()
+    if quick:
+        preset = {**preset, "batch-size": 64, "physical-batch-size": 64, "num-server-rounds": 4}
+    return [("gpu preset, C 0.1", {**preset, "max-grad-norm": 0.1}),
+            ("gpu preset, FedAdam 3e-3", {**preset, "server-learning-rate": 3e-3}),
+            ("gpu preset", preset),
+            ("gpu preset, FedAdam 1e-3", {**preset, "server-learning-rate": 1e-3})]
 
 
 def gpu_preset() -> dict:
@@ -400,7 +418,7 @@ def _describe(o: dict) -> str:
 def section_c(s: Session, bench, env, budget: float) -> None:
     end = time.perf_counter() + budget
     results = []
-    for i, (name, g) in enumerate(grid(s.quick, s.args.grid)):
+    for i, (name, g) in enumerate(candidates(s)):
         if i >= 2 and time.perf_counter() > end:
             break
         try:
@@ -427,12 +445,23 @@ def section_c(s: Session, bench, env, budget: float) -> None:
     s.log(f"chosen on validation: {name} (val {100 * val:.2f}); held-out {100 * res.test_acc:.2f}")
 
 
+def candidates(s: Session) -> list[tuple[str, dict]]:
+    """The grid's candidates that ``--candidates`` keeps (1-based positions; all by default)."""
+    full = grid(s.quick, s.args.grid)
+    if not s.args.candidates:
+        return full
+    return [full[i - 1] for i in s.args.candidates]
+
+
 def section_d(s: Session, bench, env, budget: float) -> None:
+    if s.args.choose:  # chosen on validation in an earlier session: the grid's candidate at that position
+        name, g = grid(s.quick, s.args.grid)[s.args.choose - 1]
+        s.chosen = (name, {k: v for k, v in _settings(s, g, 8.0, env["accountant"]).items() if k != "target-epsilon"})
     if s.chosen is None:
-        raise RuntimeError("no configuration chosen in section c")
+        raise RuntimeError("no configuration chosen in section c (or by --choose)")
     end = time.perf_counter() + budget
     name, o = s.chosen
-    for eps in (3.0, 1.0):
+    for eps in s.args.epsilons:
         run_one(s, bench, f"DP-FL ε = {eps:g}: {name}", {**o, "target-epsilon": eps}, "d", end)
 
 
@@ -589,6 +618,26 @@ def parse_budgets(parser: argparse.ArgumentParser, text: str) -> dict[str, float
     return out
 
 
+def _positions(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1-based positions such as 1,3")
+    return out
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers such as 3,1")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results.jsonl and summary.md go here")
@@ -600,8 +649,16 @@ def main(argv=None) -> int:
                              % ",".join(f"{k}={v}" for k, v in BUDGETS.items()))
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--grid", choices=GRIDS, default="first",
-                        help="section c's candidates: the first session's, the longer schedules tried second, or "
-                             "DP-FedSGD with server Adam (the third session's)")
+                        help="section c's candidates: the first session's, the longer schedules tried second, "
+                             "DP-FedSGD with server Adam (the third and fourth sessions'), or the levers around the "
+                             "gpu preset the fourth left untried (fedsgd-tune)")
+    parser.add_argument("--candidates", type=_positions, default=[], metavar="I,J",
+                        help="section c runs only these candidates of the grid (1-based positions; default all)")
+    parser.add_argument("--choose", type=int, default=0, metavar="I",
+                        help="section d runs the grid's candidate I (chosen on validation in an earlier session) "
+                             "instead of section c's choice")
+    parser.add_argument("--epsilons", type=_positive_floats, default=[3.0, 1.0], metavar="E,F",
+                        help="the epsilons section d runs the chosen configuration at (default 3,1)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="the folder prepare_gpu.sh filled (default .gpu)")
     parser.add_argument("--val-from", choices=("local-test", "train"), default="local-test",
                         help="validation = the regions' local test posts (default; never trained on) or 10%% of "
@@ -618,6 +675,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads crawl on a loaded CPU
     s = Session(args)
     budgets = {**(QUICK_BUDGETS if args.quick else BUDGETS), **parse_budgets(parser, args.section_budgets)}
+    n = len(grid(args.quick, args.grid))
+    for flag, i in [("--candidates", max(args.candidates, default=1)), ("--choose", args.choose)]:
+        if i > n:
+            parser.error(f"{flag} {i}: the {args.grid!r} grid has {n} candidates here")
     if args.plan_only:
         from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 
