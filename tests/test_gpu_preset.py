@@ -3,7 +3,7 @@
 * ``fedpriv simulate`` asks Ray for a GPU share per ClientApp actor when the machine has
   CUDA GPUs (Ray hides every GPU from an actor that asks for none), none on CPU; the
   device count is faked here.
-* ``--preset gpu`` (whole encoder, server momentum) trains through the real code path:
+* ``--preset gpu`` (whole encoder, DP-FedSGD with server Adam) trains through the real code path:
   the regions' DP-SGD rounds (:class:`fedpriv.client.region.RegionRuntime`) and the server
   optimizer on their FedAvg, with the tiny model and small data.
 """
@@ -129,10 +129,10 @@ def _two_preset_rounds(tmp_path, name: str):
     return cfg, start, x
 
 
-def test_gpu_preset_trains_the_whole_encoder_with_server_momentum_on_cpu(tmp_path):
+def test_gpu_preset_trains_the_whole_encoder_as_dp_fedsgd_with_server_adam_on_cpu(tmp_path):
     cfg, start, x = _two_preset_rounds(tmp_path, "gpu")
-    assert (cfg.trainable, cfg.local_optimizer, cfg.server_optimizer, cfg.server_momentum, cfg.grad_sample_mode) == \
-        ("all", "adam", "fedavgm", 0.5, "hooks")
+    assert (cfg.trainable, cfg.local_optimizer, cfg.local_steps, cfg.learning_rate, cfg.server_optimizer,
+            cfg.grad_sample_mode, cfg.mixed_precision) == ("all", "sgd", 1, 1.0, "fedadam", "bk", "off")
     assert any(name.startswith(("bert.encoder", "encoder")) or ".encoder." in name for name in start)
     changed = [k for k in start if not np.array_equal(start[k], x[k])]
     encoder = [k for k in start if "encoder" in k]
