@@ -677,8 +677,8 @@ def main(argv=None) -> int:
     budgets = {**(QUICK_BUDGETS if args.quick else BUDGETS), **parse_budgets(parser, args.section_budgets)}
     n = len(grid(args.quick, args.grid))
     for flag, i in [("--candidates", max(args.candidates, default=1)), ("--choose", args.choose)]:
-        if i > n:
-            parser.error(f"{flag} {i}: the {args.grid!r} grid has {n} candidates here")
+        if not 0 <= i <= n:
+            parser.error(f"{flag} {i}: expected a position from 1 to {n} (the {args.grid!r} grid's candidates here)")
     if args.plan_only:
         from fedpriv.core.config import ACCOUNTANTS, load_app_defaults
 
