@@ -45,6 +45,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table  # noqa: E402
@@ -618,24 +619,21 @@ def parse_budgets(parser: argparse.ArgumentParser, text: str) -> dict[str, float
     return out
 
 
-def _positions(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 1-based positions such as 1,3")
-    return out
+def _number_list(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of ``kind`` values, each passing ``ok``."""
+    def parse(text: str) -> list:
+        try:
+            out = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or not all(ok(x) for x in out):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return out
+    return parse
 
 
-def _positive_floats(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers such as 3,1")
-    return out
+_positions = _number_list(int, lambda i: i >= 1, "1-based positions such as 1,3")
+_positive_floats = _number_list(float, lambda e: e > 0, "positive numbers such as 3,1")
 
 
 def main(argv=None) -> int:
