@@ -285,16 +285,14 @@ def federated_rounds(model, initial: dict, sizes: dict[str, int], cfg, local_rou
     return current, history
 
 
-def predicted_total(elapsed: float, rnd: int, rounds: int, first_round_s: list[float]) -> float:
-    """The whole run's predicted seconds after ``rnd`` rounds. Round 1 carries the warm-up (CUDA kernels, the
-    optimizer's first allocation: on an H200 about twice a later DP-FedSGD round, which once stopped a 130 s run
-    after round 1 as "about 250 s"), so the rate comes from the rounds after it; after round 1 alone there is no
-    rate yet, and the run goes on unless its time is already spent."""
+def predicted_total(elapsed: float, rnd: int, rounds: int, first_round_s: float) -> float:
+    """The whole run's predicted seconds after ``rnd`` rounds, the first of which took ``first_round_s``. Round 1
+    carries the warm-up (CUDA kernels, the optimizer's first allocation: on an H200 about twice a later DP-FedSGD
+    round, which once stopped a 130 s run after round 1 as "about 250 s"), so the rate comes from the rounds after
+    it; after round 1 alone there is no rate yet, and the run goes on unless its time is already spent."""
     if rnd == 1:
-        first_round_s.append(elapsed)
         return elapsed
-    per_round = (elapsed - first_round_s[0]) / (rnd - 1) if first_round_s else elapsed / rnd
-    return elapsed + per_round * (rounds - rnd)
+    return elapsed + (elapsed - first_round_s) / (rnd - 1) * (rounds - rnd)
 
 
 def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf, pooled: bool = False,
@@ -340,12 +338,15 @@ def dp_fl(bench: Bench, overrides: dict, label: str, deadline: float = math.inf,
         return out.values, out.history
 
     t0 = time.perf_counter()
-    first_round_s: list[float] = []
+    first_round_s = 0.0
 
     def after_round(rnd: int, _values: dict) -> bool:
+        nonlocal first_round_s
         res.val_acc.append(evaluate(pd, "val", bench.device)[1])
         elapsed = time.perf_counter() - t0
         bench.log(f"  {label} round {rnd}/{cfg.num_server_rounds}: val {100 * res.val_acc[-1]:.2f} ({elapsed:.0f}s)")
+        if rnd == 1:
+            first_round_s = elapsed
         predicted = predicted_total(elapsed, rnd, cfg.num_server_rounds, first_round_s)
         if rnd < cfg.num_server_rounds and time.perf_counter() + (predicted - elapsed) > deadline:
             res.complete = False
