@@ -519,7 +519,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path, si
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from fedpriv.cli import main; sys.exit(main())", "superlink",
          "--certs", str(certs.root), "--port", str(fleet), "--control-port", str(control)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     pids: set[int] = {proc.pid}
     ready = threading.Event()
@@ -539,7 +539,7 @@ def test_superlink_command_runs_until_sigint_and_stops_its_children(tmp_path, si
         pids |= tree_pids(proc.pid)
         assert len(pids) >= 3  # fedpriv, flower-superlink, gateway (+ flower-superexec)
         os.kill(proc.pid, sig)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 0, "".join(out[-40:])  # its one-line error, if a child died
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -148,3 +148,27 @@ def test_sigterm_becomes_stop_requested_once_and_not_during_a_tree_stop():
         assert child.poll() is not None
     finally:
         processes.restore_handlers(old)
+
+
+def test_a_child_that_will_not_be_reaped_ends_the_stop_with_one_line_not_a_traceback(capsys):
+    """Seen once on a loaded machine: a flower-superlink outlived SIGTERM's grace and was not reaped 10 s after
+    SIGKILL; `fedpriv superlink` then exited 1 with a TimeoutExpired traceback instead of stopping cleanly."""
+    from fedpriv.deploy import processes
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "time.sleep(60)"], start_new_session=True)
+    real_wait = child.wait
+
+    def never_reaped(timeout=None):
+        raise subprocess.TimeoutExpired(child.args, timeout)
+
+    try:
+        time.sleep(0.5)  # its SIGTERM handler is in place
+        child.wait = never_reaped  # as if the kernel had not let it go yet
+        processes.stop_process_tree(child, grace=0.5)
+        err = capsys.readouterr().err
+        assert f"(pid {child.pid}) did not exit 10 s after SIGKILL" in err and "Traceback" not in err
+    finally:
+        child.wait = real_wait
+        child.kill()
+        child.wait(timeout=10)
