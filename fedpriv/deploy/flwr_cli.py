@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -130,16 +131,21 @@ def diagnose_tls_endpoint(address: str, ca_cert: str | os.PathLike) -> str | Non
         return f"cannot reach {address}: {exc}"
 
 
+# The status code 403 as a word, not the digits inside an address such as "127.0.0.1:40365"
+# (flwr's messages quote the address; a plain substring test read such a port as a 403).
+_HTTP_403 = re.compile(r"(?<![\d:.])403(?!\d)")
+
+
 def flwr_error(data: dict, control_address: str, ca_cert: str | os.PathLike | None = None) -> str:
     """One line for a failed ``flwr`` answer, naming the likely cause (wrong port, wrong CA, nothing there)."""
     text = str(data.get("error-message", "unknown error"))
-    if "403" in text or "Forbidden" in text:
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"TLS verification failed: the SuperLink's certificate is not signed by {ca_cert or 'the configured CA'}"
+    if _HTTP_403.search(text) or "Forbidden" in text:
         return (
             f"{control_address} answered 403 Forbidden: that is the SuperLink's Fleet port (SuperNodes only); "
             "use its --control-port on 127.0.0.1 (default 9093)"
         )
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"TLS verification failed: the SuperLink's certificate is not signed by {ca_cert or 'the configured CA'}"
     detail = last_line(text, text.strip())
     if "unavailable" in text and ca_cert is not None:
         # flwr reports refused connections and TLS failures alike; find out which.
