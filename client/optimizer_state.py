@@ -22,6 +22,7 @@ moments are 180 MB; and a resumed job is a new Flower run, whose context starts 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ from safetensors.numpy import save
 from fedpriv.core.files import atomic_write_bytes
 
 STATE_DIR = "optimizer-state"
+
+STALE_AFTER_S = 7 * 24 * 3600
+"""Another job's state untouched this long belongs to a job that ended or was abandoned: it is deleted (the whole
+encoder's Adam moments are 180 MB a job). Deleting a state is always safe; a job resumed later starts with fresh
+moments."""
 
 
 def state_file(ledger_path: Path, region: str, job_id: str) -> Path:
@@ -88,3 +94,27 @@ def load_state(path: Path, job_id: str, after_round: int | None) -> dict[str, np
             return {k: fh.get_tensor(k) for k in fh.keys()}
     except (OSError, SafetensorError):  # a damaged file: fresh moments
         return None
+
+
+def forget_state(path: Path) -> None:
+    """Delete a job's state (its last round is done: nothing will load it). A file already gone is fine."""
+    Path(path).unlink(missing_ok=True)
+
+
+def prune_stale_states(directory: Path, region: str, keep: Path, now: float | None = None) -> list[Path]:
+    """Delete ``region``'s states of other jobs last written more than :data:`STALE_AFTER_S` ago (and the
+    partial files of interrupted writes, as old); returns what was deleted. ``keep`` (this job's) is never
+    touched, nor another region's files."""
+    now = time.time() if now is None else now
+    removed = []
+    candidates = [*Path(directory).glob(f"{region}.*.safetensors"), *Path(directory).glob(f".{region}.*.tmp")]
+    for path in candidates:
+        if path == Path(keep) or not path.is_file():
+            continue
+        try:
+            if now - path.stat().st_mtime > STALE_AFTER_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to delete: leave it
+            continue
+    return removed

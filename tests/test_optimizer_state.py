@@ -83,3 +83,31 @@ def test_only_the_named_job_and_round_load(tmp_path):
     path.write_bytes(b"not a safetensors file")
     assert st.load_state(path, "job-a", 3) is None
     assert st.state_file(tmp_path / "ledger.sqlite", "us-east", "a/b:c").parent == tmp_path / st.STATE_DIR
+
+
+def test_stale_states_of_other_jobs_are_pruned_and_nothing_else(tmp_path):
+    import os
+
+    now = 1_000_000_000.0
+    old, recent = now - st.STALE_AFTER_S - 60, now - st.STALE_AFTER_S + 60
+    keep = st.state_file(tmp_path / "ledger.db", "us-east", "this-job")
+    keep.parent.mkdir()
+    files = {
+        "keep": keep,
+        "stale": st.state_file(tmp_path / "ledger.db", "us-east", "ended-job"),
+        "stale-partial": keep.parent / ".us-east.0123456789abcdef.safetensors.00ff00ff00ff00ff.tmp",
+        "recent": st.state_file(tmp_path / "ledger.db", "us-east", "other-running-job"),
+        "other-region": st.state_file(tmp_path / "ledger.db", "us-east-2", "ended-job"),
+        "not-a-state": keep.parent / "us-east.notes.txt",
+    }
+    for name, path in files.items():
+        path.write_bytes(b"x")
+        when = recent if name == "recent" else old
+        os.utime(path, (when, when))
+    removed = st.prune_stale_states(keep.parent, "us-east", keep=keep, now=now)
+    assert sorted(removed) == sorted([files["stale"], files["stale-partial"]])
+    assert {name for name, path in files.items() if path.exists()} == {"keep", "recent", "other-region", "not-a-state"}
+
+
+def test_forgetting_a_state_that_is_not_there_is_fine(tmp_path):
+    st.forget_state(tmp_path / "absent.safetensors")

@@ -12,7 +12,8 @@ real regions (ClientApp, RegionRuntime, ledger) and replayable noise (the testin
    them) are not loaded;
 3. the moments do carry between accounted rounds (round 2 differs from a fresh optimizer's), and deleting
    them gives exactly the fresh optimizer's round;
-4. the reply carries the trainable values only; the state file lies beside the ledger, owner-only.
+4. the reply carries the trainable values only; the state file lies beside the ledger, owner-only, and is
+   deleted after the job's last round (a state left on disk is data-derived and 180 MB for the whole encoder).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def test_a_round_refused_after_training_leaves_no_moments(shard_root, tmp_path, 
 def test_moments_that_are_not_of_the_jobs_last_release_are_not_loaded(shard_root, tmp_path, monkeypatch):
     import fedpriv.client.region as region_mod
 
-    flat = _flat(shard_root, tmp_path)
+    flat = _flat(shard_root, tmp_path, **{"num-server-rounds": 5})  # round 4 is not the job's last
     region = Region("us-east", shard_root, tmp_path / "a", flat, **POLICY)
     start = global_arrays(flat)
     _values(region.train(start, server_round=1, secagg_round=None))
@@ -142,6 +143,18 @@ def test_the_moments_stay_in_the_region(shard_root, tmp_path):
     saved = optimizer_state.load_state(path, "job-1", 1)
     assert saved and all(k.split("/", 1)[1] in ("step", "exp_avg", "exp_avg_sq") for k in saved)
     assert not any("optimizer" in k or "exp_avg" in k for k in region.context.state.array_records)
+
+
+def test_the_jobs_last_round_leaves_no_moments_on_disk(shard_root, tmp_path):
+    flat = _flat(shard_root, tmp_path)  # 3 rounds
+    region = Region("us-east", shard_root, tmp_path / "a", flat, **POLICY)
+    start = global_arrays(flat)
+    for server_round in (1, 2):
+        _values(region.train(start, server_round=server_round, secagg_round=None))
+        assert _state_file(region).is_file()
+    _values(region.train(start, server_round=3, secagg_round=None))
+    assert not _state_file(region).exists()
+    assert not list(_state_file(region).parent.iterdir()), "no partial file either"
 
 
 @pytest.fixture(autouse=True)
