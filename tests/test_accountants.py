@@ -20,6 +20,7 @@ from fedpriv.privacy.accountant import (
     ACCOUNTANTS,
     CROSS_CHECK,
     CROSS_CHECK_TOLERANCE,
+    compact,
     cross_check_accountant,
     cross_checked_epsilon,
     epsilon_of,
@@ -62,6 +63,16 @@ def test_each_accountant_is_its_library(name, label):
         assert ours == pytest.approx(theirs, rel=2e-3)
     else:  # coarser pessimistic discretisation: an upper bound on the finer one, and close to it
         assert theirs * (1 - 1e-9) <= ours <= theirs * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("label", HISTORIES)
+def test_prv_with_the_memoised_domain_is_opacus_prv_exactly(label):
+    """fedpriv's PRV takes the RDP bound that sizes its domain from a memo; on the same (compacted) history, ε is
+    the stock accountant's -- also for the next round's history, whose RDP curve comes from the memo."""
+    for history in (compact(HISTORIES[label]), [(s, q, n + 7) for s, q, n in compact(HISTORIES[label])]):
+        stock = PRVAccountant()
+        stock.history = list(history)
+        assert epsilon_of(history, DELTA, "prv") == pytest.approx(stock.get_epsilon(delta=DELTA), rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("label", HISTORIES)
