@@ -188,6 +188,32 @@ def test_exact_fp32_matmul_restores_the_process_setting():
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("mode, dp, exact", [("hooks", True, True), ("ghost", True, True), ("bk", True, False),
+                                              ("hooks", False, False)])
+def test_the_dp_backward_of_opacus_clipping_runs_without_tf32(mode, dp, exact):
+    """On CUDA fedpriv turns TF32 on (select_device). Opacus' hooks and ghost clipping form per-sample gradients
+    or norms in the backward pass, where a TF32 kernel chosen by the batch's shape let one post move the others'
+    contributions (H200: 1.000028 C); so under DP their backward runs in exact fp32. Book-keeping's own
+    arithmetic is exact whatever the setting, and a non-private step may use TF32."""
+    split = SplitClassifier(copy.deepcopy(_model("all")), "all")
+    seen: list[str] = []
+    head = [m for m in split.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    def watch_backward(_module, _inputs, out) -> None:
+        out.register_hook(lambda grad: seen.append(torch.get_float32_matmul_precision()))
+
+    head.register_forward_hook(watch_backward)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # what select_device sets on a GPU
+        cfg = _cfg(**{"grad-sample-mode": mode, "dp": dp})
+        LocalTrainer(split, _data(64), cfg, torch.device("cpu")).train([], noise_multiplier=0.0, seed=5)
+        assert torch.get_float32_matmul_precision() == "high", "the process setting is restored"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest" if exact else "high"}
+
+
 def test_select_device_takes_the_gpu_and_allows_tf32_there(monkeypatch):
     before = torch.get_float32_matmul_precision()
     try:
