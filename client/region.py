@@ -176,17 +176,15 @@ class RegionRuntime:
 
     def _keep_optimizer_state(self, job_id: str, server_round: int, result: TrainResult) -> None:
         """Save the state after a round whose release the ledger has just recorded; after the job's last round,
-        delete it instead, and other jobs' stale states with it. A failed write only costs the next round its
-        moments (it will not find this round's state and starts fresh)."""
-        if not result.optimizer_state:  # reset, or an optimizer without state (SGD without momentum)
-            return
+        delete it instead; and every round, other jobs' stale states (whatever this job's mode). A failed write
+        only costs the next round its moments (it will not find this round's state and starts fresh)."""
         path = self._optimizer_state_file(job_id)
         try:
-            optimizer_state.prune_stale_states(path.parent, self.identity.name, keep=path)
+            optimizer_state.prune_stale_states(path.parent, self.identity.name, keep=path)  # also under reset
             if server_round >= self.cfg.num_server_rounds:  # the job's last round: nothing will load it
                 optimizer_state.forget_state(path)
-                return
-            optimizer_state.save_state(path, job_id, server_round, result.optimizer_state)
+            elif result.optimizer_state:  # not under reset, nor for an optimizer without state (plain SGD)
+                optimizer_state.save_state(path, job_id, server_round, result.optimizer_state)
         except OSError as exc:
             warnings.warn(f"{self.identity.name}: could not keep the local optimizer state ({exc}); the next round "
                           "starts with a fresh optimizer")

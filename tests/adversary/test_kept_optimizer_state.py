@@ -157,6 +157,20 @@ def test_the_jobs_last_round_leaves_no_moments_on_disk(shard_root, tmp_path):
     assert not list(_state_file(region).parent.iterdir()), "no partial file either"
 
 
+def test_a_stale_state_of_an_ended_job_is_pruned_by_any_later_round(shard_root, tmp_path):
+    import os
+
+    flat = _flat(shard_root, tmp_path, keep=False)  # this job keeps nothing, yet cleans up after older ones
+    region = Region("us-east", shard_root, tmp_path / "a", flat, **POLICY)
+    stale = _state_file(region, "ended-job")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"moments of a job that never ran its last round")
+    week_ago = stale.stat().st_mtime - optimizer_state.STALE_AFTER_S - 60
+    os.utime(stale, (week_ago, week_ago))
+    _values(region.train(global_arrays(flat), server_round=1, secagg_round=None))
+    assert not stale.exists()
+
+
 @pytest.fixture(autouse=True)
 def _no_kept_runtimes():
     runtime_cache.clear()
