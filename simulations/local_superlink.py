@@ -41,6 +41,7 @@ class LocalSimulationSuperLink:
     def start(self, timeout: float = 60.0) -> "LocalSimulationSuperLink":
         self.log.open()
         env = child_env({"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "1",
+                         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",  # a ClientApp given no GPU sees none
                          "PYTHONWARNINGS": _quiet_ray_tip(os.environ.get("PYTHONWARNINGS", ""))})
         self.process = ManagedProcess("superlink", self.command(), self.log, env=env)
         try:
@@ -79,8 +80,9 @@ class LocalSimulationSuperLink:
 
 RAY_TIP = "ignore::FutureWarning:ray._private.worker"
 """Ray's ``ray.init`` warns in every simulation that a future Ray will stop hiding GPUs from actors that asked
-for none (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO``). fedpriv relies on today's behaviour (a ClientApp given no GPU
-sees none), so the tip is only noise to a user; only that warning, from that module, is silenced."""
+for none (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO``). fedpriv keeps today's behaviour (a ClientApp given no GPU
+sees none) by setting that variable to 1, so the tip is only noise to a user; only that warning, from that
+module, is silenced."""
 
 
 def _quiet_ray_tip(user_filters: str) -> str:
