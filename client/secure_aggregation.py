@@ -1,7 +1,7 @@
 """A region's half of secure aggregation: the ClientApp's secagg stage handlers, in one module.
 
 With ``secure-aggregation = true`` a region never sends its model update in the
-clear. The round runs as five message exchanges driven by the coordinator's
+clear. The round runs as six message exchanges driven by the coordinator's
 :class:`fedpriv.server.secagg_workflow.SecAggWorkflow`; each message may be handled by a
 fresh process (as in a deployment), so everything a region must remember between
 them lives in ``context.state``:
@@ -12,16 +12,22 @@ them lives in ``context.state``:
   rounding seed *locally*. The reply carries metrics, but no weights.
 * ``query.secagg_advertise`` -- :func:`advertise`: build the
   :class:`~fedpriv.privacy.secagg.SecAggClient` from the coordinator's setup (checked
-  against the run config and the region's own threshold floor, :mod:`fedpriv.privacy.policy`),
-  reply with two public keys and a seed commitment.
-* ``query.secagg_share_keys`` -- :func:`share_keys`: Shamir-share the secrets among
-  the neighbours, reply with the sealed share bundles (the coordinator cannot open them).
+  against the run config and the region's own threshold floor and ``min-secagg-peers``,
+  :mod:`fedpriv.privacy.policy`), reply with two public keys, a seed commitment, the region's
+  name and its identity signature over them (:mod:`fedpriv.privacy.secagg.identity`).
+* ``query.secagg_share_keys`` -- :func:`share_keys`: check every advertisement of the key list
+  against the region's roster (:func:`region_identity`: its own identity key and roster, never
+  the run config's), then Shamir-share the secrets among the neighbours, reply with the sealed
+  share bundles (the coordinator cannot open them).
 * ``query.secagg_masked_input`` -- :func:`masked_input`: open the bundles, clip to
   ``secagg-clip-range``, quantise and mask ``num_examples * update``, reply with the
   masked integer vector (nothing else: how many coordinates were clipped stays in
   the region's log). The stored update is deleted here.
-* ``query.secagg_unmask`` -- :func:`unmask`: reply with the shares the coordinator
-  needs to remove the masks of survivors and dropped peers (never both for one peer).
+* ``query.secagg_consistency`` -- :func:`consistency`: sign the region's view (the key list it
+  authenticated and the survivor set).
+* ``query.secagg_unmask`` -- :func:`unmask`: check the survivors' signatures on that same view,
+  then reply with the shares the coordinator needs to remove the masks of survivors and
+  dropped peers (never both for one peer).
 * ``query.secagg_reveal`` -- :func:`reveal`: when the coordinator says a single
   region trained (a sum of one hides nothing), hand the update over in the clear --
   only if the region's policy allows plain rounds, and never for a round in which
@@ -50,18 +56,24 @@ from flwr.common.logger import log
 from fedpriv.core import contract
 from fedpriv.core.config import FedprivConfig, SecAggSettings, check_secagg
 from fedpriv.core.errors import ConfigError, FedprivError
-from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_secagg_threshold, region_policy
-from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggError, SecAggProtocolError
+from fedpriv.privacy.policy import (PolicyRefusal, RegionPolicy, check_secagg_peers, check_secagg_threshold,
+                                    node_region, region_policy)
+from fedpriv.privacy.secagg import SecAggClient, SecAggConfig, SecAggError, SecAggProtocolError, identity as ident
 from fedpriv.privacy.secagg.graph import neighbour_graph, share_holders
-from fedpriv.privacy.secagg.messages import (ADVERTISE, MASKED, MASKED_INPUT, RECORD, REVEAL, SHARE_KEYS,
-                                             TRAIN_FLAG, UNMASK, UPDATE, advertise_reply, read_keys_request,
-                                             read_routed_request, read_unmask_request, shares_record, unmask_record)
+from fedpriv.privacy.secagg.identity import Advertisement, Identity, PeerAuthenticationError, RoundBinding
+from fedpriv.privacy.secagg.messages import (ADVERTISE, CONSISTENCY, MASKED, MASKED_INPUT, RECORD, REVEAL,
+                                             SHARE_KEYS, TRAIN_FLAG, UNMASK, UPDATE, advertise_reply,
+                                             public_keys_of, read_consistency_request, read_keys_request,
+                                             read_routed_request, read_unmask_request, read_view_signatures,
+                                             shares_record, unmask_record, view_record)
+from fedpriv.privacy.secagg.protocol import pack_ids, unpack_ids
 
 # context.state keys
 STATE_ROUND = "fedpriv-secagg-round"     # ConfigRecord: round, region, num-examples, rounding seed, phase
 STATE_UPDATE = "fedpriv-secagg-update"   # ArrayRecord: the flat update, until it is masked (or revealed)
 STATE_CLIENT = "fedpriv-secagg-client"   # ConfigRecord: SecAggClient.to_state()
 STATE_SETUPS = "fedpriv-joined-setups"   # ConfigRecord: rounds this region advertised keys in (kept: never revealed)
+STATE_VIEW = "fedpriv-secagg-view"       # ConfigRecord: the authenticated key list (ids, names, digest), survivors
 
 
 # ------------------------------------------------------------------ helpers
@@ -122,7 +134,30 @@ def _drop(state: RecordDict, *keys: str) -> None:
 
 def forget(state: RecordDict) -> None:
     """Remove everything a secure-aggregation round kept (a new round starts from scratch)."""
-    _drop(state, STATE_ROUND, STATE_UPDATE, STATE_CLIENT)
+    _drop(state, STATE_ROUND, STATE_UPDATE, STATE_CLIENT, STATE_VIEW)
+
+
+def _binding(client: SecAggClient, job: str) -> RoundBinding:
+    return RoundBinding(str(job), client.round_id, client.round_seed, client.config.to_dict())
+
+
+def region_identity(node_config: Mapping, region: str, run_dir: str) -> Identity:
+    """The identity key and roster this region authenticates its peers with -- its own, never the run config's.
+
+    Deployment (the node config names a ``region``): node config ``identity-key-path`` and ``roster-path``
+    (``fedpriv supernode --certs/--roster``); without them the region refuses to join secure aggregation.
+    Simulation (the operator owns every region): what the runner wrote under the run dir.
+    """
+    if "region" not in node_config:
+        return ident.simulation_identity(run_dir, region)
+    key = str(node_config.get(ident.IDENTITY_KEY_PATH_KEY, "") or "")
+    roster = str(node_config.get(ident.ROSTER_PATH_KEY, "") or "")
+    if not key or not roster:
+        missing = ident.ROSTER_PATH_KEY if not roster else ident.IDENTITY_KEY_PATH_KEY
+        raise PolicyRefusal(missing, f"region {region} has no {'roster of peer identity keys' if not roster else 'identity key'}: "
+                            f"expected node config {missing!r} (fedpriv supernode --roster FILE; keys from "
+                            "`fedpriv keygen --region`); without it no peer can be authenticated")
+    return ident.load_identity(region, key, roster)
 
 
 # ------------------------------------------------------------------- stages
@@ -163,27 +198,31 @@ def check_setup(setup: Mapping, expected: Mapping[str, float | int]) -> None:
         raise SecAggProtocolError(f"setup clip_range = {setup['clip_range']} differs from the run config's {expected['clip_range']}")
 
 
-def advertise(state: RecordDict, node_id: int, setup: ConfigRecord,
-              expected: Mapping[str, float | int] | None = None, policy: RegionPolicy | None = None) -> ConfigRecord:
-    """Stage 1: public keys and seed commitment (``setup`` = ``SecAggServer.setup_message()``).
+def advertise(state: RecordDict, node_id: int, setup: ConfigRecord, expected: Mapping[str, float | int] | None,
+              policy: RegionPolicy, identity: Identity, job: str) -> ConfigRecord:
+    """Stage 1: public keys and seed commitment (``setup`` = ``SecAggServer.setup_message()``), signed.
 
     The region enforces its own threshold floor here, whatever the run config says: a
     threshold of half the share holders or fewer lets a coordinator split the holders into
-    a "survived" and a "dropped" group and rebuild both secrets of one region.
+    a "survived" and a "dropped" group and rebuild both secrets of one region. A setup with
+    room for fewer other regions than ``min-secagg-peers`` is refused too. The reply is signed
+    with the region's identity key, bound to the job, the round, the setup and its name.
     """
     info = _round_info(state, int(setup["round_id"]), "trained")
     check_setup(setup, expected or {})
     config = SecAggConfig.from_dict(setup)
-    if policy is not None:
-        check_secagg_threshold(policy, config.threshold, config.shares_per_client)
+    check_secagg_threshold(policy, config.threshold, config.shares_per_client)
+    check_secagg_peers(policy, config.num_clients - 1, f"round {setup['round_id']}: the setup has room for")
     if int(info["num-examples"]) > int(setup["max_weight"]):
         raise SecAggProtocolError(f"this region has {info['num-examples']} examples, more than the declared "
                                   f"max_weight = {setup['max_weight']}")
     client = SecAggClient.from_setup(node_id, setup)
     _note_setup(state, int(setup["round_id"]))
     reply = client.advertise()
+    own = Advertisement(identity.name, reply["c_pk"], reply["s_pk"], reply["seed_commitment"])
+    signature = ident.sign_advertisement(identity, _binding(client, job), client.node_id, own)
     _save(state, info, client, "advertised")
-    return ConfigRecord(advertise_reply(reply))
+    return ConfigRecord(advertise_reply(reply, identity.name, signature))
 
 
 def _note_setup(state: RecordDict, round_id: int) -> None:
@@ -197,32 +236,54 @@ def joined_setup(state: RecordDict, round_id: int) -> bool:
     return STATE_SETUPS in state and int(round_id) in {int(r) for r in state.config_records[STATE_SETUPS]["rounds"]}
 
 
-def share_keys(state: RecordDict, request: ConfigRecord, policy: RegionPolicy | None = None) -> ConfigRecord:
-    """Stage 2: ``request`` holds everyone's public keys (``ids``, ``c_pks``, ``s_pks``, 32 bytes each).
+def share_keys(state: RecordDict, request: ConfigRecord, policy: RegionPolicy, identity: Identity,
+               job: str) -> ConfigRecord:
+    """Stage 2: ``request`` holds everyone's signed advertisements (:func:`~fedpriv.privacy.secagg.messages.keys_request`).
 
-    The threshold floor is checked again against the share holders this broadcast really gives.
+    Before sharing anything the region checks every advertisement against its roster (unknown
+    region, a key not the region's, another job's or round's advertisement, a name or key twice:
+    refused), counts the authenticated other regions against ``min-secagg-peers``, and checks
+    its threshold floor against the share holders this broadcast really gives.
     """
     info = _round_info(state, int(request["round_id"]), "advertised")
-    keys = read_keys_request(request)
+    entries = read_keys_request(request)
     client = _client(state)
-    if policy is not None and client.node_id in keys:
-        graph = neighbour_graph(sorted(keys), client.config.num_neighbours, client.round_seed)
-        check_secagg_threshold(policy, client.config.threshold, len(share_holders(graph, client.node_id)))
-    bundles = client.share_keys(keys)
+    binding = _binding(client, job)
+    mine = client.advertised_keys()
+    own = Advertisement(identity.name, mine["c_pk"], mine["s_pk"], mine["seed_commitment"])
+    others = ident.verify_key_list(identity, binding, client.node_id, entries, own)
+    check_secagg_peers(policy, len(others), f"round {client.round_id}: the key list holds")
+    graph = neighbour_graph(sorted(entries), client.config.num_neighbours, client.round_seed)
+    check_secagg_threshold(policy, client.config.threshold, len(share_holders(graph, client.node_id)))
+    bundles = client.share_keys(public_keys_of(entries))
+    ids = sorted(entries)
+    state[STATE_VIEW] = ConfigRecord({"ids": pack_ids(ids), "names": [entries[i].region for i in ids],
+                                      "digest": ident.key_list_digest(binding, entries)})
     _save(state, info, client, "shared")
     return ConfigRecord(shares_record(bundles))
 
 
-def masked_input(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
+def _view(state: RecordDict) -> ConfigRecord:
+    view = state.config_records.get(STATE_VIEW)
+    if view is None:
+        raise SecAggProtocolError("no authenticated key list kept (share-keys was not run here)")
+    return view
+
+
+def masked_input(state: RecordDict, request: ConfigRecord, policy: RegionPolicy) -> ArrayRecord:
     """Stage 3: ``request`` holds the bundles routed to this region (``"<sender id>": bytes``).
 
     How many coordinates were clipped stays in the region (a warning in its log): it is a
-    fact about this region's single update, which secure aggregation is there to hide.
+    fact about this region's single update, which secure aggregation is there to hide. The
+    bundles come from peers whose keys were authenticated at share-keys (AES-GCM under their
+    key agreement); fewer of them than ``min-secagg-peers`` and nothing masked leaves.
     """
     round_id = int(request["round_id"])
     info = _round_info(state, round_id, "shared")
     received = read_routed_request(request)
     client = _client(state)
+    check_secagg_peers(policy, len(set(received) - {client.node_id}),
+                       f"round {round_id}: share bundles (pairwise masks) arrived from")
     update = state.array_records[STATE_UPDATE]["update"].numpy()
     weight = int(info["num-examples"])
     cfg = client.config
@@ -237,11 +298,53 @@ def masked_input(state: RecordDict, request: ConfigRecord) -> ArrayRecord:
     return ArrayRecord({MASKED: Array(y)})
 
 
-def unmask(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
-    """Stage 4: shares of the survivors' self-mask seeds and of the dropped peers' mask keys."""
-    _round_info(state, int(request["round_id"]), "masked")
+def consistency(state: RecordDict, request: ConfigRecord, policy: RegionPolicy, identity: Identity,
+                job: str) -> ConfigRecord:
+    """Consistency stage: sign this region's view -- the key list it saw and the survivor set.
+
+    The survivors are the regions whose masked inputs are in the sum; the region refuses a set
+    that omits it, names a region not in its key list, or holds fewer other regions than
+    ``min-secagg-peers`` (or fewer than the threshold).
+    """
+    round_id = int(request["round_id"])
+    info = _round_info(state, round_id, "masked")
     client = _client(state)
-    answer = client.unmask(*read_unmask_request(request))
+    view = _view(state)
+    survivors = read_consistency_request(request)
+    known = set(unpack_ids(bytes(view["ids"])))
+    if len(set(survivors)) != len(survivors) or client.node_id not in survivors or not set(survivors) <= known:
+        raise SecAggProtocolError(f"round {round_id}: the survivor set must name this region once and only regions "
+                                  "of the key list it authenticated")
+    check_secagg_peers(policy, len(survivors) - 1, f"round {round_id}: the survivor set holds")
+    if len(survivors) < client.config.threshold:
+        raise SecAggProtocolError(f"round {round_id}: {len(survivors)} survivors; threshold is {client.config.threshold}")
+    signature = identity.sign(ident.view_message(_binding(client, job), bytes(view["digest"]), survivors))
+    view["survivors"] = pack_ids(sorted(survivors))
+    state[STATE_VIEW] = view
+    info["phase"] = "consistent"
+    state[STATE_ROUND] = info
+    return ConfigRecord(view_record(signature))
+
+
+def unmask(state: RecordDict, request: ConfigRecord, identity: Identity, job: str) -> ConfigRecord:
+    """Stage 4: shares of the survivors' self-mask seeds and of the dropped peers' mask keys.
+
+    Only after the survivors' signatures on this region's own view check out (every one from a
+    survivor, on the same key list and survivor set, at least the threshold's worth), and only
+    for a request that agrees with that survivor set.
+    """
+    _round_info(state, int(request["round_id"]), "consistent")
+    client = _client(state)
+    view = _view(state)
+    alive = unpack_ids(bytes(view["survivors"]))
+    names = dict(zip(unpack_ids(bytes(view["ids"])), [str(n) for n in view["names"]]))
+    ident.verify_view_signatures(identity, _binding(client, job), bytes(view["digest"]), alive, names,
+                                 read_view_signatures(request), client.config.threshold)
+    survivors, dropped = read_unmask_request(request)
+    if not set(survivors) <= set(alive) or set(dropped) & set(alive):
+        raise PeerAuthenticationError(f"round {client.round_id}: the unmask request disagrees with the survivor set "
+                                      "every signer confirmed")
+    answer = client.unmask(survivors, dropped)
     forget(state)  # answered once; nothing of this round is needed any more
     return ConfigRecord(unmask_record(answer))
 
@@ -276,17 +379,21 @@ def expected_setup(threshold: int, neighbours: int, clip_range: float, quant_bit
 
 
 def _advertise(state: RecordDict, rec: ConfigRecord, policy: RegionPolicy, context: Context,
-               settings: SecAggSettings) -> RecordDict:
+               settings: SecAggSettings, identity: Identity, job: str) -> RecordDict:
     expected = expected_setup(settings.threshold, settings.neighbours, settings.clip_range, settings.quant_bits)
-    return RecordDict({RECORD: advertise(state, context.node_id, rec, expected, policy)})
+    return RecordDict({RECORD: advertise(state, context.node_id, rec, expected, policy, identity, job)})
 
 
 _HANDLERS = {
     ADVERTISE: _advertise,
-    SHARE_KEYS: lambda state, rec, policy, context, settings: RecordDict({RECORD: share_keys(state, rec, policy)}),
-    MASKED_INPUT: lambda state, rec, policy, context, settings: RecordDict({MASKED: masked_input(state, rec)}),
-    UNMASK: lambda state, rec, policy, context, settings: RecordDict({RECORD: unmask(state, rec)}),
-    REVEAL: lambda state, rec, policy, context, settings: RecordDict({UPDATE: reveal(state, rec, policy)}),
+    SHARE_KEYS: lambda state, rec, policy, context, settings, identity, job:
+        RecordDict({RECORD: share_keys(state, rec, policy, identity, job)}),
+    MASKED_INPUT: lambda state, rec, policy, context, settings, identity, job:
+        RecordDict({MASKED: masked_input(state, rec, policy)}),
+    CONSISTENCY: lambda state, rec, policy, context, settings, identity, job:
+        RecordDict({RECORD: consistency(state, rec, policy, identity, job)}),
+    UNMASK: lambda state, rec, policy, context, settings, identity, job:
+        RecordDict({RECORD: unmask(state, rec, identity, job)}),
 }
 
 
@@ -300,12 +407,21 @@ def handle(msg: Message, context: Context) -> Message:
     info = context.state.config_records.get(STATE_ROUND)
     region = str(info["region"]) if info is not None else f"node-{context.node_id}"
     try:
-        stage = _HANDLERS[msg.metadata.message_type]
         cfg = FedprivConfig.from_run_config(context.run_config)
         policy = region_policy(context.node_config, cfg)
-        content = stage(context.state, msg.content[RECORD], policy, context, cfg.secagg)
+        if msg.metadata.message_type == REVEAL:
+            content = RecordDict({UPDATE: reveal(context.state, msg.content[RECORD], policy)})
+        else:
+            stage = _HANDLERS[msg.metadata.message_type]
+            identity = region_identity(context.node_config, node_region(context.node_config, cfg)[0], cfg.run_dir)
+            job = cfg.job_id or str(context.run_id)
+            content = stage(context.state, msg.content[RECORD], policy, context, cfg.secagg, identity, job)
     except PolicyRefusal as exc:
         return contract.error_reply(msg, region, str(exc), contract.POLICY)
+    except PeerAuthenticationError as exc:  # the region's roster: a refusal, like its policy's
+        return contract.error_reply(msg, region, f"roster: {exc}", contract.POLICY)
+    except ident.IdentityError as exc:
+        return contract.error_reply(msg, region, f"secure aggregation: {exc}")
     except (SecAggError, ValueError, KeyError, FedprivError) as exc:
         reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
         return contract.error_reply(msg, region, f"secure aggregation ({msg.metadata.message_type}): {reason}")
@@ -313,7 +429,8 @@ def handle(msg: Message, context: Context) -> Message:
 
 
 __all__ = [
-    "ADVERTISE", "MASKED", "MASKED_INPUT", "RECORD", "REVEAL", "SHARE_KEYS", "TRAIN_FLAG", "UNMASK", "UPDATE",
-    "SecAggConfig", "advertise", "check_setup", "clipped_count", "expected_setup", "flatten_update",
-    "forget", "handle", "joined_setup", "keep_update", "masked_input", "reveal", "share_keys", "unmask",
+    "ADVERTISE", "CONSISTENCY", "MASKED", "MASKED_INPUT", "RECORD", "REVEAL", "SHARE_KEYS", "TRAIN_FLAG", "UNMASK",
+    "UPDATE", "SecAggConfig", "advertise", "check_setup", "clipped_count", "consistency", "expected_setup",
+    "flatten_update", "forget", "handle", "joined_setup", "keep_update", "masked_input", "region_identity", "reveal",
+    "share_keys", "unmask",
 ]

@@ -22,6 +22,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     require-dp = true
     require-secure-aggregation = true
     min-secagg-threshold = 0.5        # t must be MORE than this fraction of a secret's share holders (>= 0.5)
+    min-secagg-peers = 1              # authenticated other regions (roster) in any sum that can be unmasked
     allow-plain-rounds = false        # hand the update over in the clear when the coordinator says "alone"
     allow-deterministic-noise = false # the testing key insecure-deterministic-noise: no DP guarantee
     release-train-metrics = false     # train loss / accuracy / peak memory (not private)
@@ -59,6 +60,7 @@ class RegionPolicy:
     require_dp: bool = True
     require_secure_aggregation: bool = True
     min_secagg_threshold: float = 0.5
+    min_secagg_peers: int = 1  # authenticated, distinct other regions in any sum the coordinator can unmask
     allow_plain_rounds: bool = False
     allow_deterministic_noise: bool = False
     release_train_metrics: bool = False
@@ -83,7 +85,7 @@ class RegionPolicy:
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
 _NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold")
-_KEYS = _BOOLS + _NUMBERS
+_KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",)
 
 
 def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
@@ -117,12 +119,15 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
         (0.5 <= frac < 1.0, "min-secagg-threshold", frac,
          "a fraction in [0.5, 1): the threshold must exceed this share of a secret's holders (0.5 = a strict majority)"),
     ]
+    peers = table.get("min-secagg-peers", 1)
+    checks.append((type(peers) is int and peers >= 1, "min-secagg-peers", peers,
+                   "a whole number >= 1 of authenticated other regions in any sum the coordinator can unmask"))
     for ok, key, value, expected in checks:
         if not ok:
             raise ConfigError(f"region policy {source}: {key} = {value!r}: expected {expected}")
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
-        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
+        min_secagg_peers=peers, **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -245,6 +250,13 @@ def check_train_request(policy: RegionPolicy, cfg: Any, secure_round: bool) -> N
     if cfg.dp and cfg.noise_multiplier == 0 and cfg.target_epsilon > policy.max_job_epsilon:
         raise PolicyRefusal("max-job-epsilon", f"the run's target-epsilon = {cfg.target_epsilon:g} is above the "
                             f"region's ceiling on one job's ε = {policy.max_job_epsilon:g}")
+
+
+def check_secagg_peers(policy: RegionPolicy, peers: int, where: str) -> None:
+    """Refuse, before anything masked leaves, a round whose sum would hold fewer authenticated other regions."""
+    if peers < policy.min_secagg_peers:
+        raise PolicyRefusal("min-secagg-peers", f"{where}: {peers} authenticated other region(s); this region needs "
+                            f"at least {policy.min_secagg_peers} in any sum the coordinator can unmask")
 
 
 def check_secagg_threshold(policy: RegionPolicy, threshold: int, share_holders: int) -> None:

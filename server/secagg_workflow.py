@@ -1,8 +1,8 @@
 """The coordinator's stages of a secure-aggregation round, as Flower composes its ``SecAggPlusWorkflow``.
 
 :class:`SecAggWorkflow` turns the regions that trained into the average of their
-updates without ever seeing one: setup + advertise keys, share keys, collect masked
-inputs, unmask (:mod:`fedpriv.privacy.secagg.protocol` does the math, the messages are
+updates without ever seeing one: setup + advertise signed keys, share keys, collect masked
+inputs, consistency (each survivor signs its view), unmask (:mod:`fedpriv.privacy.secagg.protocol` does the math, the messages are
 :mod:`fedpriv.privacy.secagg.messages`', the waiting :mod:`fedpriv.server.transport`'s).
 It decides nothing about the model and writes nothing: it returns a
 :class:`RoundOutcome` -- the average update (or ``None``), the round's facts for the
@@ -148,7 +148,7 @@ class SecAggWorkflow:
     def _run_stages(self, grid: Any, rnd: int, server: SecAggServer, ids: list[int], region_of: Callable[[int], str],
                     dropped_at: dict[str, str], unanswered: dict[str, str],
                     refusals: list[contract.RegionError]) -> SecAggResult:
-        """Setup/advertise, share keys, masked inputs, unmask; returns the result."""
+        """Setup/advertise, share keys, masked inputs, consistency, unmask; returns the result."""
 
         def stage(message_type: str, requests: Mapping[int, Mapping[str, Any]]) -> Replies:
             replies = self._stage(grid, message_type, requests, rnd, region_of)
@@ -167,7 +167,7 @@ class SecAggWorkflow:
         public_keys = server.collect_advertisements(adverts)
         note("advertise", adverts, public_keys, server.excluded)
 
-        keys = wire.keys_request(rnd, public_keys)
+        keys = wire.keys_request(rnd, public_keys, adverts)
         replies = stage(wire.SHARE_KEYS, {nid: keys for nid in public_keys})
         shares = replies.read(lambda msg: wire.shares_reply(msg.content[wire.RECORD]), _DECODE_ERRORS)
         note("share_keys", public_keys, shares, replies.errors)
@@ -180,10 +180,22 @@ class SecAggWorkflow:
         requests = server.collect_masked_inputs(masked)
         note("masked_input", masked, requests, server.excluded)
 
-        replies = stage(wire.UNMASK, {nid: wire.unmask_request(rnd, req["survivors"], req["dropped"])
-                                      for nid, req in requests.items()})
+        # Consistency (Bonawitz et al.'s actively secure variant): every survivor signs its view -- the key
+        # list it authenticated and the one survivor set -- and checks the others' signatures before unmasking.
+        survivors = sorted(requests)
+        replies = stage(wire.CONSISTENCY, {nid: wire.consistency_request(rnd, survivors) for nid in survivors})
+        views = replies.read(lambda msg: wire.read_view_record(msg.content[wire.RECORD]), _DECODE_ERRORS)
+        for nid in survivors:  # in the sum already: it did not confirm the view, so it is not asked to unmask
+            if nid not in views:
+                unanswered[region_of(nid)] = f"consistency: {replies.errors.get(nid, 'no reply')}"
+        if len(views) < server.config.threshold:
+            raise _RoundAborted(f"only {len(views)} regions signed the survivor set; threshold is "
+                                f"{server.config.threshold}")
+        replies = stage(wire.UNMASK, {nid: wire.unmask_request(rnd, requests[nid]["survivors"],
+                                                               requests[nid]["dropped"], views)
+                                      for nid in views})
         answers = replies.read(lambda msg: wire.unmask_reply(msg.content[wire.RECORD]), _DECODE_ERRORS)
-        for nid in requests:  # still in the sum; only its shares are missing
+        for nid in views:  # still in the sum; only its shares are missing
             if nid not in answers:
                 unanswered[region_of(nid)] = replies.errors.get(nid, "no reply")
         return server.unmask(answers)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from fedpriv.core.config import APP_DIR, FedprivConfig, resolve_config
 from fedpriv.core.errors import ConfigError, DataError
 from fedpriv.deploy.flwr_cli import FlowerRunClient, RunOutcome
+from fedpriv.privacy.secagg.identity import write_simulation_identities
 from fedpriv.simulations.local_superlink import LocalSimulationSuperLink
 from fedpriv.task.data import load_corpus
 from fedpriv.task.partition import PARTITION_FILE, check_prepared_regions, partition_corpus, partition_spec, write_shards
@@ -125,6 +126,9 @@ class Simulation:
         if self.flat["sim-region-policy"]:  # the ClientApps may run elsewhere: give them an absolute path
             run_config["sim-region-policy"] = str(Path(self.flat["sim-region-policy"]).expanduser().resolve())
         FedprivConfig.from_run_config(run_config)  # the apps will accept it
+        # The operator owns every simulated region: each gets a fresh identity key, all share one roster
+        # (RUN_DIR/secagg-identities, keys 0600, never logged), so secure aggregation authenticates its peers.
+        write_simulation_identities(self.run_dir, self.cfg.regions)
         num_gpus = detect_gpus()
         federation = federation_options(self.cfg, num_gpus)
         if num_gpus == 0 and self.cfg.sim_gpus_per_region > 0:

@@ -56,14 +56,19 @@ class SecureFedAvg(PrivateFedAvg):
     2. ``query.secagg_advertise`` -- the setup (``SecAggServer.setup_message()``: the
        regions that trained, threshold, neighbours, clip range, quantisation bits,
        ``max_weight`` = the largest reported example count, round id, a fresh public
-       round seed from :mod:`secrets`); regions reply with public keys and a commitment.
-    3. ``query.secagg_share_keys`` -- everyone's public keys; regions reply with sealed
-       Shamir share bundles for their neighbours, which the coordinator routes.
+       round seed from :mod:`secrets`); regions reply with public keys and a commitment,
+       signed with their identity key (bound to job, round, setup and region name).
+    3. ``query.secagg_share_keys`` -- everyone's signed keys; each region checks them against
+       its own roster of peer identity keys (refusing an unknown or forged peer), then replies
+       with sealed Shamir share bundles for its neighbours, which the coordinator routes.
     4. ``query.secagg_masked_input`` -- the bundles for each region; regions reply with
        ``mask(quantise(clip((num_examples / max_weight) * update)))`` plus the example
        count as a last coordinate -- nothing else (how many coordinates a region clipped
        stays in its own log).
-    5. ``query.secagg_unmask`` -- who survived and who dropped; regions reply with the
+    5. ``query.secagg_consistency`` -- the survivor set; each survivor signs its view (the key
+       list it authenticated and that set).
+    6. ``query.secagg_unmask`` -- who survived and who dropped, with the survivors' view
+       signatures; each region checks them (a split view is refused) and replies with the
        shares that strip the masks. The coordinator rebuilds ``sum(n_u * update_u)`` and
        ``sum(n_u)`` of the survivors, and the new global model is
        ``global + sum(n_u * update_u) / sum(n_u)`` -- FedAvg, up to the quantisation
@@ -79,10 +84,11 @@ class SecureFedAvg(PrivateFedAvg):
     rounds; otherwise it refuses and the round aborts with the model unchanged.
 
     Regions enforce their own rules (:mod:`fedpriv.privacy.policy`): a Shamir threshold of half
-    a secret's share holders or fewer is refused at setup, and a refusal is recorded as
+    a secret's share holders or fewer is refused at setup, so is a round with fewer authenticated
+    other regions than ``min-secagg-peers``, and a refusal is recorded as
     "refused by region policy: <rule>".
 
-    The strategy only aggregates and records: the stages 2-5 are the ``workflow``'s
+    The strategy only aggregates and records: the stages 2-6 are the ``workflow``'s
     (:class:`fedpriv.server.secagg_workflow.SecAggWorkflow`, which the coordinator
     builds from the validated run config), which returns the average update and the
     round's facts; this class applies the update to the global model and records the

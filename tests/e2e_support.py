@@ -157,6 +157,11 @@ class Deployment:
         for region in self.regions:
             self.region_dirs[region] = create_region_key(self.root / "regions" / region, region)[0].parents[1]
             shutil.copy(self.certs.ca_cert, self.region_dirs[region] / "ca.crt")
+        from fedpriv.privacy.secagg.identity import roster_line, write_identity
+
+        pubs = [write_identity(self.region_dirs[r], r)[1] for r in self.regions]  # each region's identity key
+        self.roster = self.root / "roster.txt"  # exchanged out of band: every region's identity public key
+        self.roster.write_text("".join(roster_line(r, p.read_text()) for r, p in zip(self.regions, pubs)))
         self.publisher_key, publisher_pub = create_publisher_key(self.root / "publisher", "tests")
         self.trust = self.root / "trust.yaml"
         self.trust.write_text(trust_line("tests", publisher_pub.read_text()))
@@ -190,7 +195,7 @@ class Deployment:
         node = SuperNodeProcess(
             region, self.data, self.region_dirs[region], self.superlink.fleet_address, free_port(),  # type: ignore[union-attr]
             log_file=self.root / f"supernode-{region}.log", flwr_home=self.root / "apps" / region, trust_file=self.trust,
-            policy_file=self.policy,
+            policy_file=self.policy, roster_file=self.roster,
         )
         self.nodes[region] = node
         node.start()

@@ -26,6 +26,8 @@ from fedpriv.core.config import SECAGG_QUANT_BITS, FedprivConfig, SecAggSettings
 from fedpriv.core.errors import ConfigError
 from fedpriv.privacy.secagg import SecAggConfig, SecAggProtocolError, SecAggServer
 from fedpriv.privacy.secagg import messages
+from fedpriv.privacy.policy import RegionPolicy
+from fedpriv.privacy.secagg.identity import simulation_identity, write_simulation_identities
 from fedpriv.server import transport
 from fedpriv.server.secagg_workflow import SecAggWorkflow
 
@@ -75,6 +77,7 @@ def _examples(i: int) -> int:
 
 def _trained_grid(tmp_path, n: int, rnd: int) -> StageGrid:
     flat, _ = resolve_config({"regions": ",".join(f"r{i}" for i in range(n)), "run-dir": str(tmp_path)})
+    write_simulation_identities(tmp_path, [f"r{i}" for i in range(n)])  # what the simulation runner does
     grid = StageGrid(flat, n)
     for i, (nid, ctx) in enumerate(grid.contexts.items()):  # what the train handler keeps after training
         zeros = {"w": np.zeros(40, np.float32)}
@@ -104,7 +107,9 @@ def test_a_refusal_during_a_stage_comes_back_as_a_refusal_for_the_strategy_to_re
     grid = _trained_grid(tmp_path, 2, 1)
     setup = SecAggServer(SecAggConfig(num_clients=2, threshold=2, clip_range=8.0, quant_bits=22, max_weight=100),
                          round_id=1).setup_message()
-    secagg.advertise(grid.contexts[NODE].state, NODE, ConfigRecord(setup), {})  # r0 joined a multi-party setup
+    secagg.advertise(grid.contexts[NODE].state, NODE, ConfigRecord(setup), {},  # r0 joined a multi-party setup
+                     RegionPolicy(delta=1e-5, max_lifetime_epsilon=10.0, max_job_epsilon=10.0),
+                     simulation_identity(tmp_path, "r0"), "job")
     workflow = SecAggWorkflow(SecAggSettings(timeout=0.5))
     outcome = workflow.plain_round(grid, 1, NODE, 40, lambda nid: f"r{nid - NODE}")  # "you were alone": refused
     assert outcome.update is None and outcome.entry["aborted"]
@@ -126,18 +131,29 @@ def test_push_and_pull_stops_at_its_deadline_and_exchange_names_every_missing_no
 
 def test_the_stage_records_round_trip_through_the_shared_wire():
     keys = {5: {"c_pk": b"c" * 32, "s_pk": b"s" * 32}, (1 << 64) - 1: {"c_pk": b"C" * 32, "s_pk": b"S" * 32}}
-    assert messages.read_keys_request(ConfigRecord(messages.keys_request(2, keys))) == keys
+    adverts = {5: {"seed_commitment": b"m" * 32, "region": "r0", "signature": b"g" * 64},
+               (1 << 64) - 1: {"seed_commitment": b"M" * 32, "region": "r1", "signature": b"G" * 64}}
+    entries = messages.read_keys_request(ConfigRecord(messages.keys_request(2, keys, adverts)))
+    assert messages.public_keys_of(entries) == keys
+    assert {nid: (ad.region, ad.seed_commitment, ad.signature) for nid, ad in entries.items()} == {
+        nid: (a["region"], a["seed_commitment"], a["signature"]) for nid, a in adverts.items()}
     assert messages.read_routed_request(ConfigRecord(messages.routed_request(2, {7: b"x", 9: b"y"}))) == {7: b"x", 9: b"y"}
-    assert messages.read_unmask_request(ConfigRecord(messages.unmask_request(2, [3, 1], [2]))) == ([3, 1], [2])
+    request = ConfigRecord(messages.unmask_request(2, [3, 1], [2], {3: b"a" * 64, 1: b"b" * 64}))
+    assert messages.read_unmask_request(request) == ([3, 1], [2])
+    assert messages.read_view_signatures(request) == {1: b"b" * 64, 3: b"a" * 64}
+    assert messages.read_consistency_request(ConfigRecord(messages.consistency_request(2, [3, 1]))) == [1, 3]
+    assert messages.read_view_record(ConfigRecord(messages.view_record(b"v" * 64))) == b"v" * 64
     answer = {"seed_shares": {3: b"a"}, "key_shares": {2: b"b"}}
     assert messages.unmask_reply(ConfigRecord(messages.unmask_record(answer))) == answer
     assert messages.shares_reply(ConfigRecord(messages.shares_record({4: b"z"}))) == {4: b"z"}
     with pytest.raises(SecAggProtocolError, match="unexpected key"):
         messages.unmask_reply({"both/3": b""})
-    with pytest.raises(SecAggProtocolError, match="do not match"):
-        messages.read_keys_request({"ids": (5).to_bytes(8, "big"), "c_pks": b"c" * 31, "s_pks": b"s" * 32})
+    with pytest.raises(SecAggProtocolError, match="does not match"):
+        messages.read_keys_request({"ids": (5).to_bytes(8, "big"), "c_pks": b"c" * 31, "s_pks": b"s" * 32,
+                                    "regions": ["r0"]})
     assert [messages.action(t) for t in messages.STAGES] == [
-        "secagg_advertise", "secagg_share_keys", "secagg_masked_input", "secagg_unmask", "secagg_reveal"]
+        "secagg_advertise", "secagg_share_keys", "secagg_masked_input", "secagg_consistency", "secagg_unmask",
+        "secagg_reveal"]
 
 
 @pytest.mark.parametrize("bits", [SECAGG_QUANT_BITS[0] - 1, SECAGG_QUANT_BITS[1] + 1, 48])

@@ -28,6 +28,7 @@ from fedpriv.core.config import FedprivConfig, SecAggSettings, resolve_config
 from fedpriv.core.errors import BudgetExhausted, ConfigError
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy
 from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.secagg.identity import simulation_identity, write_simulation_identities
 from fedpriv.privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
 from fedpriv.server.secagg_workflow import SecAggWorkflow
 from fedpriv.strategies.private_fedavg import PrivateFedAvg
@@ -46,6 +47,7 @@ def _task_identity():
 def _run_config(tmp_path, n, **overrides):
     regions = ",".join(f"r{i}" for i in range(n))
     flat, _ = resolve_config({"regions": regions, "run-dir": str(tmp_path), "num-server-rounds": 3, **overrides})
+    write_simulation_identities(tmp_path, regions.split(","))  # what the simulation runner does
     return flat
 
 
@@ -337,24 +339,38 @@ def _setup(round_id=4, **kw):
     return ConfigRecord(SecAggServer(SecAggConfig(**cfg), round_id=round_id).setup_message())
 
 
-def test_client_refuses_a_weaker_setup_than_its_run_config():
+_POLICY = RegionPolicy(delta=1e-5, max_lifetime_epsilon=10.0, max_job_epsilon=10.0)
+
+
+def _identity(tmp_path):
+    write_simulation_identities(tmp_path, ["r0", "r1", "r2"])
+    return simulation_identity(tmp_path, "r0")
+
+
+def test_client_refuses_a_weaker_setup_than_its_run_config(tmp_path):
+    me = _identity(tmp_path)
+
+    def advertise(state, setup, expected):
+        return secagg.advertise(state, 11, setup, expected, _POLICY, me, "job")
+
     expected = secagg.expected_setup(threshold=3, neighbours=0, clip_range=8.0, quant_bits=22)
     with pytest.raises(SecAggProtocolError, match="below secagg-threshold = 3"):
-        secagg.advertise(_kept_state(), 11, _setup(), expected)
+        advertise(_kept_state(), _setup(), expected)
     expected = secagg.expected_setup(threshold=0, neighbours=0, clip_range=8.0, quant_bits=22)
     with pytest.raises(SecAggProtocolError, match="clip_range"):
-        secagg.advertise(_kept_state(), 11, _setup(clip_range=1.0), expected)
+        advertise(_kept_state(), _setup(clip_range=1.0), expected)
     with pytest.raises(SecAggProtocolError, match="more than the declared max_weight"):
-        secagg.advertise(_kept_state(num_examples=101), 11, _setup(), expected)
+        advertise(_kept_state(num_examples=101), _setup(), expected)
     with pytest.raises(SecAggProtocolError, match="kept update is from round 4"):
-        secagg.advertise(_kept_state(), 11, _setup(round_id=5), expected)
-    assert set(secagg.advertise(_kept_state(), 11, _setup(), expected)) == {"c_pk", "s_pk", "seed_commitment"}
+        advertise(_kept_state(), _setup(round_id=5), expected)
+    assert set(advertise(_kept_state(), _setup(), expected)) == {"c_pk", "s_pk", "seed_commitment", "region",
+                                                                  "signature"}
 
 
-def test_update_is_revealed_only_before_keys_were_advertised_and_only_if_the_policy_allows_it():
+def test_update_is_revealed_only_before_keys_were_advertised_and_only_if_the_policy_allows_it(tmp_path):
     allows = RegionPolicy(delta=1e-5, max_lifetime_epsilon=10.0, max_job_epsilon=10.0, allow_plain_rounds=True)
     state = _kept_state()
-    secagg.advertise(state, 11, _setup(), {})
+    secagg.advertise(state, 11, _setup(), {}, allows, _identity(tmp_path), "job")
     with pytest.raises(PolicyRefusal, match="joined a multi-party"):
         secagg.reveal(state, ConfigRecord({"round_id": 4}), allows)
     fresh = _kept_state()

@@ -1,9 +1,11 @@
 """``fedpriv supernode``: run one region's SuperNode in the foreground until Ctrl-C.
 
-Everything it needs is the region's own: its key (``fedpriv keygen --region``), the
-CA certificate it was given, its data, its privacy policy (``--policy``) and the
+Everything it needs is the region's own: its keys (``fedpriv keygen --region``), the
+CA certificate it was given, its data, its privacy policy (``--policy``), the
 publisher keys it trusts (``--trust``): app bundles not signed by one of those are
-refused before any of their code is installed (:mod:`fedpriv.deploy.trusted_exec`).
+refused before any of their code is installed (:mod:`fedpriv.deploy.trusted_exec`) --
+and its roster (``--roster``): the peer regions' identity keys, the only share holders
+it accepts in secure aggregation (:mod:`fedpriv.privacy.secagg.identity`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class SuperNodeCommand:
         p.add_argument("--policy", required=True, metavar="FILE",
                        help="this region's privacy policy (TOML, e.g. examples/region-policy.toml); passed to the ClientApp "
                             "as node config policy-path, checked at start")
+        p.add_argument("--roster", default=None, metavar="FILE",
+                       help="the peer regions' identity public keys, one line 'NAME ssh-ed25519 AAAA...' each (their "
+                            "NAME.id.pub, exchanged out of band); passed to the ClientApp as node config roster-path. "
+                            "Without it the region refuses every secure-aggregation round")
         p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API address (a name in its certificate)")
         p.add_argument(
             "--port", type=int, default=CLIENTAPPIO_PORT,
@@ -50,13 +56,15 @@ class SuperNodeCommand:
         from fedpriv.deploy.supernode import SuperNodeProcess
 
         sn = SuperNodeProcess(args.region, args.data, args.certs, args.superlink, clientappio_port=args.port, log_file=args.log, echo=True,
-                              ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy)
+                              ledger_path=args.ledger, trust_file=args.trust, policy_file=args.policy,
+                              roster_file=args.roster)
 
         def watch() -> None:
             for w in sn.warnings:
                 print(f"fedpriv supernode: warning: {w}", flush=True)
             print(f"fedpriv supernode: region {args.region}, data {sn.data_dir}, policy {sn.policy_file}, "
-                  f"runs only bundles signed by: {', '.join(sn.trusted)} ({sn.trust_file}); connecting to {args.superlink} ...",
+                  f"runs only bundles signed by: {', '.join(sn.trusted)} ({sn.trust_file}); secure-aggregation peers: "
+                  f"{', '.join(sn.peers) or 'none'}; connecting to {args.superlink} ...",
                   flush=True)
             proc = sn.procs[0]
             started, announced, hinted = time.monotonic(), False, False

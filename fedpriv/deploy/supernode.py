@@ -58,11 +58,13 @@ class SuperNodeProcess(ProcessGroup):
         ledger_path: str | os.PathLike | None = None,
         trust_file: str | os.PathLike | None = None,
         policy_file: str | os.PathLike | None = None,
+        roster_file: str | os.PathLike | None = None,
     ) -> None:
         self.region = region
         self.ledger_path = Path(ledger_path).expanduser().absolute() if ledger_path else None
         self.trust_file = Path(trust_file).expanduser().absolute() if trust_file else None
         self.policy_file = Path(policy_file).expanduser().absolute() if policy_file else None
+        self.roster_file = Path(roster_file).expanduser().absolute() if roster_file else None
         self.flwr_home = Path(flwr_home).expanduser().absolute() if flwr_home else None
         self.data_dir_arg = data_dir
         self.data_dir: Path | None = None
@@ -75,10 +77,18 @@ class SuperNodeProcess(ProcessGroup):
         self.warnings: list[str] = []
         self.node_id: str | None = None
         self.trusted: list[str] = []  # labels of the trusted publishers (after preflight)
+        self.peers: list[str] = []  # regions in the roster (after preflight)
 
     @property
     def key_file(self) -> Path:
         return self.certs.region_key(self.region)
+
+    @property
+    def identity_key_file(self) -> Path:
+        """The region's secure-aggregation identity key (``fedpriv keygen --region``), beside its SuperNode key."""
+        from fedpriv.privacy.secagg.identity import identity_paths
+
+        return identity_paths(self.certs.root, self.region)[0]
 
     def node_config(self) -> str:
         """Region identity and the region's *own* settings: the coordinator cannot change these."""
@@ -88,6 +98,8 @@ class SuperNodeProcess(ProcessGroup):
             config += f" ledger-path='{self.ledger_path}'"
         if self.policy_file is not None:
             config += f" policy-path='{self.policy_file}'"
+        if self.roster_file is not None:
+            config += f" roster-path='{self.roster_file}' identity-key-path='{self.identity_key_file}'"
         return config
 
     def command(self) -> list[str]:
@@ -143,11 +155,36 @@ class SuperNodeProcess(ProcessGroup):
         self.trusted = [t.label for t in load_trust_file(self.trust_file)]
         if self.policy_file is not None:
             check_policy_file(self.policy_file)
+        self.check_roster()
         self.data_dir = resolve_region_data_dir(self.data_dir_arg, self.region)
         check_node_config_path("data directory", self.data_dir)
         check_node_config_path("policy file", self.policy_file)
+        check_node_config_path("roster", self.roster_file)
+        if self.roster_file is not None:
+            check_node_config_path("identity key", self.identity_key_file)
         check_port_free("127.0.0.1", self.clientappio_port, "--port")
         flower_executable("flower-supernode")
+
+    def check_roster(self) -> None:
+        """The roster (peer identity keys) and the region's own identity key load as the ClientApp will load them."""
+        from fedpriv.privacy.secagg.identity import IdentityError, load_identity
+
+        if self.roster_file is None:
+            self.warnings.append("no --roster: this region cannot authenticate any peer, so it refuses every "
+                                 "secure-aggregation round")
+            return
+        require_file(self.roster_file, "roster", "one line 'NAME ssh-ed25519 AAAA...' per peer region (their NAME.id.pub)")
+        if not self.identity_key_file.is_file():
+            raise FedprivError(f"missing identity key {self.identity_key_file} for region {self.region!r}: run "
+                               f"`fedpriv keygen --region {self.region} {self.certs.root}` (it adds the identity key "
+                               "beside an existing SuperNode key) and send regions/"
+                               f"{self.region}.id.pub to the other regions")
+        require_private_key(self.identity_key_file, "identity key")
+        try:
+            identity = load_identity(self.region, self.identity_key_file, self.roster_file)
+        except IdentityError as exc:
+            raise FedprivError(str(exc)) from None
+        self.peers = sorted(set(identity.roster.keys) - {self.region})
 
     def start(self) -> None:
         if self.procs:

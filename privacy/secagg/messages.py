@@ -13,10 +13,14 @@ A round, stage by stage (message type -> what the reply carries):
 
 =============================  =========================================================
 ``train`` + :data:`TRAIN_FLAG`  metrics only; the update stays in the region
-:data:`ADVERTISE`               :data:`RECORD`: two public keys and a seed commitment
-:data:`SHARE_KEYS`              :data:`RECORD`: sealed share bundles by recipient id
+:data:`ADVERTISE`               :data:`RECORD`: two public keys, a seed commitment, the region's name
+                                and its identity signature over them (bound to job, round, setup)
+:data:`SHARE_KEYS`              :data:`RECORD`: sealed share bundles by recipient id (after the region
+                                checked every signed advertisement against its roster)
 :data:`MASKED_INPUT`            :data:`MASKED`: the masked integer vector
-:data:`UNMASK`                  :data:`RECORD`: ``seed/<id>`` and ``key/<id>`` shares
+:data:`CONSISTENCY`             :data:`RECORD`: ``signature`` over the region's view (key list + survivors)
+:data:`UNMASK`                  :data:`RECORD`: ``seed/<id>`` and ``key/<id>`` shares (after the region
+                                checked the survivors' view signatures)
 :data:`REVEAL`                  :data:`UPDATE`: the update in the clear (one region only)
 =============================  =========================================================
 """
@@ -28,14 +32,16 @@ from collections.abc import Mapping
 import numpy as np
 
 from .errors import SecAggProtocolError
+from .identity import SIGNATURE_BYTES, Advertisement
 from .protocol import pack_ids, unpack_ids
 
 ADVERTISE = "query.secagg_advertise"
 SHARE_KEYS = "query.secagg_share_keys"
 MASKED_INPUT = "query.secagg_masked_input"
+CONSISTENCY = "query.secagg_consistency"
 UNMASK = "query.secagg_unmask"
 REVEAL = "query.secagg_reveal"
-STAGES = (ADVERTISE, SHARE_KEYS, MASKED_INPUT, UNMASK, REVEAL)
+STAGES = (ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK, REVEAL)
 """Every stage message type, in round order (the plain-round :data:`REVEAL` last)."""
 
 RECORD = "secagg"
@@ -63,21 +69,41 @@ def setup_record(setup: Mapping) -> Record:
     return dict(setup)
 
 
-def keys_request(round_id: int, public_keys: Mapping[int, Mapping[str, bytes]]) -> Record:
-    """Stage 2 request: ``SecAggServer.collect_advertisements()``'s output, packed."""
+def keys_request(round_id: int, public_keys: Mapping[int, Mapping[str, bytes]],
+                 adverts: Mapping[int, Mapping[str, object]]) -> Record:
+    """Stage 2 request: the accepted keys (``SecAggServer.collect_advertisements()``) with each region's
+    name, seed commitment and signature from its advertisement (``adverts``), packed."""
     ids = sorted(public_keys)
     return {"round_id": int(round_id), "ids": pack_ids(ids),
             "c_pks": b"".join(public_keys[i]["c_pk"] for i in ids),
-            "s_pks": b"".join(public_keys[i]["s_pk"] for i in ids)}
+            "s_pks": b"".join(public_keys[i]["s_pk"] for i in ids),
+            "commitments": b"".join(bytes(adverts[i]["seed_commitment"]) for i in ids),  # type: ignore[arg-type]
+            "signatures": b"".join(bytes(adverts[i].get("signature", b"")) for i in ids),  # type: ignore[arg-type]
+            "regions": [str(adverts[i].get("region", "")) for i in ids]}
 
 
-def read_keys_request(record: Mapping) -> dict[int, dict[str, bytes]]:
-    """The region's reading of :func:`keys_request`: ``{node id: {"c_pk", "s_pk"}}``."""
+def _split(blob: bytes, size: int, count: int, what: str) -> list[bytes]:
+    if len(blob) != size * count:
+        raise SecAggProtocolError(f"the {what} list does not match the id list")
+    return [blob[size * i:size * (i + 1)] for i in range(count)]
+
+
+def read_keys_request(record: Mapping) -> dict[int, Advertisement]:
+    """The region's reading of :func:`keys_request`: ``{node id: Advertisement}``."""
     ids = unpack_ids(bytes(record["ids"]))
-    c_blob, s_blob = bytes(record["c_pks"]), bytes(record["s_pks"])
-    if len(c_blob) != 32 * len(ids) or len(s_blob) != 32 * len(ids):
-        raise SecAggProtocolError("public-key lists do not match the id list")
-    return {nid: {"c_pk": c_blob[32 * i:32 * (i + 1)], "s_pk": s_blob[32 * i:32 * (i + 1)]} for i, nid in enumerate(ids)}
+    regions = [str(r) for r in record.get("regions", [])]
+    if len(regions) != len(ids):
+        raise SecAggProtocolError("the region-name list does not match the id list")
+    c_pks = _split(bytes(record["c_pks"]), 32, len(ids), "c_pk")
+    s_pks = _split(bytes(record["s_pks"]), 32, len(ids), "s_pk")
+    commits = _split(bytes(record.get("commitments", b"")), 32, len(ids), "seed-commitment")
+    sigs = _split(bytes(record.get("signatures", b"")), SIGNATURE_BYTES, len(ids), "signature")
+    return {nid: Advertisement(regions[i], c_pks[i], s_pks[i], commits[i], sigs[i]) for i, nid in enumerate(ids)}
+
+
+def public_keys_of(entries: Mapping[int, Advertisement]) -> dict[int, dict[str, bytes]]:
+    """The ``{node id: {"c_pk", "s_pk"}}`` the protocol's ``share_keys`` takes."""
+    return {nid: {"c_pk": ad.c_pk, "s_pk": ad.s_pk} for nid, ad in entries.items()}
 
 
 def routed_request(round_id: int, inbox: Mapping[int, bytes]) -> Record:
@@ -89,13 +115,35 @@ def read_routed_request(record: Mapping) -> dict[int, bytes]:
     return {int(k): bytes(v) for k, v in record.items() if k.isdigit()}
 
 
-def unmask_request(round_id: int, survivors: list[int], dropped: list[int]) -> Record:
-    """Stage 4 request: who survived and who dropped (never both for one peer: the region checks)."""
-    return {"round_id": int(round_id), "survivors": pack_ids(survivors), "dropped": pack_ids(dropped)}
+def consistency_request(round_id: int, survivors: list[int]) -> Record:
+    """Consistency stage request: the survivor set (whose masked inputs are in the sum), the same for everyone."""
+    return {"round_id": int(round_id), "survivors": pack_ids(sorted(survivors))}
+
+
+def read_consistency_request(record: Mapping) -> list[int]:
+    return unpack_ids(bytes(record["survivors"]))
+
+
+def unmask_request(round_id: int, survivors: list[int], dropped: list[int],
+                   signatures: Mapping[int, bytes] | None = None) -> Record:
+    """Stage 4 request: who survived and who dropped (never both for one peer: the region checks), and
+    the survivors' signatures on their view from the consistency stage."""
+    sigs = dict(sorted((signatures or {}).items()))
+    return {"round_id": int(round_id), "survivors": pack_ids(survivors), "dropped": pack_ids(dropped),
+            "signers": pack_ids(sigs), "signatures": b"".join(bytes(s) for s in sigs.values())}
 
 
 def read_unmask_request(record: Mapping) -> tuple[list[int], list[int]]:
     return unpack_ids(bytes(record["survivors"])), unpack_ids(bytes(record["dropped"]))
+
+
+def read_view_signatures(record: Mapping) -> dict[int, bytes]:
+    """The survivors' view signatures an unmask request carries, by signer id."""
+    signers = unpack_ids(bytes(record.get("signers", b"")))
+    sigs = _split(bytes(record.get("signatures", b"")), SIGNATURE_BYTES, len(signers), "signature")
+    if len(set(signers)) != len(signers):
+        raise SecAggProtocolError("the view signatures name a signer twice")
+    return dict(zip(signers, sigs))
 
 
 def round_request(round_id: int) -> Record:
@@ -106,8 +154,21 @@ def round_request(round_id: int) -> Record:
 # ----------------------------------------------------------------- region -> coordinator
 
 
-def advertise_reply(reply: Mapping[str, bytes]) -> Record:
-    return {k: bytes(v) for k, v in reply.items()}
+def advertise_reply(reply: Mapping[str, bytes], region: str, signature: bytes) -> Record:
+    """Stage 1 reply: the protocol's keys and commitment, the region's name and its signature over them."""
+    return {**{k: bytes(v) for k, v in reply.items()}, "region": str(region), "signature": bytes(signature)}
+
+
+def view_record(signature: bytes) -> Record:
+    """Consistency stage reply: the region's signature on its view."""
+    return {"signature": bytes(signature)}
+
+
+def read_view_record(record: Mapping) -> bytes:
+    sig = bytes(record["signature"])
+    if len(sig) != SIGNATURE_BYTES:
+        raise SecAggProtocolError(f"a view signature has {len(sig)} bytes, expected {SIGNATURE_BYTES}")
+    return sig
 
 
 def shares_record(bundles: Mapping[int, bytes]) -> Record:

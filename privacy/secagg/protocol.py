@@ -310,6 +310,12 @@ class SecAggClient:
             "seed_commitment": crypto.seed_commitment(self._seed, self._ctx, self.node_id),
         }
 
+    def advertised_keys(self) -> dict[str, bytes]:
+        """What :meth:`advertise` returned (public keys, seed commitment), for checking the broadcast against it."""
+        self._expect("advertised", "advertised_keys")
+        return {"c_pk": self._c_pk, "s_pk": self._s_pk,
+                "seed_commitment": crypto.seed_commitment(self._seed, self._ctx, self.node_id)}
+
     # ---- stage 2
     def share_keys(self, public_keys: Mapping[int, Mapping[str, bytes]]) -> dict[int, bytes]:
         """Shamir-share ``b_u`` and the ``s`` private key; returns ``{neighbour id: sealed bundle}``.

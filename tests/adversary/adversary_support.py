@@ -63,6 +63,17 @@ def write_policy(path: Path, **rules: Any) -> Path:
     return path
 
 
+def region_keys(home: Path, name: str) -> dict[str, str]:
+    """Node config naming the region's identity key and its roster of every region in REGIONS (made once per home)."""
+    from fedpriv.privacy.secagg.identity import ROSTER_FILE, identity_paths, write_simulation_identities
+
+    keys = home / "identities"
+    if not (keys / ROSTER_FILE).exists():
+        write_simulation_identities(home, REGIONS)
+        (home / "secagg-identities").rename(keys)
+    return {"identity-key-path": str(identity_paths(keys, name)[0]), "roster-path": str(keys / ROSTER_FILE)}
+
+
 class Region:
     """One deployed region: its node config (region, data, ledger, policy) and its ClientApp context."""
 
@@ -75,7 +86,7 @@ class Region:
         self.ledger_path = home / f"{name}.sqlite"
         self.policy_path = write_policy(home / f"{name}-policy.toml", **policy)
         node_config = {"region": name, "data-path": str(shard_root), "ledger-path": str(self.ledger_path),
-                       "policy-path": str(self.policy_path)}
+                       "policy-path": str(self.policy_path), **region_keys(home, name)}
         self.context = Context(run_id=7, node_id=self.node_id, node_config=node_config, state=RecordDict(),
                                run_config=dict(flat))
 
