@@ -22,6 +22,7 @@ def test_the_example_policy_is_the_strict_default():
     policy = load_policy(EXAMPLE)
     assert policy.delta == 1e-5 and policy.max_lifetime_epsilon == 10.0 and policy.max_job_epsilon == 8.0
     assert policy.require_dp and policy.require_secure_aggregation and not policy.allow_plain_rounds
+    assert policy.min_secagg_peers == 1
     assert not (policy.allow_deterministic_noise or policy.release_train_metrics or policy.release_local_evaluation
                 or policy.release_lifetime_epsilon)
 
@@ -34,6 +35,9 @@ def test_the_example_policy_is_the_strict_default():
     ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\nmin-secagg-threshold = 0.4\n",
      ["min-secagg-threshold = 0.4", "[0.5, 1)"]),
     ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\nrequire-dp = 1\n", ["require-dp = 1", "true or false"]),
+    ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\nmin-secagg-peers = 0\n", ["min-secagg-peers = 0", ">= 1"]),
+    ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\nmin-secagg-peers = 1.5\n", ["min-secagg-peers = 1.5",
+                                                                                        "whole number"]),
     ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\nmax-epsilon = 3.0\n", ["unknown key 'max-epsilon'"]),
     ("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 5.0\n[regions.us-east]\ndelta = 1e-6\n", ["unexpected table"]),
     ("delta = 1e-5\n", ["unexpected table 'delta'"]),

@@ -270,6 +270,21 @@ def test_dropouts_after_training_and_before_unmask_give_the_survivors_sum(tmp_pa
     assert report.rounds[0]["model_updated"] is True
 
 
+def test_a_dropout_at_the_consistency_stage_stays_in_the_sum_and_is_not_asked_to_unmask(tmp_path, fake_training):
+    n = 5  # threshold: majority = 3
+
+    def silence(grid):
+        grid.silent[(secagg.CONSISTENCY, "1")] = {grid.node(3)}  # masked input sent, gone before signing its view
+
+    values, report, grid = _run(tmp_path, n, rounds=1, grid_setup=silence)
+    entry = report.secure_aggregation["rounds"][0]
+    assert not entry["aborted"] and entry["survivors"] == [f"r{i}" for i in range(n)]
+    assert entry["unmask_unanswered"]["r3"].startswith("consistency:")
+    assert _max_diff(values, _expected([list(range(n))])) <= entry["error_bound"] + 1e-6
+    asked = {r.metadata.src_node_id for r in grid.replies if r.metadata.message_type == secagg.UNMASK}
+    assert grid.node(3) not in asked and len(asked) == n - 1
+
+
 def test_too_few_survivors_leave_the_model_unchanged_and_the_next_round_works(tmp_path, fake_training):
     n = 3  # threshold 2
 
