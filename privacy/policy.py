@@ -255,7 +255,7 @@ def check_train_request(policy: RegionPolicy, cfg: Any, secure_round: bool) -> N
 def check_secagg_peers(policy: RegionPolicy, peers: int, where: str) -> None:
     """Refuse, before anything masked leaves, a round whose sum would hold fewer authenticated other regions."""
     if peers < policy.min_secagg_peers:
-        raise PolicyRefusal("min-secagg-peers", f"{where}: {peers} authenticated other region(s); this region needs "
+        raise PolicyRefusal("min-secagg-peers", f"{where} {peers} authenticated other region(s); this region needs "
                             f"at least {policy.min_secagg_peers} in any sum the coordinator can unmask")
 
 

@@ -7,13 +7,15 @@ for the primitives, :mod:`~fedpriv.privacy.secagg.shamir` and :mod:`~fedpriv.pri
 for secret sharing and the neighbour graph, and :mod:`~fedpriv.privacy.secagg.simulate`
 for an in-process round driver.
 
-Threat model: an honest-but-curious coordinator that may collude with up to
-``threshold - 1`` clients learns nothing about the other clients' individual
-updates beyond their sum. It does learn the sum, the total weight, which clients
-took part and which dropped at which stage, and anything sent outside this
-protocol (e.g. plaintext metrics). An actively malicious coordinator (lying about
-who dropped to different clients, substituting public keys) is not covered: that
-needs signed keys and a consistency-check round.
+Threat model: a coordinator that may collude with up to ``threshold - 1`` clients
+learns nothing about the other clients' individual updates beyond their sum. It does
+learn the sum, the total weight, which clients took part and which dropped at which
+stage, and anything sent outside this protocol (e.g. plaintext metrics). The protocol
+classes alone trust the coordinator's key list; against a coordinator that *acts*
+(invented or substituted peers, replayed advertisements, different views for different
+clients) the region authenticates every peer with :mod:`~fedpriv.privacy.secagg.identity`
+(signed advertisements checked against its roster, and a signed-view consistency round),
+as Bonawitz et al. 2017's actively secure variant does.
 """
 
 from .errors import SecAggAbort, SecAggError, SecAggProtocolError, ShareDecryptionError

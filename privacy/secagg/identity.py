@@ -275,6 +275,9 @@ def write_simulation_identities(run_dir: str | os.PathLike, regions: Iterable[st
 def simulation_identity(run_dir: str | os.PathLike, region: str) -> Identity:
     """A simulated region's identity, as :func:`write_simulation_identities` left it."""
     root = Path(run_dir) / SIMULATION_DIR
+    if not (root / ROSTER_FILE).is_file():
+        raise IdentityError(f"simulated region {region} has no identity key: {root} is missing (`fedpriv simulate` "
+                            "makes every simulated region's key and the roster there before the run starts)")
     return load_identity(region, identity_paths(root, region)[0], root / ROSTER_FILE)
 
 
