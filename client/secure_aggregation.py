@@ -153,10 +153,11 @@ def region_identity(node_config: Mapping, region: str, run_dir: str) -> Identity
     key = str(node_config.get(ident.IDENTITY_KEY_PATH_KEY, "") or "")
     roster = str(node_config.get(ident.ROSTER_PATH_KEY, "") or "")
     if not key or not roster:
-        missing = ident.ROSTER_PATH_KEY if not roster else ident.IDENTITY_KEY_PATH_KEY
-        raise PolicyRefusal(missing, f"region {region} has no {'roster of peer identity keys' if not roster else 'identity key'}: "
-                            f"expected node config {missing!r} (fedpriv supernode --roster FILE; keys from "
-                            "`fedpriv keygen --region`); without it no peer can be authenticated")
+        missing, what = ((ident.ROSTER_PATH_KEY, "roster of peer identity keys") if not roster
+                         else (ident.IDENTITY_KEY_PATH_KEY, "identity key"))
+        raise PolicyRefusal(missing, f"region {region} has no {what}: expected node config {missing!r} (fedpriv "
+                            "supernode --roster FILE; keys from `fedpriv keygen --region`); without it no peer can be "
+                            "authenticated")
     return ident.load_identity(region, key, roster)
 
 

@@ -2,8 +2,11 @@
 
 :class:`SecAggWorkflow` turns the regions that trained into the average of their
 updates without ever seeing one: setup + advertise signed keys, share keys, collect masked
-inputs, consistency (each survivor signs its view), unmask (:mod:`fedpriv.privacy.secagg.protocol` does the math, the messages are
-:mod:`fedpriv.privacy.secagg.messages`', the waiting :mod:`fedpriv.server.transport`'s).
+inputs, consistency (each survivor signs its view), unmask
+(:mod:`fedpriv.privacy.secagg.protocol` does the math, the messages are
+:mod:`fedpriv.privacy.secagg.messages`', the waiting :mod:`fedpriv.server.transport`'s; the
+regions authenticate each other with :mod:`fedpriv.privacy.secagg.identity`, the coordinator
+only carries the signatures).
 It decides nothing about the model and writes nothing: it returns a
 :class:`RoundOutcome` -- the average update (or ``None``), the round's facts for the
 report, and the refusals it saw -- and :class:`~fedpriv.strategies.secure_fedavg.SecureFedAvg`

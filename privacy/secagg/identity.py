@@ -61,7 +61,7 @@ _LABEL = b"fedpriv-secagg-identity/v1"
 _LABEL_ADVERT = _LABEL + b"/advertisement"
 _LABEL_VIEW = _LABEL + b"/view"
 _LABEL_KEYLIST = _LABEL + b"/key-list"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # as fedpriv.core.config and deploy accept region names
 
 
 class PeerAuthenticationError(SecAggProtocolError):
