@@ -214,6 +214,10 @@ def advertise(state: RecordDict, node_id: int, setup: ConfigRecord, expected: Ma
     config = SecAggConfig.from_dict(setup)
     check_secagg_threshold(policy, config.threshold, config.shares_per_client)
     check_secagg_peers(policy, config.num_clients - 1, f"round {setup['round_id']}: the setup has room for")
+    # Without this region's own share, t other share holders -- all survivors, all in the sum -- rebuild its
+    # self mask; t below the peer rule would let regions with looser rules unmask it in a smaller sum.
+    check_secagg_peers(policy, config.threshold, f"round {setup['round_id']}: threshold t = {config.threshold} lets "
+                       "the others' shares unmask this region in a sum with")
     if int(info["num-examples"]) > int(setup["max_weight"]):
         raise SecAggProtocolError(f"this region has {info['num-examples']} examples, more than the declared "
                                   f"max_weight = {setup['max_weight']}")

@@ -282,6 +282,20 @@ def test_a_setup_with_room_for_fewer_peers_than_min_secagg_peers_is_refused_at_a
     assert len(err.text.splitlines()) == 1 and _phase(victim) == "trained"  # no keys even advertised
 
 
+def test_a_threshold_below_min_secagg_peers_is_refused_at_advertise(tmp_path, shard_root):
+    """6 regions, t = 4: without the victim's own share, 4 other survivors rebuild its self mask -- 4 < 5 peers."""
+    (victim,) = _regions(tmp_path, shard_root, [VICTIM], **{"min-secagg-peers": 5})
+
+    def setup(t: int) -> ConfigRecord:
+        config = SecAggConfig(num_clients=6, threshold=t, clip_range=8.0, quant_bits=22, max_weight=1000)
+        return ConfigRecord(messages.setup_record(SecAggServer(config, round_id=1).setup_message()))
+
+    _trained([victim], 1)
+    err = refusal(victim.stage(messages.ADVERTISE, setup(4)))  # a strict majority of 6 holders, yet below the rule
+    assert err.text.startswith("min-secagg-peers:") and "threshold t = 4" in err.text and _phase(victim) == "trained"
+    assert not victim.stage(messages.ADVERTISE, setup(5)).has_error()  # t = 5 others needed: accepted
+
+
 def test_a_key_list_with_fewer_authenticated_peers_than_min_secagg_peers_is_refused(tmp_path, shard_root):
     """n = 3 announced, only one real peer in the key list: the victim (min-secagg-peers = 2) shares nothing."""
     regions = _regions(tmp_path, shard_root, **{"min-secagg-peers": 2})
