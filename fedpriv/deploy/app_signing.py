@@ -332,3 +332,39 @@ def check_clientapp_component(fab: bytes) -> None:
     if named != CLIENTAPP_COMPONENT:
         raise AppNotTrusted(f"the app bundle names ClientApp {named!r}: a fedpriv region runs only its installed "
                             f"{CLIENTAPP_COMPONENT!r}")
+
+
+def build_signed_bundle(app_dir: str | os.PathLike, private_key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The FAB ``flwr run`` would build from ``app_dir``, signed (now, for the installed fedpriv)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return sign_bundle(build_fab_from_disk(Path(app_dir)), private_key)
+
+
+def read_signed_bundle(path: str | os.PathLike) -> bytes:
+    """A publisher's signed bundle as the operator submits it: readable, signed, for this fedpriv version.
+
+    Only a sanity check on the operator's side (the signature is checked by each region against
+    its own trust file); it catches a wrong file or a bundle for another release before submission.
+    """
+    import fedpriv
+
+    p = Path(path).expanduser()
+    try:
+        fab = p.read_bytes()
+    except OSError as exc:
+        raise FedprivError(f"cannot read --bundle {p}: {exc.strerror or exc} (expected the publisher's signed "
+                           "app.fab from `fedpriv sign-bundle`)") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            doc = json.loads(zf.read(SIGNATURE_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        raise FedprivError(f"--bundle {p} is not a signed app bundle: expected the app.fab from "
+                           "`fedpriv sign-bundle`") from None
+    if not isinstance(doc, dict) or doc.get("format") != SIGNATURE_FORMAT:
+        raise FedprivError(f"--bundle {p} has a signature of format {doc.get('format') if isinstance(doc, dict) else None!r}: "
+                           f"expected {SIGNATURE_FORMAT!r}; ask the publisher to sign it with this fedpriv")
+    if doc.get("fedpriv-version") != fedpriv.__version__:
+        raise FedprivError(f"--bundle {p} is signed for fedpriv {doc.get('fedpriv-version')!r}, this is fedpriv "
+                           f"{fedpriv.__version__!r}: regions refuse a bundle for another version")
+    return fab
