@@ -211,5 +211,5 @@ class SuperNodeProcess(ProcessGroup):
         if "badkey" in p.seen:
             return f"{self.key_file} is not a SuperNode private key (OpenSSH EC key from `fedpriv keygen --region`)"
         if len(self.procs) > 1 and self.procs[1].proc is not None and not self.procs[1].running() and p.running():
-            return f"the region's verifying SuperExec stopped: {exit_message(self.procs[1])}"
-        return exit_message(p)
+            return f"the region's verifying SuperExec stopped: {exit_message(self.procs[1], '--port')}"
+        return exit_message(p, "--port")
