@@ -320,3 +320,32 @@ def test_signed_run_replaces_flowers_bundle_builder():
     assert flwr_run._run_with_control_api.__globals__ is vars(flwr_run)  # looked up at call time, in this module
 
 
+
+
+def test_the_operator_submits_the_publishers_bundle_and_never_needs_its_key(tmp_path, capsys):
+    """`fedpriv sign-bundle` (publisher) writes a signed bundle for this fedpriv; `fedpriv run --bundle` (operator) takes
+    it as is, and refuses a file that is not one, a bundle for another version, or --bundle with --sign-key."""
+    from fedpriv.cli import main
+    from fedpriv.commands.run import check_signing
+    from fedpriv.deploy.app_signing import read_signed_bundle
+
+    key_path, pub_path = create_publisher_key(tmp_path / "pub", "acme")
+    trust = tmp_path / "trust.yaml"
+    trust.write_text(trust_line("acme", pub_path.read_text()))
+    out = tmp_path / "app.fab"
+    assert main(["sign-bundle", "--sign-key", str(key_path), "--out", str(out)]) == 0
+    assert "fedpriv run --bundle app.fab" in capsys.readouterr().out
+    fab = out.read_bytes()
+    assert read_signed_bundle(out) == fab and verify_bundle(fab, load_trust_file(trust), max_age_days=1).label == "acme"
+    assert main(["sign-bundle", "--sign-key", str(key_path), "--out", str(out)]) == 2  # never overwritten silently
+    assert "already exists" in capsys.readouterr().err
+    assert check_signing(None, str(out)) == (None, out)
+    (tmp_path / "old.fab").write_bytes(sign_bundle(fab, load_publisher_key(key_path), fedpriv_version="0.0.9"))
+    (tmp_path / "not.fab").write_bytes(b"not a zip")
+    for bad, needle in ((tmp_path / "old.fab", "signed for fedpriv '0.0.9'"), (tmp_path / "not.fab", "is not a signed app bundle"),
+                        (tmp_path / "missing.fab", "cannot read --bundle")):
+        with pytest.raises(FedprivError, match=needle) as exc:
+            check_signing(None, str(bad))
+        assert "\n" not in str(exc.value)
+    with pytest.raises(FedprivError, match="--sign-key and --bundle: pass one"):
+        check_signing(str(key_path), str(out))
