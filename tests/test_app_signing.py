@@ -308,7 +308,8 @@ def test_superexec_launches_the_verifying_clientapp_with_flowers_arguments(monke
     se.SubprocessExecutor().launch(spec)
     ours = clientapp_command(spec, "/etc/trust.yaml")
     assert seen[0][0] == "flwr-clientapp"
-    assert ours[3:6] == ["clientapp", "--trust", "/etc/trust.yaml"] and ours[6:] == seen[0][1:]
+    assert ours[1:3] == ["-P", "-m"]  # -P: not even the current directory may supply a module
+    assert ours[4:7] == ["clientapp", "--trust", "/etc/trust.yaml"] and ours[7:] == seen[0][1:]
 
 
 def test_signed_run_replaces_flowers_bundle_builder():

@@ -111,7 +111,7 @@ class SuperNodeProcess(ProcessGroup):
         """The region's SuperExec: verifies each bundle with ``trust_file`` before it is installed."""
         assert self.trust_file is not None
         argv = [
-            sys.executable, "-m", "fedpriv.deploy.trusted_exec", "superexec", "--trust", str(self.trust_file),
+            sys.executable, "-P", "-m", "fedpriv.deploy.trusted_exec", "superexec", "--trust", str(self.trust_file),
             "--runtime-api-address", f"127.0.0.1:{self.clientappio_port}", "--insecure",
         ]
         if supernode_pid is not None:

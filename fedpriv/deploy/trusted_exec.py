@@ -48,7 +48,7 @@ def clientapp_command(spec, trust: str) -> list[str]:  # noqa: ANN001 - flwr's E
     """The argv Flower's ``SubprocessExecutor.launch`` builds, with our verifying ClientApp in front."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
 
-    args = [sys.executable, "-m", "fedpriv.deploy.trusted_exec", "clientapp", "--trust", trust,
+    args = [sys.executable, "-P", "-m", "fedpriv.deploy.trusted_exec", "clientapp", "--trust", trust,
             TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address, "--token", spec.token]
     if spec.insecure:
         args.append("--insecure")
