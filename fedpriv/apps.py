@@ -12,6 +12,10 @@ thread look *inside* a package that the first is still importing (a sub-module l
 not wait for its parent), so ``fedpriv.client`` could be missing for a moment. This module
 is found in ``fedpriv/`` itself, and its first statement waits until ``fedpriv`` is fully
 imported -- mapping included -- before anything below ``fedpriv`` is looked up.
+
+Only the coordinator's ServerApp is ever imported from a bundle. A region imports
+``fedpriv.apps:clientapp`` from its *installed* fedpriv, whatever the bundle ships or names
+(:mod:`fedpriv.deploy.trusted_exec`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     release-train-metrics = false     # train loss / accuracy / peak memory (not private)
     release-lifetime-epsilon = false  # ε over the whole ledger (reveals other jobs)
     release-local-evaluation = false  # loss / accuracy on the local test split (not private)
+    max-bundle-age-days = 30.0        # refuse an app bundle signed longer ago than this (a replayed old bundle)
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -66,6 +67,7 @@ class RegionPolicy:
     release_train_metrics: bool = False
     release_lifetime_epsilon: bool = False
     release_local_evaluation: bool = False
+    max_bundle_age_days: float = 30.0  # a signed app bundle older than this is refused (fedpriv.deploy.trusted_exec)
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -84,7 +86,7 @@ class RegionPolicy:
 
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
-_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold")
+_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-bundle-age-days")
 _KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",)
 
 
@@ -118,6 +120,8 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
         (job > 0, "max-job-epsilon", job, "a ceiling on one job's ε > 0 (the lifetime cap binds as well)"),
         (0.5 <= frac < 1.0, "min-secagg-threshold", frac,
          "a fraction in [0.5, 1): the threshold must exceed this share of a secret's holders (0.5 = a strict majority)"),
+        (values.get("max-bundle-age-days", 30.0) > 0, "max-bundle-age-days", values.get("max-bundle-age-days"),
+         "a number of days > 0: how long a signed app bundle stays acceptable"),
     ]
     peers = table.get("min-secagg-peers", 1)
     checks.append((type(peers) is int and peers >= 1, "min-secagg-peers", peers,
@@ -127,7 +131,8 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
             raise ConfigError(f"region policy {source}: {key} = {value!r}: expected {expected}")
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
-        min_secagg_peers=peers, **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
+        min_secagg_peers=peers, max_bundle_age_days=values.get("max-bundle-age-days", 30.0),
+        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

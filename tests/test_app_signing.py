@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -169,40 +170,124 @@ def test_publisher_key_errors(tmp_path):
         load_publisher_key(region_key)
 
 
-def test_verifying_clientapp_refuses_before_installing(tmp_path, monkeypatch, capsys):
-    """The region's gate wraps Flower's install_from_fab: a refused bundle is never unpacked."""
+def test_verifying_clientapp_verifies_never_installs_and_loads_the_installed_clientapp(tmp_path, monkeypatch, capsys):
+    """The region's gate replaces Flower's install_from_fab (verify, never unpack) and its ClientApp loader."""
     import importlib
 
+    from flwr.clientapp import ClientApp
     from flwr.supernode.runtime import run_clientapp as rc
 
     from fedpriv.deploy import trusted_exec
 
     key, trust = _publisher(tmp_path)
-    installed: list[bytes] = []
-    monkeypatch.setattr(rc, "install_from_fab", lambda fab, *a, **k: installed.append(fab) or tmp_path)
+    flower_install = []
+    monkeypatch.setattr(rc, "install_from_fab", lambda fab, *a, **k: flower_install.append(fab))
+    monkeypatch.setattr(rc, "pull_task_input", rc.pull_task_input)
+    monkeypatch.setattr(rc, "get_load_client_app_fn", rc.get_load_client_app_fn)
     outcomes = []
+    components = b"[tool.flwr.app.components]\nclientapp = 'fedpriv.apps:clientapp'\n"
+    good = {**FILES, "pyproject.toml": components}
+    elsewhere = {**FILES, "pyproject.toml": components.replace(b"fedpriv.apps", b"client.evil")}
 
-    def fake_flwr_clientapp():  # what Flower's ClientApp process does first with the pulled bundle
-        for fab in (_fab(FILES), sign_bundle(_fab(FILES), key)):
+    def fake_flwr_clientapp():  # what Flower's ClientApp process does with the pulled bundle
+        for fab in (_fab(good), sign_bundle(_fab(elsewhere), key), sign_bundle(_fab(good), key)):
             try:
                 rc.install_from_fab(fab, skip_prompt=True)
-                outcomes.append("installed")
+                outcomes.append("accepted")
             except AppNotTrusted as exc:
                 outcomes.append(str(exc))
+        load = rc.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        outcomes.append(load("evil/app", "6.6.6", "0" * 64))
 
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
     monkeypatch.setattr(cli, "flwr_clientapp", fake_flwr_clientapp)
-    ours = {m: mod for m, mod in sys.modules.items() if m == "fedpriv" or m.startswith("fedpriv.")}
-    try:
-        trusted_exec.main(["clientapp", "--trust", str(trust), "--token", "t"])
-        # After verifying, the gate forgot the region's fedpriv: the bundle imports its own signed copy.
-        assert "fedpriv.core.errors" not in sys.modules
-    finally:
-        sys.modules.update(ours)  # keep one FedprivError class for the rest of this test session
-    assert outcomes[1] == "installed" and "is not signed" in outcomes[0]
-    assert len(installed) == 1 and verify_bundle(installed[0], load_trust_file(trust))
+    trusted_exec.main(["clientapp", "--trust", str(trust), "--token", "t"])
+    assert "is not signed" in outcomes[0] and "names ClientApp 'client.evil:clientapp'" in outcomes[1]
+    assert outcomes[2] == "accepted" and flower_install == []  # verified, and never unpacked
+    from fedpriv.apps import clientapp
+
+    assert isinstance(outcomes[3], ClientApp) and outcomes[3] is clientapp  # the installed one, whatever the bundle says
     err = capsys.readouterr().err
     assert trusted_exec.REFUSED in err and "app bundle verified: signed by 'acme'" in err
+
+
+def test_installed_clientapp_refuses_a_fedpriv_module_from_elsewhere(tmp_path, monkeypatch):
+    """Belt and braces: had any fedpriv module come from outside the installed package, nothing runs."""
+    import types
+
+    from fedpriv.deploy.trusted_exec import installed_clientapp, installed_roots
+
+    roots = installed_roots()
+    assert installed_clientapp(roots) is not None
+    rogue = types.ModuleType("fedpriv.privacy.rogue")
+    rogue.__file__ = str(tmp_path / "fedpriv" / "privacy" / "rogue.py")
+    monkeypatch.setitem(sys.modules, "fedpriv.privacy.rogue", rogue)
+    with pytest.raises(RuntimeError, match="fedpriv.privacy.rogue is not the region's installed fedpriv"):
+        installed_clientapp(roots)
+
+
+def test_signature_names_the_fedpriv_version_and_signing_time(tmp_path):
+    """Both are inside the signed message: editing either breaks the signature."""
+    import json
+
+    import fedpriv
+
+    key, trust = _publisher(tmp_path)
+    signed = sign_bundle(_fab(FILES), key, signed_at=1_700_000_000)
+    verified = verify_bundle(signed, load_trust_file(trust))
+    assert (verified.fedpriv_version, verified.signed_at) == (fedpriv.__version__, 1_700_000_000)
+    for field, value in (("signed-at", int(time.time())), ("fedpriv-version", "0.0.9")):
+        def edit(entries, field=field, value=value):  # noqa: ANN001, ANN202
+            doc = json.loads(entries[SIGNATURE_ENTRY])
+            doc[field] = value
+            entries[SIGNATURE_ENTRY] = json.dumps(doc).encode()
+        with pytest.raises(AppNotTrusted, match="does not match its signature"):
+            verify_bundle(_rewrite(signed, edit), load_trust_file(trust), fedpriv_version="0.0.9")
+
+
+def test_other_version_old_future_and_v1_signatures_are_refused(tmp_path):
+    import json
+
+    key, trust = _publisher(tmp_path)
+    trusted = load_trust_file(trust)
+    now = 1_800_000_000
+    with pytest.raises(AppNotTrusted, match="signed for fedpriv '9.9'; this region runs fedpriv"):
+        verify_bundle(sign_bundle(_fab(FILES), key, fedpriv_version="9.9"), trusted)
+    fresh = sign_bundle(_fab(FILES), key, signed_at=now - 29 * 86400)
+    assert verify_bundle(fresh, trusted, max_age_days=30, now=now).label == "acme"
+    with pytest.raises(AppNotTrusted, match=r"29.0 days ago: this region's policy max-bundle-age-days = 7") as exc:
+        verify_bundle(fresh, trusted, max_age_days=7, now=now)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(AppNotTrusted, match="in the future"):
+        verify_bundle(sign_bundle(_fab(FILES), key, signed_at=now + 3600), trusted, max_age_days=30, now=now)
+
+    def as_v1(entries):  # noqa: ANN001, ANN202 - a signature of the format before versions were signed
+        doc = json.loads(entries[SIGNATURE_ENTRY])
+        doc["format"] = "fedpriv-fab-signature/1"
+        del doc["fedpriv-version"]
+        entries[SIGNATURE_ENTRY] = json.dumps(doc).encode()
+    with pytest.raises(AppNotTrusted, match="unreadable signature.*re-sign it with this fedpriv"):
+        verify_bundle(_rewrite(fresh, as_v1), trusted)
+
+
+def test_the_gate_takes_the_bundle_age_from_the_regions_policy(tmp_path):
+    from fedpriv.core.errors import ConfigError
+    from fedpriv.deploy.trusted_exec import check_bundle
+    from fedpriv.privacy.policy import load_policy
+
+    key, trust = _publisher(tmp_path)
+    good = _fab({**FILES, "pyproject.toml": b"[tool.flwr.app.components]\nclientapp = 'fedpriv.apps:clientapp'\n"})
+    ten_days = sign_bundle(good, key, signed_at=int(time.time()) - 10 * 86400)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 10.0\n")
+    assert load_policy(policy).max_bundle_age_days == 30.0  # the default
+    assert check_bundle(ten_days, str(trust), {"policy-path": str(policy)}) == "acme"
+    policy.write_text("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 10.0\nmax-bundle-age-days = 3\n")
+    with pytest.raises(AppNotTrusted, match="max-bundle-age-days = 3"):
+        check_bundle(ten_days, str(trust), {"policy-path": str(policy)})
+    policy.write_text("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 10.0\nmax-bundle-age-days = 0\n")
+    with pytest.raises(ConfigError, match="max-bundle-age-days = 0.0: expected a number of days > 0"):
+        load_policy(policy)
 
 
 def test_superexec_launches_the_verifying_clientapp_with_flowers_arguments(monkeypatch):
@@ -223,7 +308,8 @@ def test_superexec_launches_the_verifying_clientapp_with_flowers_arguments(monke
     se.SubprocessExecutor().launch(spec)
     ours = clientapp_command(spec, "/etc/trust.yaml")
     assert seen[0][0] == "flwr-clientapp"
-    assert ours[3:6] == ["clientapp", "--trust", "/etc/trust.yaml"] and ours[6:] == seen[0][1:]
+    assert ours[1:3] == ["-P", "-m"]  # -P: not even the current directory may supply a module
+    assert ours[4:7] == ["clientapp", "--trust", "/etc/trust.yaml"] and ours[7:] == seen[0][1:]
 
 
 def test_signed_run_replaces_flowers_bundle_builder():
@@ -235,3 +321,32 @@ def test_signed_run_replaces_flowers_bundle_builder():
     assert flwr_run._run_with_control_api.__globals__ is vars(flwr_run)  # looked up at call time, in this module
 
 
+
+
+def test_the_operator_submits_the_publishers_bundle_and_never_needs_its_key(tmp_path, capsys):
+    """`fedpriv sign-bundle` (publisher) writes a signed bundle for this fedpriv; `fedpriv run --bundle` (operator) takes
+    it as is, and refuses a file that is not one, a bundle for another version, or --bundle with --sign-key."""
+    from fedpriv.cli import main
+    from fedpriv.commands.run import check_signing
+    from fedpriv.deploy.app_signing import read_signed_bundle
+
+    key_path, pub_path = create_publisher_key(tmp_path / "pub", "acme")
+    trust = tmp_path / "trust.yaml"
+    trust.write_text(trust_line("acme", pub_path.read_text()))
+    out = tmp_path / "app.fab"
+    assert main(["sign-bundle", "--sign-key", str(key_path), "--out", str(out)]) == 0
+    assert "fedpriv run --bundle app.fab" in capsys.readouterr().out
+    fab = out.read_bytes()
+    assert read_signed_bundle(out) == fab and verify_bundle(fab, load_trust_file(trust), max_age_days=1).label == "acme"
+    assert main(["sign-bundle", "--sign-key", str(key_path), "--out", str(out)]) == 2  # never overwritten silently
+    assert "already exists" in capsys.readouterr().err
+    assert check_signing(None, str(out)) == (None, out)
+    (tmp_path / "old.fab").write_bytes(sign_bundle(fab, load_publisher_key(key_path), fedpriv_version="0.0.9"))
+    (tmp_path / "not.fab").write_bytes(b"not a zip")
+    for bad, needle in ((tmp_path / "old.fab", "signed for fedpriv '0.0.9'"), (tmp_path / "not.fab", "is not a signed app bundle"),
+                        (tmp_path / "missing.fab", "cannot read --bundle")):
+        with pytest.raises(FedprivError, match=needle) as exc:
+            check_signing(None, str(bad))
+        assert "\n" not in str(exc.value)
+    with pytest.raises(FedprivError, match="--sign-key and --bundle: pass one"):
+        check_signing(str(key_path), str(out))

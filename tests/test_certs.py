@@ -257,3 +257,30 @@ def test_hosts_and_regions_parsing():
     assert normalize_hosts(["Coord.Example.COM.", "127.0.0.1", "[::1]"]) == ("localhost", "127.0.0.1", "::1", "coord.example.com")
     assert parse_regions(None) == ("us-east", "eu-west", "ap-south")
     assert parse_regions(" a , b_2 ") == ("a", "b_2")
+
+
+def test_private_keys_are_never_written_where_git_would_track_them(tmp_path, capsys):
+    """`fedpriv certs` / `keygen` inside a git checkout refuse (one line) unless .gitignore ignores the keys."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "checkout"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for argv, key in ((["certs", str(repo / "deploy" / "certs")], repo / "deploy" / "certs" / "ca.key"),
+                      (["keygen", "--publisher", "acme", str(repo / "pub")], repo / "pub" / "publisher.key"),
+                      (["keygen", "--region", "us-east", str(repo / "creds")], repo / "creds" / "regions" / "us-east.key")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "inside the git checkout" in err[0] and str(key) in err[0], err
+        assert not key.exists()
+    # Outside any checkout, and inside one where git ignores them (this repository's .gitignore), they are written.
+    assert main(["certs", str(tmp_path / "outside")]) == 0 and (tmp_path / "outside" / "ca.key").is_file()
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", repo / ".gitignore")
+    assert main(["certs", str(repo / "deploy" / "certs")]) == 0
+    assert main(["keygen", "--publisher", "acme", str(repo / "pub")]) == 0
+    tracked = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+                             capture_output=True, text=True, check=True).stdout
+    assert ".key" not in tracked and "publisher.key" not in tracked, tracked

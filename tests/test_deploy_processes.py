@@ -362,8 +362,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @pytest.mark.slow
 def test_a_run_round_trips_messages_through_tls_auth_and_the_gateway(deployment):
-    """`flwr run` on the Control port; the ClientApp sees its node config; ~1 MB each way via the gateway."""
-    app = _echo_app(deployment.root)
+    """`flwr run` on the Control port; ~1 MB down via the gateway to the region's *installed* fedpriv ClientApp,
+    which sees its node config (it names its region) and answers: this SuperNode has no policy, so it refuses."""
+    app = _echo_app(deployment.root, clientapp="fedpriv.apps:clientapp")
     apps = deployment.apps_home / "us-east-run"
     sn = SuperNodeProcess(
         "us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, free_port(),
@@ -371,20 +372,28 @@ def test_a_run_round_trips_messages_through_tls_auth_and_the_gateway(deployment)
     )
     with _Tracked(sn) as node:
         node.wait_ready(READY_TIMEOUT)
-        out = _submit(deployment, _signed_echo_app(deployment, app))
+        out = _submit(deployment, _signed_echo_app(deployment, app), app=app)
         deployment.tracked.snapshot()
-    expected = f"ECHO-REPLY region=us-east data={deployment.data / 'regions' / 'us-east'} match=True"
-    assert expected in out, out[-3000:]
-    assert "ECHO-ERROR" not in out
+    assert "ECHO-ERROR" in out and "region us-east has no privacy policy" in out, out[-3000:]
     assert "fedpriv: app bundle verified: signed by 'tests'" in sn.log.path.read_text()
-    assert [p.name for p in (apps / "apps").iterdir()][0].startswith("fedpriv.deploysmoke.1.0.0.")
+    assert not (apps / "apps").exists()  # the bundle is never unpacked in a region
 
 
-def _echo_app(root: Path) -> Path:
-    app = root / "deploysmoke"
+def _echo_app(root: Path, clientapp: str = "deploysmoke.client:app") -> Path:
+    """The echo app; with ``clientapp = "fedpriv.apps:clientapp"`` its run config is fedpriv's defaults."""
+    import tomli_w
+
+    from fedpriv.core.config import resolve_config
+
+    app = root / ("deploysmoke" if clientapp == "deploysmoke.client:app" else "deployfedpriv")
     if not app.exists():
         (app / "deploysmoke").mkdir(parents=True)
-        (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
+        pyproject = ECHO_PYPROJECT.replace('clientapp = "deploysmoke.client:app"', f'clientapp = "{clientapp}"')
+        if clientapp != "deploysmoke.client:app":
+            flat, _ = resolve_config({})
+            pyproject = pyproject.replace("[tool.flwr.app.config]\nnum-nodes = 1\n", tomli_w.dumps(
+                {"tool": {"flwr": {"app": {"config": {**flat, "num-nodes": 1}}}}}))
+        (app / "pyproject.toml").write_text(pyproject)
         (app / "deploysmoke" / "__init__.py").write_text("")
         (app / "deploysmoke" / "server.py").write_text(ECHO_SERVER)
         (app / "deploysmoke" / "client.py").write_text(ECHO_CLIENT)
@@ -396,7 +405,7 @@ def _signed_echo_app(deployment, app: Path, key: Path | None = None) -> Path:
 
     from fedpriv.deploy.app_signing import load_publisher_key, sign_bundle
 
-    fab = deployment.root / f"signed-{(key or deployment.publisher_key).parent.name}.fab"
+    fab = deployment.root / f"signed-{app.name}-{(key or deployment.publisher_key).parent.name}.fab"
     fab.write_bytes(sign_bundle(build_fab_from_disk(app), load_publisher_key(key or deployment.publisher_key)))
     return fab
 
@@ -451,18 +460,20 @@ def test_unsigned_modified_or_foreign_bundles_are_refused_by_a_real_supernode(de
     tampered.write_bytes(buf.getvalue())
     mallory_key, _ = write_trust(deployment.root, "mallory")
     foreign = _signed_echo_app(deployment, app, key=mallory_key)
+    elsewhere = _signed_echo_app(deployment, app)  # signed by the trusted key, but its ClientApp is not the region's
 
     with _Tracked(sn) as node:
         node.wait_ready(READY_TIMEOUT)
-        outs = {name: _submit(deployment, fab) for name, fab in (("unsigned", None), ("tampered", tampered), ("foreign", foreign))}
+        outs = {name: _submit(deployment, fab) for name, fab in (("unsigned", None), ("tampered", tampered), ("foreign", foreign),
+                                                                 ("elsewhere", elsewhere))}
         deployment.tracked.snapshot()
     text = log.read_text()
     for name, reason in (("unsigned", "is not signed"), ("tampered", "modified after signing"),
-                         ("foreign", "not in this region's trust file")):
+                         ("foreign", "not in this region's trust file"), ("elsewhere", "names ClientApp 'deploysmoke.client:app'")):
         assert "ECHO-REPLY" not in outs[name] and "ECHO-ERROR" in outs[name], outs[name][-2000:]
         assert reason in outs[name], outs[name][-2000:]  # the coordinator learns why, in the error reply
         assert reason in text
-    assert text.count("fedpriv: REFUSED app bundle:") == 3 and "app bundle verified" not in text
+    assert text.count("fedpriv: REFUSED app bundle:") == 4 and "app bundle verified" not in text
     assert not (apps / "apps").exists() or not any((apps / "apps").iterdir())  # nothing was unpacked
 
 
@@ -503,6 +514,95 @@ def test_register_command_is_idempotent(deployment, capsys):
     assert "us-east: already registered" in capsys.readouterr().out
     assert main([*args, "--regions", "nope"]) == 2
     assert "unknown region 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_supernodes_on_one_host_each_with_its_own_port(deployment, capsys):
+    """README step 5: SuperNodes sharing a host each pass --port. Both connect; the same port twice is one line
+    naming --port (the only port option of `fedpriv supernode`), before anything starts."""
+    from fedpriv.deploy.certs import create_region_key
+
+    second = deployment.root / "certs-ap-south"  # ap-south's own directory: its key and the CA certificate
+    create_region_key(second, "ap-south")
+    shutil.copy(deployment.certs.ca_cert, second / "ca.crt")
+    (deployment.data / "regions" / "ap-south").mkdir(parents=True, exist_ok=True)
+    (deployment.data / "regions" / "ap-south" / "train.jsonl").write_text("{}\n")
+    status, ap_south_id = register_region("ap-south", second / "regions" / "ap-south.pub", deployment.home,
+                                          deployment.sl.control_address, deployment.certs.ca_cert)
+    assert status == "registered"
+    port_a, port_b = free_port(), free_port()
+    a = SuperNodeProcess("us-east", deployment.data, deployment.certs.root, deployment.sl.fleet_address, port_a,
+                         log_file=deployment.root / "sn-two-a.log", trust_file=deployment.trust, policy_file=deployment.policy)
+    with _Tracked(a) as node_a:
+        assert node_a.wait_ready(READY_TIMEOUT) == deployment.us_east_id
+        clash = ["supernode", "--region", "ap-south", "--data", str(deployment.data), "--certs", str(second),
+                 "--superlink", deployment.sl.fleet_address, "--trust", str(deployment.trust), "--policy", str(deployment.policy)]
+        assert main([*clash, "--port", str(port_a)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"fedpriv supernode: error: port {port_a} on 127.0.0.1 is already in use: pass --port with a free port"]
+        b = SuperNodeProcess("ap-south", deployment.data, second, deployment.sl.fleet_address, port_b,
+                             log_file=deployment.root / "sn-two-b.log", trust_file=deployment.trust, policy_file=deployment.policy)
+        with _Tracked(b) as node_b:
+            assert node_b.wait_ready(READY_TIMEOUT) == ap_south_id
+            assert node_a.running() and node_b.running()
+            nodes = {n["node-id"]: n["status"] for n in list_supernodes(deployment.home, deployment.sl.control_address,
+                                                                         deployment.certs.ca_cert)}
+            assert nodes[deployment.us_east_id] == nodes[ap_south_id] == "online"
+
+
+def _options_of(command: str) -> set[str]:
+    import argparse
+
+    from fedpriv.commands.registry import COMMANDS
+    import fedpriv.commands  # noqa: F401 - registers every subcommand
+
+    parser = argparse.ArgumentParser()
+    COMMANDS[command][0](parser)
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def test_superlink_next_hint_is_a_register_command_that_works_as_printed(tmp_path):
+    """The printed `fedpriv register ...` uses only register's options, and without demo keys names --public-key."""
+    import re
+    import shlex
+
+    from fedpriv.commands.superlink import register_hint
+    from fedpriv.deploy.certs import CertPaths
+
+    options = _options_of("register")
+    for demo, control in (((), "127.0.0.1:9093"), (("us-east", "eu-west"), "127.0.0.1:9193")):
+        certs = create_certs(tmp_path / f"certs-{len(demo)}", demo_regions=demo).paths
+        hint = register_hint(SimpleNamespace(certs=CertPaths(certs.root), control_address=control))
+        command = hint.split("   (")[0]
+        flags = set(re.findall(r"(?<!\S)--[a-z-]+", command))
+        assert flags <= options, (flags - options, hint)
+        assert ("--superlink" in flags) == (control != "127.0.0.1:9093")  # the default needs no flag
+        if demo:
+            assert "--public-key" not in flags and "eu-west, us-east" in hint
+            argv = shlex.split(command)[2:]  # runs as printed: register's parser accepts it
+            import argparse
+
+            from fedpriv.commands.registry import COMMANDS
+
+            parser = argparse.ArgumentParser()
+            COMMANDS["register"][0](parser)
+            assert parser.parse_args(argv).certs == str(certs.root)
+        else:
+            assert "--public-key NAME=NAME.pub" in command  # the datacenter path: the regions' own .pub files
+
+
+def test_a_supernode_port_clash_hint_names_only_supernode_options(tmp_path):
+    """flower-supernode's last words on a port clash become one line naming --port, never --control-port."""
+    from fedpriv.deploy.processes import exit_message
+
+    assert "--port" in _options_of("supernode") and "--control-port" not in _options_of("supernode")
+    dead = SimpleNamespace(_thread=None, name="supernode-us-east", returncode=lambda: 1, seen={}, proc=None,
+                           last_lines=lambda n=8: ["OSError: [Errno 98] Address already in use"], running=lambda: False)
+    sn = SuperNodeProcess("us-east", tmp_path, tmp_path, "127.0.0.1:9092")
+    sn.procs = [dead]
+    message = sn.failure_message()
+    assert "pass --port with free ports" in message and "--control-port" not in message
+    assert "pass --port/--control-port with free ports" in exit_message(dead)  # the SuperLink has both
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class KeygenCommand:
         from fedpriv.deploy.app_signing import create_publisher_key, trust_line
 
         key, pub = create_publisher_key(args.dir, args.publisher, force=args.force)
-        print(f"wrote {key}  (private: signs app bundles; pass it to `fedpriv run --sign-key`, mode 0600)")
+        print(f"wrote {key}  (private: signs app bundles; keep it away from the operator; `fedpriv sign-bundle --sign-key` it, mode 0600)")
         print(f"wrote {pub}  (public: send it to every region)")
         print("a region trusts this publisher by adding this line to its trust file (fedpriv supernode --trust FILE):")
         print(trust_line(args.publisher, pub.read_text()), end="")

@@ -8,9 +8,11 @@ regions' SuperNode keys is **not** done here: ``fedpriv register`` does it
 (explicit, idempotent), and must run before the SuperNodes start - an unregistered
 SuperNode is refused when it connects, long before a run is submitted.
 
-The submitted app bundle is signed with the publisher key (``--sign-key``, from
-``fedpriv keygen --publisher``): every region runs only bundles signed by a key in
-its own trust file, so an unsigned submission would be refused by all of them.
+The submitted app bundle is signed by a publisher: either the publisher's own signed
+bundle (``--bundle app.fab`` from ``fedpriv sign-bundle``: the operator never holds the
+key) or built and signed here (``--sign-key``, when the operator is the publisher).
+Every region runs only bundles signed by a key in its own trust file, so an unsigned
+submission would be refused by all of them.
 
 ``--resume RUN_DIR`` continues a run whose coordinator died: same job id and
 configuration (read from ``RUN_DIR/privacy_report.json``), ``resume-from`` =
@@ -56,6 +58,7 @@ class RunPlan:
     previous_run_id: str = ""
     notes: list[str] = field(default_factory=list)
     sign_key: Path | None = None
+    bundle: Path | None = None  # a publisher's signed app.fab (instead of sign_key)
 
     @property
     def job_id(self) -> str:
@@ -75,6 +78,9 @@ class RunCommand:
         p.add_argument("--sign-key", default=None, metavar="FILE",
                        help="the publisher's private key (publisher.key from `fedpriv keygen --publisher`) that signs the "
                             "submitted app bundle; regions run only bundles signed by keys in their trust file")
+        p.add_argument("--bundle", default=None, metavar="FILE",
+                       help="submit the publisher's signed app bundle (app.fab from `fedpriv sign-bundle`) instead of "
+                            "signing here: the operator then never holds the publisher key")
         p.add_argument("--data", default=None, metavar="DIR",
                        help="the directory `fedpriv prepare-data --out DIR` wrote: the coordinator reads DIR/server/test.jsonl "
                             "(default: data-dir of the run config, or of the resumed run)")
@@ -101,7 +107,7 @@ class RunCommand:
         cfg_rounds = int(plan.flat["num-server-rounds"])
         regions = str(plan.flat["regions"])
         started = time.time()
-        run_id = client.submit(APP_DIR, plan.flat, sign_key=plan.sign_key)
+        run_id = client.submit(APP_DIR, plan.flat, sign_key=plan.sign_key, bundle=plan.bundle)
         what = (f"resuming job {plan.job_id} after round {plan.resumed_from_round} of {cfg_rounds}"
                 if plan.resumed_from_round is not None else f"job {plan.job_id}, {cfg_rounds} round(s)")
         print(f"fedpriv run: run {run_id} submitted to {plan.superlink} ({what}; regions {regions}; "
@@ -131,7 +137,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         plan = _plan_resume(args, overrides, certs_dir, ca_cert)
     else:
         plan = _plan_new(args, overrides, certs_dir, ca_cert)
-    plan.sign_key = check_sign_key(getattr(args, "sign_key", None))
+    plan.sign_key, plan.bundle = check_signing(getattr(args, "sign_key", None), getattr(args, "bundle", None))
     cfg = _typed(plan.flat)
     check_regions_known(cfg.regions, certs_dir)
     check_server_data(plan.data_dir, cfg)
@@ -222,13 +228,26 @@ def check_certs(certs: str) -> tuple[Path, Path]:
     return certs_dir, ca
 
 
+def check_signing(sign_key: str | None, bundle: str | None) -> tuple[Path | None, Path | None]:
+    """Exactly one of ``--sign-key`` (checked: private, Ed25519) and ``--bundle`` (checked: signed, this version)."""
+    from fedpriv.deploy.app_signing import read_signed_bundle
+
+    if sign_key and bundle:
+        raise FedprivError("--sign-key and --bundle: pass one (--bundle submits a bundle the publisher already signed)")
+    if bundle:
+        path = Path(bundle).expanduser().absolute()
+        read_signed_bundle(path)
+        return None, path
+    return check_sign_key(sign_key), None
+
+
 def check_sign_key(path: str | None) -> Path:
     """The publisher key exists, is private to its owner and is an Ed25519 OpenSSH key."""
     from fedpriv.deploy.app_signing import load_publisher_key
 
     if not path:
-        raise FedprivError("missing --sign-key FILE: regions run only app bundles signed by a publisher they trust "
-                           "(create the key with `fedpriv keygen --publisher NAME DIR`, then pass DIR/publisher.key)")
+        raise FedprivError("missing --sign-key FILE: regions run only app bundles signed by a publisher they trust (pass "
+                           "--bundle with the app.fab the publisher made with `fedpriv sign-bundle`, or its publisher.key)")
     key = Path(path).expanduser().absolute()
     load_publisher_key(key)
     return key
@@ -320,7 +339,7 @@ def check_previous_run_finished(client, plan: RunPlan) -> None:
 
 
 def resume_command(plan: RunPlan) -> str:
-    sign = f" --sign-key {plan.sign_key}" if plan.sign_key else ""
+    sign = f" --bundle {plan.bundle}" if plan.bundle else f" --sign-key {plan.sign_key}" if plan.sign_key else ""
     return f"fedpriv run --superlink {plan.superlink} --certs {plan.certs_dir}{sign} --resume {plan.run_dir}"
 
 

@@ -54,7 +54,7 @@ class SuperLinkCommand:
                 f"  Fleet API    https://{format_address(sl.host, sl.port)}  (SuperNodes: --superlink {fleet}; TLS, SuperNode authentication, Fleet API only)\n"
                 f"  Control API  https://{sl.control_address}  (flwr CLI, fedpriv register, fedpriv run; loopback only)\n"
                 f"  state        {state}\n"
-                f"Next: fedpriv register --superlink {sl.control_address} --certs {sl.certs.root}\n"
+                f"Next: {register_hint(sl)}\n"
                 "Press Ctrl-C to stop.\n",
                 flush=True,
             )
@@ -65,3 +65,15 @@ class SuperLinkCommand:
                 time.sleep(0.5)
 
         return run_in_foreground("superlink", sl, watch)
+
+
+def register_hint(sl) -> str:  # noqa: ANN001 - SuperLinkProcess
+    """The ``fedpriv register`` command that works as printed: the demo's keys beside the certs, else the regions' .pub files."""
+    from fedpriv.deploy.ports import DEFAULT_CONTROL
+
+    superlink = "" if sl.control_address == DEFAULT_CONTROL else f" --superlink {sl.control_address}"
+    demo = sl.certs.regions_with(".pub")
+    if demo:
+        return f"fedpriv register{superlink} --certs {sl.certs.root}   (registers {', '.join(demo)} from {sl.certs.regions_dir})"
+    return (f"fedpriv register{superlink} --certs {sl.certs.root} --public-key NAME=NAME.pub ...   (one per region: "
+            "the regions/NAME.pub each region made with `fedpriv keygen --region`; or --keys DIR of NAME.pub files)")

@@ -15,8 +15,16 @@ AAAA... comment'``) - and carries the signature inside the bundle:
 * ``.info/FEDPRIV-SIGNATURE`` (JSON) signs a digest of *every other entry* of the
   FAB zip (name and SHA-256 of its bytes, sorted), so adding, removing or changing
   any file - not only those listed in Flower's ``.info/CONTENT`` - breaks it.
-* The region verifies it with keys from its *own* trust file before the bundle is
-  installed or any of its code imported (:mod:`fedpriv.deploy.trusted_exec`).
+* The signed message also names the publisher's fedpriv version and the signing
+  time. A region refuses a bundle whose version is not the fedpriv it runs, or
+  signed longer ago than its policy's ``max-bundle-age-days`` (or in the future),
+  so an old signed bundle - one with a known bug, say - cannot be sent again.
+* The region verifies it with keys from its *own* trust file before anything of the
+  bundle is used (:mod:`fedpriv.deploy.trusted_exec`). Even then the bundle's code
+  never runs in a region: its ClientApp is always the region's installed fedpriv, and
+  the bundle contributes only its run config (which that fedpriv checks against the
+  region's policy). The signature decides *which run config defaults* a region
+  accepts, not which code enforces its policy.
 
 The coordinator cannot forge a signature, and the key id in the signature only
 says which trusted key to try: the key itself always comes from the region's file.
@@ -43,12 +51,16 @@ from fedpriv.core.errors import FedprivError
 from fedpriv.deploy.paths import require_private_key
 
 SIGNATURE_ENTRY = ".info/FEDPRIV-SIGNATURE"
-SIGNATURE_FORMAT = "fedpriv-fab-signature/1"
+SIGNATURE_FORMAT = "fedpriv-fab-signature/2"  # /1 (no fedpriv version in the signed message) is refused
 _DOMAIN = SIGNATURE_FORMAT.encode("ascii") + b"\0"  # never valid as any other kind of signed message
+CLIENTAPP_COMPONENT = "fedpriv.apps:clientapp"
+"""The only ClientApp a region runs: its installed fedpriv's (a bundle naming another is refused)."""
+FUTURE_SKEW_S = 600
+"""A signature dated more than this many seconds after the region's clock is refused (it would outlive the age rule)."""
 
 
 class AppNotTrusted(FedprivError):
-    """The bundle is unsigned, modified, or signed by a key the region does not trust."""
+    """The bundle is unsigned, modified, signed by a key the region does not trust, too old, or for another fedpriv."""
 
 
 @dataclass(frozen=True)
@@ -178,10 +190,12 @@ def bundle_digest(fab: bytes) -> bytes:
     return hashlib.sha256(b"".join(sorted(lines))).digest()
 
 
-def _message(digest: bytes, signed_at: int) -> bytes:
+def _message(digest: bytes, signed_at: int, fedpriv_version: str) -> bytes:
     # Flower's layout (flwr.supercore.primitives.asymmetric_ed25519.create_message_to_sign:
-    # 8-byte big-endian timestamp + digest), behind a fedpriv domain prefix.
-    return _DOMAIN + signed_at.to_bytes(8, "big") + digest
+    # 8-byte big-endian timestamp + digest), behind a fedpriv domain prefix, with the
+    # publisher's fedpriv version (length-prefixed, so no two (version, digest) pairs collide).
+    version = fedpriv_version.encode("utf-8")
+    return _DOMAIN + signed_at.to_bytes(8, "big") + len(version).to_bytes(2, "big") + version + digest
 
 
 def _b64(data: bytes) -> str:
@@ -192,9 +206,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def sign_bundle(fab: bytes, private_key: ed25519.Ed25519PrivateKey, signed_at: int | None = None) -> bytes:
-    """Return ``fab`` with ``.info/FEDPRIV-SIGNATURE`` added (an existing one is replaced)."""
+def sign_bundle(fab: bytes, private_key: ed25519.Ed25519PrivateKey, signed_at: int | None = None,
+                fedpriv_version: str | None = None) -> bytes:
+    """Return ``fab`` with ``.info/FEDPRIV-SIGNATURE`` added (an existing one is replaced).
+
+    The signature covers the bundle, the signing time (default: now) and the fedpriv
+    version it is for (default: the signer's installed fedpriv).
+    """
+    import fedpriv
+
     signed_at = int(time.time()) if signed_at is None else int(signed_at)
+    fedpriv_version = fedpriv.__version__ if fedpriv_version is None else str(fedpriv_version)
     src = zipfile.ZipFile(io.BytesIO(fab))
     out = io.BytesIO()
     with src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
@@ -206,16 +228,38 @@ def sign_bundle(fab: bytes, private_key: ed25519.Ed25519PrivateKey, signed_at: i
         "format": SIGNATURE_FORMAT,
         "key-id": key_id(private_key.public_key()),
         "signed-at": signed_at,
+        "fedpriv-version": fedpriv_version,
         "bundle-sha256": digest.hex(),
-        "signature": _b64(private_key.sign(_message(digest, signed_at))),
+        "signature": _b64(private_key.sign(_message(digest, signed_at, fedpriv_version))),
     }
     with zipfile.ZipFile(out, "a", zipfile.ZIP_DEFLATED) as dst:
         dst.writestr(SIGNATURE_ENTRY, json.dumps(doc, indent=1, sort_keys=True))
     return out.getvalue()
 
 
-def verify_bundle(fab: bytes, trusted: list[TrustedPublisher]) -> TrustedPublisher:
-    """The trusted publisher whose key signed ``fab``; :class:`AppNotTrusted` (one line) otherwise."""
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """What a region learned from a good signature: who signed, when, and for which fedpriv."""
+
+    publisher: TrustedPublisher
+    signed_at: int  # Unix seconds, as signed
+    fedpriv_version: str
+
+    @property
+    def label(self) -> str:
+        return self.publisher.label
+
+
+def verify_bundle(fab: bytes, trusted: list[TrustedPublisher], *, fedpriv_version: str | None = None,
+                  max_age_days: float | None = None, now: float | None = None) -> VerifiedBundle:
+    """Who signed ``fab`` (a trusted publisher); :class:`AppNotTrusted` (one line) otherwise.
+
+    ``fedpriv_version`` (default: the region's installed fedpriv) must be the version the
+    signature names; with ``max_age_days`` the signature must be at most that old (and not
+    dated more than :data:`FUTURE_SKEW_S` ahead of ``now``).
+    """
+    import fedpriv
+
     short = hashlib.sha256(fab).hexdigest()[:12]
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as zf:
@@ -227,10 +271,13 @@ def verify_bundle(fab: bytes, trusted: list[TrustedPublisher]) -> TrustedPublish
         raise AppNotTrusted(f"app bundle {short} is not signed: this region runs only bundles signed by a publisher in its trust file")
     try:
         doc = json.loads(raw)
-        kid, signed_at, signature = str(doc["key-id"]), int(doc["signed-at"]), _unb64(str(doc["signature"]))
         if doc.get("format") != SIGNATURE_FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}")
-    except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"format {doc.get('format')!r}, expected {SIGNATURE_FORMAT!r}: re-sign it with this fedpriv")
+        kid, signed_at, signature = str(doc["key-id"]), int(doc["signed-at"]), _unb64(str(doc["signature"]))
+        version = doc["fedpriv-version"]
+        if not isinstance(version, str):
+            raise ValueError(f"fedpriv-version {version!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AppNotTrusted(f"app bundle {short} has an unreadable signature ({exc})") from None
     publisher = next((t for t in trusted if t.key_id == kid), None)
     if publisher is None:
@@ -240,8 +287,84 @@ def verify_bundle(fab: bytes, trusted: list[TrustedPublisher]) -> TrustedPublish
     except AppNotTrusted as exc:
         raise AppNotTrusted(f"app bundle {short}: {exc}") from None
     try:
-        publisher.key.verify(signature, _message(digest, signed_at))
-    except InvalidSignature:
+        publisher.key.verify(signature, _message(digest, signed_at, version))
+    except (InvalidSignature, OverflowError):
         raise AppNotTrusted(f"app bundle {short} does not match its signature by {publisher.label!r} "
                             "(modified after signing)") from None
-    return publisher
+    ours = fedpriv.__version__ if fedpriv_version is None else fedpriv_version
+    if version != ours:
+        raise AppNotTrusted(f"app bundle {short} is signed for fedpriv {version!r}; this region runs fedpriv {ours!r} "
+                            "(the publisher must sign it with the version the regions run)")
+    check_bundle_age(short, signed_at, max_age_days, time.time() if now is None else now)
+    return VerifiedBundle(publisher, signed_at, version)
+
+
+def check_bundle_age(short: str, signed_at: int, max_age_days: float | None, now: float) -> None:
+    """Refuse a signature older than ``max_age_days`` (a replayed old bundle) or dated in the future."""
+    if max_age_days is None:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(0, min(signed_at, 2**37))))
+    if signed_at > now + FUTURE_SKEW_S:
+        raise AppNotTrusted(f"app bundle {short} is signed at {when}, in the future by this region's clock "
+                            f"(more than {FUTURE_SKEW_S} s ahead): expected a signature made now")
+    age_days = (now - signed_at) / 86400.0
+    if age_days > max_age_days:
+        raise AppNotTrusted(f"app bundle {short} was signed at {when}, {age_days:.1f} days ago: this region's policy "
+                            f"max-bundle-age-days = {max_age_days:g} (the publisher must sign it again)")
+
+
+def bundle_components(fab: bytes) -> dict[str, str]:
+    """The ``[tool.flwr.app.components]`` a bundle's ``pyproject.toml`` names (read, never imported)."""
+    import tomllib
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            config = tomllib.loads(zf.read("pyproject.toml").decode("utf-8"))
+        components = config["tool"]["flwr"]["app"]["components"]
+        return {str(k): str(v) for k, v in components.items()}
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, tomllib.TOMLDecodeError, zipfile.BadZipFile):
+        raise AppNotTrusted("the app bundle has no readable [tool.flwr.app.components] in pyproject.toml") from None
+
+
+def check_clientapp_component(fab: bytes) -> None:
+    """A bundle may only name the region's own ClientApp, :data:`CLIENTAPP_COMPONENT` (it runs from the install)."""
+    named = bundle_components(fab).get("clientapp")
+    if named != CLIENTAPP_COMPONENT:
+        raise AppNotTrusted(f"the app bundle names ClientApp {named!r}: a fedpriv region runs only its installed "
+                            f"{CLIENTAPP_COMPONENT!r}")
+
+
+def build_signed_bundle(app_dir: str | os.PathLike, private_key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The FAB ``flwr run`` would build from ``app_dir``, signed (now, for the installed fedpriv)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return sign_bundle(build_fab_from_disk(Path(app_dir)), private_key)
+
+
+def read_signed_bundle(path: str | os.PathLike) -> bytes:
+    """A publisher's signed bundle as the operator submits it: readable, signed, for this fedpriv version.
+
+    Only a sanity check on the operator's side (the signature is checked by each region against
+    its own trust file); it catches a wrong file or a bundle for another release before submission.
+    """
+    import fedpriv
+
+    p = Path(path).expanduser()
+    try:
+        fab = p.read_bytes()
+    except OSError as exc:
+        raise FedprivError(f"cannot read --bundle {p}: {exc.strerror or exc} (expected the publisher's signed "
+                           "app.fab from `fedpriv sign-bundle`)") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            doc = json.loads(zf.read(SIGNATURE_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        raise FedprivError(f"--bundle {p} is not a signed app bundle: expected the app.fab from "
+                           "`fedpriv sign-bundle`") from None
+    if not isinstance(doc, dict) or doc.get("format") != SIGNATURE_FORMAT:
+        raise FedprivError(f"--bundle {p} has a signature of format {doc.get('format') if isinstance(doc, dict) else None!r}: "
+                           f"expected {SIGNATURE_FORMAT!r}; ask the publisher to sign it with this fedpriv")
+    if doc.get("fedpriv-version") != fedpriv.__version__:
+        raise FedprivError(f"--bundle {p} is signed for fedpriv {doc.get('fedpriv-version')!r}, this is fedpriv "
+                           f"{fedpriv.__version__!r}: regions refuse a bundle for another version")
+    return fab

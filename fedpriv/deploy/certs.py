@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpriv.core.errors import FedprivError
+from fedpriv.deploy.paths import check_private_key_location
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_REGIONS: tuple[str, ...] = ("us-east", "eu-west", "ap-south")
@@ -302,6 +303,7 @@ def create_certs(
         )
     if paths.root.exists() and not paths.root.is_dir():
         raise FedprivError(f"{paths.root} exists and is not a directory")
+    check_private_key_location(paths.ca_key, "the CA key")
 
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -349,6 +351,7 @@ def write_new_keypair(private_path: Path, public_path: Path, make, *, what: str,
             if not parent.is_dir():
                 raise FedprivError(f"{parent} exists and is not a directory")
             break
+    check_private_key_location(private_path, what)
     try:
         private_path.parent.mkdir(parents=True, exist_ok=True)
         for p in existing:

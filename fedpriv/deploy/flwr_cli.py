@@ -223,18 +223,20 @@ class FlowerRunClient:
         return run_flwr(list(args), self.flwr_home, timeout)
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any] | None = None,
-               sign_key: Path | None = None) -> int:
+               sign_key: Path | None = None, bundle: Path | None = None) -> int:
         """Submit the app with a full run config (written as TOML, so any string value is safe).
 
-        With ``sign_key`` (a publisher's Ed25519 key) the bundle is signed first.
+        With ``sign_key`` (a publisher's Ed25519 key) the bundle is built and signed here; with
+        ``bundle`` (a publisher's signed FAB, :func:`fedpriv.deploy.app_signing.read_signed_bundle`)
+        exactly those bytes are submitted.
         """
         config_file = atomic_write_text(self.flwr_home / "run_config.toml", tomli_w.dumps(dict(run_config)))
         args = ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
         try:
-            if sign_key is not None:
-                fab = self.write_signed_bundle(app_dir, sign_key)
+            if sign_key is not None or bundle is not None:
+                fab = self.write_signed_bundle(app_dir, sign_key, bundle)
                 proc = subprocess.run([sys.executable, "-m", "fedpriv.deploy.signed_run", str(fab), *args], env=self.env,
                                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
@@ -248,14 +250,12 @@ class FlowerRunClient:
             raise FedprivError(f"the SuperLink at {self.address} refused the run: {last_line(message)}")
         return int(payload["run-id"])
 
-    def write_signed_bundle(self, app_dir: Path, sign_key: Path) -> Path:
-        """Build the FAB of ``app_dir`` as ``flwr run`` would, sign it, write it to FLWR_HOME/signed-app.fab."""
-        from flwr.cli.build import build_fab_from_disk
+    def write_signed_bundle(self, app_dir: Path, sign_key: Path | None, bundle: Path | None = None) -> Path:
+        """FLWR_HOME/signed-app.fab: the publisher's ``bundle``, or the FAB of ``app_dir`` signed with ``sign_key``."""
+        from fedpriv.deploy.app_signing import build_signed_bundle, load_publisher_key, read_signed_bundle
 
-        from fedpriv.deploy.app_signing import load_publisher_key, sign_bundle
-
-        key = load_publisher_key(sign_key)
-        return atomic_write_bytes(self.flwr_home / "signed-app.fab", sign_bundle(build_fab_from_disk(Path(app_dir)), key))
+        fab = read_signed_bundle(bundle) if bundle is not None else build_signed_bundle(app_dir, load_publisher_key(sign_key))
+        return atomic_write_bytes(self.flwr_home / "signed-app.fab", fab)
 
     def status(self, run_id: int) -> RunOutcome:
         try:

@@ -81,3 +81,33 @@ def check_node_config_path(what: str, path: Path | None) -> None:
     """A path that goes into Flower's ``--node-config`` string, which quotes values with ``'``."""
     if path is not None and any(ch in str(path) for ch in "'\"\n\r"):
         raise FedprivError(f"{what} {path}: quotes and newlines are not supported in the path")
+
+
+def git_checkout_of(path: Path) -> Path | None:
+    """The git work tree ``path`` would lie in (a parent holding ``.git``), or None."""
+    for parent in [path, *path.parents]:
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def check_private_key_location(path: Path, what: str) -> None:
+    """Refuse to write a private key where git would track it (inside a checkout, not ignored).
+
+    A key committed by accident is published for good. Keys belong outside any checkout
+    (e.g. under ``~/.fedpriv/``); inside one, only where ``.gitignore`` already ignores them.
+    """
+    import subprocess
+
+    path = path.expanduser().absolute()
+    tree = git_checkout_of(path.parent)
+    if tree is None:
+        return
+    try:
+        ignored = subprocess.run(["git", "-C", str(tree), "check-ignore", "-q", "--no-index", str(path)],
+                                 capture_output=True, timeout=30, stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ignored = False
+    if not ignored:
+        raise FedprivError(f"refusing to write {what} {path} inside the git checkout {tree}, where git would track it: "
+                           "write keys outside any checkout (e.g. ~/.fedpriv/...) or git-ignore that directory")

@@ -343,7 +343,8 @@ def _strip_ansi(s: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", s)
 
 
-def exit_message(p: ManagedProcess) -> str:
+def exit_message(p: ManagedProcess, port_flags: str = "--port/--control-port") -> str:
+    """One line on why ``p`` exited; a port clash names ``port_flags``, the options of the command that can change it."""
     if p._thread is not None:
         p._thread.join(timeout=2)
     line = meaningful_line(p.last_lines())
@@ -352,7 +353,7 @@ def exit_message(p: ManagedProcess) -> str:
     if line:
         msg += f": {line}"
     if any("address already in use" in x.lower() for x in p.last_lines()):
-        msg += " (a port is already in use: pass --port/--control-port with free ports)"
+        msg += f" (a port is already in use: pass {port_flags} with free ports)"
     return msg
 
 

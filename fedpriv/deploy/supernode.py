@@ -123,7 +123,7 @@ class SuperNodeProcess(ProcessGroup):
         """The region's SuperExec: verifies each bundle with ``trust_file`` before it is installed."""
         assert self.trust_file is not None
         argv = [
-            sys.executable, "-m", "fedpriv.deploy.trusted_exec", "superexec", "--trust", str(self.trust_file),
+            sys.executable, "-P", "-m", "fedpriv.deploy.trusted_exec", "superexec", "--trust", str(self.trust_file),
             "--runtime-api-address", f"127.0.0.1:{self.clientappio_port}", "--insecure",
         ]
         if supernode_pid is not None:
@@ -248,5 +248,5 @@ class SuperNodeProcess(ProcessGroup):
         if "badkey" in p.seen:
             return f"{self.key_file} is not a SuperNode private key (OpenSSH EC key from `fedpriv keygen --region`)"
         if len(self.procs) > 1 and self.procs[1].proc is not None and not self.procs[1].running() and p.running():
-            return f"the region's verifying SuperExec stopped: {exit_message(self.procs[1])}"
-        return exit_message(p)
+            return f"the region's verifying SuperExec stopped: {exit_message(self.procs[1], '--port')}"
+        return exit_message(p, "--port")

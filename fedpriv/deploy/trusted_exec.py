@@ -1,4 +1,4 @@
-"""The region's gate in front of Flower's ClientApp: verify the bundle, then run it.
+"""The region's gate in front of Flower's ClientApp: verify the bundle, then run the region's *own* ClientApp.
 
 ``fedpriv supernode`` starts ``flower-supernode --isolation process`` and, next to
 it, this module as the SuperNode's SuperExec::
@@ -7,17 +7,28 @@ it, this module as the SuperNode's SuperExec::
 
 It is Flower's own ``flower-superexec`` with one change: a ClientApp task is
 started as ``python -m fedpriv.deploy.trusted_exec clientapp --trust FILE
-<flwr-clientapp args>`` (any other task type is refused). That process is Flower's
-``flwr-clientapp`` with one change: the bundle it pulled from the SuperNode is
-checked by :func:`fedpriv.deploy.app_signing.verify_bundle` against the region's
-trust file *before* ``install_from_fab`` unpacks it, so no file of an unsigned or
-modified bundle is ever written or imported. A refused bundle becomes the task's
-error reply (the coordinator sees "app bundle ... is not signed ...") and one
-``fedpriv: REFUSED`` line in the SuperNode's log.
+<flwr-clientapp args>`` (any other task type is refused, and a region never installs
+a bundle's dependencies). That process is Flower's ``flwr-clientapp``
+(``flwr/supernode/runtime/run_clientapp.py``) with three changes:
 
-Both entry points run the region's installed fedpriv, never code from a bundle.
-The trust file is re-read for every task, so a region can revoke a publisher
-without a restart.
+1. The bundle it pulled is checked *before* anything of it is used: signed by a key in
+   the region's trust file, for the fedpriv version the region runs, no older than the
+   policy's ``max-bundle-age-days`` (:func:`fedpriv.deploy.app_signing.verify_bundle`),
+   naming ``fedpriv.apps:clientapp`` as its ClientApp. A refused bundle becomes the
+   task's error reply and one ``fedpriv: REFUSED`` line in the SuperNode's log.
+2. The bundle is never unpacked (Flower's ``install_from_fab`` would write it under
+   ``FLWR_HOME/apps``).
+3. The ClientApp is the region's *installed* ``fedpriv.apps:clientapp``. Flower's
+   loader would put the unpacked bundle first on ``sys.path`` and import the component
+   the bundle names, so a bundle shipping its own ``fedpriv/`` (every FAB built from
+   the repository does) would run *its* policy check, ledger, accountant, DP-SGD and
+   secure-aggregation client. Here nothing is imported from the bundle: it contributes
+   only its run config (the SuperNode fuses the bundle's ``[tool.flwr.app.config]``
+   with the run's overrides), and the region's own code checks that against the
+   region's own policy.
+
+The trust file and the policy are re-read for every task, so a region can revoke a
+publisher or change its bundle age limit without a restart.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ def clientapp_command(spec, trust: str) -> list[str]:  # noqa: ANN001 - flwr's E
     """The argv Flower's ``SubprocessExecutor.launch`` builds, with our verifying ClientApp in front."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
 
-    args = [sys.executable, "-m", "fedpriv.deploy.trusted_exec", "clientapp", "--trust", trust,
+    args = [sys.executable, "-P", "-m", "fedpriv.deploy.trusted_exec", "clientapp", "--trust", trust,
             TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address, "--token", spec.token]
     if spec.insecure:
         args.append("--insecure")
@@ -45,8 +56,7 @@ def clientapp_command(spec, trust: str) -> list[str]:  # noqa: ANN001 - flwr's E
         args += ["--root-certificates", spec.root_certificates_path]
     if spec.parent_pid is not None:
         args += ["--parent-pid", str(spec.parent_pid)]
-    if spec.runtime_dependency_install:
-        args.append("--allow-runtime-dependency-installation")
+    # Never --allow-runtime-dependency-installation: a region installs nothing a bundle asks for.
     return args
 
 
@@ -71,38 +81,88 @@ def _superexec(trust: str, rest: list[str]) -> None:
     flower_superexec()
 
 
-def check_bundle(fab_content: bytes, trust: str) -> str:
-    """Verify ``fab_content`` with the region's trust file; return the publisher's label or raise one line."""
-    from fedpriv.deploy.app_signing import load_trust_file, verify_bundle
+def check_bundle(fab_content: bytes, trust: str, node_config: dict | None = None) -> str:
+    """Verify ``fab_content`` for this region; return the publisher's label or raise one line.
 
-    return verify_bundle(fab_content, load_trust_file(trust)).label
+    Signed by a key in ``trust``, for the installed fedpriv's version, no older than the
+    policy's ``max-bundle-age-days`` (the policy file named by node config ``policy-path``;
+    without one, the policy default), and naming the region's own ClientApp.
+    """
+    from fedpriv.deploy.app_signing import check_clientapp_component, load_trust_file, verify_bundle
+    from fedpriv.privacy.policy import POLICY_PATH_KEY, RegionPolicy, load_policy
+
+    policy_path = (node_config or {}).get(POLICY_PATH_KEY)
+    max_age = load_policy(str(policy_path)).max_bundle_age_days if policy_path else RegionPolicy.max_bundle_age_days
+    verified = verify_bundle(fab_content, load_trust_file(trust), max_age_days=max_age)
+    check_clientapp_component(fab_content)
+    return verified.label
+
+
+def installed_clientapp(roots: list[str]):  # noqa: ANN201 - flwr's ClientApp
+    """The region's own ``fedpriv.apps:clientapp``; refused if any ``fedpriv`` module lies outside ``roots``.
+
+    ``roots`` (:func:`installed_roots`, taken when the gate started, before Flower pulled
+    anything) are the installed fedpriv's folders: a bundle can never supply a module.
+    """
+    import importlib
+    import os
+
+    from flwr.clientapp import ClientApp
+
+    app = importlib.import_module("fedpriv.apps").clientapp
+    foreign = [name for name, module in list(sys.modules.items())
+               if (name == "fedpriv" or name.startswith("fedpriv.")) and getattr(module, "__file__", None)
+               and not any(os.path.realpath(module.__file__).startswith(r + os.sep) for r in roots)]
+    if foreign or not isinstance(app, ClientApp):
+        raise RuntimeError(f"fedpriv module {(foreign or ['apps'])[0]} is not the region's installed fedpriv")
+    return app
+
+
+def installed_roots() -> list[str]:
+    """The folders the installed fedpriv's packages live in (with ``package-dir``, one per sub-package)."""
+    import importlib
+    import os
+
+    import fedpriv
+
+    names = ["fedpriv", *[f"fedpriv.{s}" for s in fedpriv.SUBPACKAGE_FOLDERS]]
+    return [os.path.realpath(p) for n in names for p in importlib.import_module(n).__path__]
 
 
 def _clientapp(trust: str, rest: list[str]) -> None:
-    """Flower's ``flwr-clientapp`` that verifies the bundle before installing it."""
+    """Flower's ``flwr-clientapp`` that verifies the bundle, never unpacks it, and runs the installed ClientApp."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as rc
 
     from fedpriv.core.errors import FedprivError
 
-    install = rc.install_from_fab
+    roots = installed_roots()  # before Flower has pulled anything: the region's own fedpriv
+    pulled: dict = {}
+    pull = rc.pull_task_input
 
-    def verified_install(fab_file, *args, **kwargs):  # noqa: ANN001, ANN202
+    def pull_and_remember(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        message, context, run, fab = pull(*args, **kwargs)
+        pulled["node_config"] = dict(context.node_config)
+        return message, context, run, fab
+
+    def verify_instead_of_install(fab_file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         content = fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes()
         try:
-            publisher = check_bundle(content, trust)
+            publisher = check_bundle(content, trust, pulled.get("node_config"))
         except FedprivError as exc:
             print(f"{REFUSED} {exc}", file=sys.stderr, flush=True)
             raise
-        print(f"fedpriv: app bundle verified: signed by {publisher!r} ({trust})", file=sys.stderr, flush=True)
-        # This gate imported the region's own fedpriv; forget it so the bundle's code imports its own
-        # (signed) copy from the installed bundle, exactly what was verified.
-        for name in [m for m in sys.modules if m == "fedpriv" or m.startswith("fedpriv.")]:
-            del sys.modules[name]
-        return install(content, *args, **kwargs)
+        print(f"fedpriv: app bundle verified: signed by {publisher!r} ({trust}); running the installed "
+              f"fedpriv's ClientApp, the bundle contributes its run config only", file=sys.stderr, flush=True)
+        # Not unpacked: nothing of the bundle is written or imported.
 
-    rc.install_from_fab = verified_install
-    sys.argv = ["flwr-clientapp", *rest]
+    def load_installed(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202 - replaces get_load_client_app_fn
+        return lambda _fab_id, _fab_version, _fab_hash: installed_clientapp(roots)
+
+    rc.pull_task_input = pull_and_remember
+    rc.install_from_fab = verify_instead_of_install
+    rc.get_load_client_app_fn = load_installed
+    sys.argv = ["flwr-clientapp", *[a for a in rest if a != "--allow-runtime-dependency-installation"]]
     flwr_clientapp()
 
 
