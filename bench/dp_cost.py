@@ -37,8 +37,7 @@ The LoRA run is a real DP-SGD run through ``LocalTrainer`` (Poisson sampling, si
 for epsilon = 8): its time, how far the adapters move and the held-out loss before and
 after. Whether LoRA's per-sample gradients are right with the pinned Opacus/PEFT
 (Opacus issue #820) is not measured here but tested: ``tests/test_per_sample_gradients.py``
-and ``tests/test_lora.py``. The ``DP closed-form`` head mode is the bench prototype in
-``bench/closed_form.py``.
+and ``tests/test_lora.py``.
 
 Usage: ``python bench/dp_cost.py`` (writes bench/results/dp_cost.md, ~30-40 min
 on 2 shared cores) or ``python bench/dp_cost.py --quick`` (< 1 min, tiny model,
@@ -55,7 +54,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (RESULTS, PeakRSS, fmt_mib, fmt_rate, fmt_ratio, fmt_s, machine_line,  # noqa: E402
                      markdown_table, median, run_worker, set_threads, worker_main, write_result)
-from closed_form import ClosedFormDPHead  # noqa: E402
 
 SEQ_LEN = 64
 LORA_RANK = 8
@@ -65,7 +63,7 @@ SIGMA = 1.0  # timing only: the cost of a DP step does not depend on sigma
 CLIP = 1.0
 
 FULL_MODES = ("non-private", "DP hooks", "DP ghost", "non-private LoRA", "DP LoRA", "DP LoRA ghost")
-SPLIT_HEAD_MODES = ("non-private", "DP hooks", "DP ghost", "DP closed-form")
+SPLIT_HEAD_MODES = ("non-private", "DP hooks", "DP ghost")
 SPLIT_TOP1_MODES = ("non-private", "DP hooks", "DP LoRA")
 
 
@@ -370,11 +368,7 @@ def worker_step(spec: dict) -> dict:
     params = [p for p in module.parameters() if p.requires_grad]
     private = mode.startswith("DP")
     ghost = "ghost" in mode
-    closed = None
-    if mode == "DP closed-form":
-        closed = ClosedFormDPHead(module, LR, MOMENTUM, SIGMA, CLIP, batch)
-        criterion = None
-    elif private:
+    if private:
         optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
         module, optimizer, criterion = _private_with(module, optimizer, batch, ghost, batch * 64)
     else:
@@ -383,8 +377,6 @@ def worker_step(spec: dict) -> dict:
     loss_fn = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
 
     def step(inputs, y):
-        if closed is not None:
-            return closed.loss_and_step(inputs["hidden"], y)
         loss = loss_fn(forward(module, inputs), y)
         loss.backward()
         optimizer.step()
@@ -723,15 +715,12 @@ def main(argv=None) -> int:
             a, _ = agg((fam, "head", "DP hooks", batch))
             b, _ = agg((fam, "head", "non-private", batch))
             g, _ = agg((fam, "head", "DP ghost", batch))
-            cf, _ = agg((fam, "head", "DP closed-form", batch)) if fam == "split" else (None, None)
             if a and b:
                 line = (f"batch {batch}, {what}: Opacus DP with per-sample hooks (`grad-sample-mode = hooks`) "
                         f"**{fmt_ratio(a['steps_per_s'] / b['steps_per_s'])}** of non-private")
                 if g:
                     line += (f"; Opacus ghost clipping (`grad-sample-mode = ghost`, the default) "
                              f"**{fmt_ratio(g['steps_per_s'] / b['steps_per_s'])}**")
-                if cf:
-                    line += f"; closed-form per-sample norms (bench prototype) **{fmt_ratio(cf['steps_per_s'] / b['steps_per_s'])}**"
                 goal_lines.append(f"- {line}")
     for batch in batches:  # what the split buys: DP on cached features vs the full forward pass, top-1
         s, _ = agg(("split", "top-1", "DP hooks", batch))

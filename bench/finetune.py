@@ -231,11 +231,15 @@ def ceiling(bench: Bench, epochs: int = 3, lr: float = 5e-5, batch: int = 32, we
 
 
 def round_seed(cfg, rep: int, index: int, server_round: int) -> int:
-    """The region's round seed (dropout, non-DP shuffling) as :meth:`fedpriv.client.region.RegionRuntime.round_seed`
-    derives it for ``rep = 0``; other repetitions draw other seeds. DP noise and Poisson sampling never use it
-    (fresh OS entropy in LocalTrainer)."""
-    parts = [cfg.seed, index, server_round] if rep == 0 else [cfg.seed, 10_000 + rep, index, server_round]
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+    """The region's round seed (dropout, non-DP shuffling): :meth:`fedpriv.client.region.RegionRuntime.round_seed`
+    itself, for the run's ``seed`` (``rep = 0``) or, for other repetitions, as if the run config's ``seed`` were
+    ``seed + 10_000 * rep``. DP noise and Poisson sampling never use it (fresh OS entropy in LocalTrainer)."""
+    from types import SimpleNamespace
+
+    from fedpriv.client.region import RegionRuntime
+
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=cfg.seed + 10_000 * rep), identity=SimpleNamespace(index=index))
+    return RegionRuntime.round_seed(run, server_round)  # type: ignore[arg-type]
 
 
 def weighted_mean(updates: list[tuple[dict, int]]) -> dict:

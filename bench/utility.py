@@ -13,11 +13,9 @@ Two studies, one script:
   schedule and accountant), the same as ``bench/gpu_session.py`` without its time budget.
 * **The head sweep** (``--head-sweep``, :func:`main`): the earlier, CPU-sized study of the default
   ``trainable = head`` model on cached frozen features -- centralized, federated and DP federated
-  at epsilon = 1, 3, 8 with a hyper-parameter sweep, confirmed by one real ``Simulation``. Its sweep
-  uses a fast in-process round on stacked head features (Poisson sampling at Opacus' rate, per-post
-  clipping from closed-form per-post gradient norms, Gaussian noise; the DP-SGD step of Opacus up to
-  float rounding: ``bench/closed_form.py``, checked by ``tests/test_per_sample_gradients.py``), while
-  every reported number comes from :class:`fedpriv.client.trainer.LocalTrainer`.
+  at epsilon = 1, 3, 8 with a hyper-parameter sweep, confirmed by one real ``Simulation``. Every run,
+  sweep included, is :class:`fedpriv.client.trainer.LocalTrainer` (the ClientApp's DP-SGD: its fresh
+  OS-entropy noise and Poisson sampling), so the sweep is slower than the earlier closed-form copy was.
   It writes ``bench/results/utility_head.md``.
 
 Honest tuning in both: hyper-parameters are chosen on validation data, never on the held-out posts
@@ -128,51 +126,6 @@ def sigmas(cfg, data: Data) -> dict[str, float]:
     return out
 
 
-class FastHead:
-    """The sweep's local round for ``trainable = head`` on stacked features (same maths as LocalTrainer)."""
-
-    def __init__(self, data: Data):
-        import torch
-
-        stack = lambda fd: (torch.from_numpy(__import__("numpy").stack([f[0] for f in fd.features]).astype("float32")),  # noqa: E731
-                            torch.tensor(fd.labels, dtype=torch.long))
-        self.train = {r: stack(fd) for r, fd in data.train.items()}
-        xs, ys = zip(*self.train.values())
-        self.train["pooled"] = (torch.cat(xs), torch.cat(ys))  # centralized = one region with everyone's posts
-
-    def local_round(self, top, region: str, cfg, sigma: float, seed: int) -> None:
-        import torch
-
-        from closed_form import dp_head_step, head_params
-        from fedpriv.privacy.schedule import region_schedule
-
-        x, y = self.train[region]
-        n = len(y)
-        schedule = region_schedule(n, cfg)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        top.train()
-        opt = torch.optim.SGD(head_params(top), lr=cfg.learning_rate, momentum=cfg.momentum)
-        if not cfg.dp:
-            steps, order, pos = 0, torch.randperm(n, generator=gen), 0
-            while steps < schedule.steps_per_round:
-                if pos >= n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos:pos + cfg.batch_size]
-                pos += cfg.batch_size
-                loss = top(hidden=x[idx, None], attention_mask=None, labels=y[idx]).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                steps += 1
-            return
-        q = schedule.sample_rate
-        expected = int(n * q)  # Opacus' expected batch size for Poisson sampling
-        for _ in range(schedule.steps_per_round):
-            mask = torch.rand(n, generator=gen) < q
-            dp_head_step(top, opt, x[mask], y[mask], cfg.max_grad_norm, sigma, expected, generator=gen)
-
-
 @dataclass
 class SweepRun:
     """One run of the head-only sweep (per-round accuracies); the yardstick's rows are finetune.RunResult."""
@@ -185,11 +138,10 @@ class SweepRun:
     seconds: float = 0.0
 
 
-def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None = None,
-              eval_test: bool = True, pooled: bool = False) -> SweepRun:
+def federated(data: Data, overrides: dict, rep: int = 0, eval_test: bool = True, pooled: bool = False) -> SweepRun:
     """FedAvg over the regions (or, ``pooled``, one 'region' holding everyone's posts = centralized).
 
-    ``fast`` = the sweep's round; otherwise LocalTrainer, the ClientApp's code path. The rounds, the
+    Every region's round is :class:`fedpriv.client.trainer.LocalTrainer`, the ClientApp's code path. The rounds, the
     aggregation and the server step are :func:`finetune.federated_rounds` (fedpriv's update rule); ε is
     :func:`fedpriv.privacy.accountant.epsilon_of` over each region's history.
     """
@@ -198,7 +150,6 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
     from finetune import federated_rounds, make_config
     from fedpriv.client.trainer import LocalTrainer
     from fedpriv.privacy.accountant import epsilon_of
-    from fedpriv.privacy.schedule import region_schedule
     from fedpriv.task.features import FeatureDataset, SplitClassifier, evaluate_top
     from fedpriv.task.model import build_model, get_trainable
 
@@ -221,11 +172,6 @@ def federated(data: Data, overrides: dict, rep: int = 0, fast: FastHead | None =
     kept: dict[str, dict] = {}  # local-optimizer-state = keep: each region's state (in-process; every round accounted)
 
     def local_round(region: str, seed: int, history: list):
-        if fast is not None:
-            fast.local_round(split.top, region, cfg, sig[region], seed)
-            if cfg.dp:  # the round's DP-SGD steps, as LocalTrainer's accountant records them
-                history = history + region_schedule(len(train[region]), cfg).history(sig[region], after_round=1)
-            return get_trainable(model), history
         result = LocalTrainer(split, train[region], cfg, device).train(history, sig[region], seed=seed, label=region,
                                                                        optimizer_state=kept.get(region))
         if result.optimizer_state:
@@ -270,7 +216,7 @@ def main(argv=None) -> int:
     """``--head-sweep``: the head-only study on cached frozen features (centralized, federated, DP federated
     at epsilon = 1, 3, 8, a validation sweep, one real Simulation); writes bench/results/utility_head.md.
 
-    See the module docstring for how its fast sweep relates to the reported LocalTrainer runs."""
+    Every run goes through LocalTrainer (see the module docstring)."""
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred posts per region, tiny grid, 1 seed")
     parser.add_argument("--seeds", type=int, default=None, help="repetitions of each reported run (default 3)")
@@ -278,7 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top2-epochs", type=int, default=None,
                         help="epochs of the stronger centralized top-2 baseline (default 3; 0 = skip)")
     parser.add_argument("--no-trainer", action="store_true",
-                        help="skip the LocalTrainer (Opacus) confirmation of each reported row")
+                        help="no effect (kept for old command lines): every run is LocalTrainer's now")
     parser.add_argument("--small-grid", action="store_true",
                         help="a 12-setting DP grid per epsilon and 3 finalists (about a third of the full sweep)")
     parser.add_argument("--threads", type=int, default=2)
@@ -302,7 +248,6 @@ def main(argv=None) -> int:
         print(f"[{time.time() - started:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
     data = load_data("head", limit, log)
-    fast = FastHead(data)
     from fedpriv.core.config import load_app_defaults
 
     defaults = load_app_defaults()
@@ -319,7 +264,7 @@ def main(argv=None) -> int:
     for g in central_grid:
         o = {"dp": False, "batch-size": g["b"], "physical-batch-size": g["b"], "learning-rate": g["lr"],
              "momentum": 0.9, "local-epochs": 1.0, "num-server-rounds": max_epochs}
-        r = federated(data, o, fast=fast, eval_test=False, pooled=True)
+        r = federated(data, o, eval_test=False, pooled=True)
         ep = max(range(len(r.val_acc)), key=lambda i: r.val_acc[i]) + 1
         sweep_rows.append(("centralized", "-", hp_text({**o, "num-server-rounds": ep}), f"{100 * r.val_acc[ep - 1]:.2f}"))
         log(f"central {hp_text(o)}: best val {100 * r.val_acc[ep - 1]:.2f} at epoch {ep}")
@@ -335,7 +280,7 @@ def main(argv=None) -> int:
     for g in fed_grid:
         o = {"dp": False, "batch-size": g["b"], "physical-batch-size": g["b"], "learning-rate": g["lr"],
              "momentum": 0.9, "local-epochs": g["e"], "num-server-rounds": max_rounds}
-        r = federated(data, o, fast=fast, eval_test=False)
+        r = federated(data, o, eval_test=False)
         rd = max(range(len(r.val_acc)), key=lambda i: r.val_acc[i]) + 1
         sweep_rows.append(("federated", "-", hp_text({**o, "num-server-rounds": rd}), f"{100 * r.val_acc[rd - 1]:.2f}"))
         log(f"federated {hp_text(o)}: best val {100 * r.val_acc[rd - 1]:.2f} at round {rd}")
@@ -362,7 +307,7 @@ def main(argv=None) -> int:
                  "local-epochs": g["e"], "num-server-rounds": g["r"], "max-grad-norm": 1.0}
             if min(len(d) for d in data.train.values()) < g["b"]:
                 continue
-            r = federated(data, o, fast=fast, eval_test=False)
+            r = federated(data, o, eval_test=False)
             dp_sweep.setdefault(eps, []).append((r.val_acc[-1], o, r))
             log(f"DP eps={eps:g} {hp_text(o)}: val {100 * r.val_acc[-1]:.2f} "
                 f"(sigma {', '.join(f'{s:.2f}' for s in r.sigma.values())})")
@@ -370,14 +315,14 @@ def main(argv=None) -> int:
                 best_dp[eps] = (r.val_acc[-1], o)
         # momentum 0 for the single-seed winner (momentum interacts with noise)
         o = {**best_dp[eps][1], "momentum": 0.0}
-        r = federated(data, o, fast=fast, eval_test=False)
+        r = federated(data, o, eval_test=False)
         dp_sweep[eps].append((r.val_acc[-1], o, r))
         log(f"DP eps={eps:g} {hp_text(o)}: val {100 * r.val_acc[-1]:.2f}")
         # stage 2: one seed is noisy (validation sd ~1 point); re-run the best few with more seeds, pick the best mean
         finalists = sorted(dp_sweep[eps], key=lambda t: -t[0])[:finalists_n]
         scored = []
         for v, o, _ in finalists:
-            vals = [v] + [federated(data, o, rep=rep, fast=fast, eval_test=False).val_acc[-1] for rep in range(1, 3)]
+            vals = [v] + [federated(data, o, rep=rep, eval_test=False).val_acc[-1] for rep in range(1, 3)]
             scored.append((statistics.mean(vals), o, vals))
             log(f"DP eps={eps:g} finalist {hp_text(o)}: val {', '.join(f'{100 * x:.2f}' for x in vals)}")
         best_dp[eps] = max(scored, key=lambda t: t[0])[:2]
@@ -391,8 +336,8 @@ def main(argv=None) -> int:
     from fedpriv.privacy.schedule import region_schedule
 
     def report_run(label: str, o: dict, pooled: bool = False) -> dict:
-        runs = [federated(data, o, rep=rep, pooled=pooled, fast=fast) for rep in range(seeds)]
-        real = federated(data, o, rep=0, pooled=pooled) if not args.no_trainer else None
+        runs = [federated(data, o, rep=rep, pooled=pooled) for rep in range(seeds)]
+        real = runs[0]  # every run is LocalTrainer's: seed 0 uses the ClientApp's round seeds
         row = {"label": label, "hp": o, "test": [r.test_acc[-1] for r in runs], "val": [r.val_acc[-1] for r in runs],
                "trainer_test": real.test_acc[-1] if real else None,
                "eps": max(real.epsilon.values()) if real and real.epsilon else (
@@ -492,9 +437,9 @@ def main(argv=None) -> int:
         f"used for a choice). Model all-MiniLM-L6-v2, mean pooling, `trainable = head` (cached frozen features), "
         f"max-length 64, seed 42 (model init and split), SGD; DP: Opacus RDP accountant, delta = {DELTA:g}, clipping "
         f"norm C, sigma per region from its own schedule; FedAvg weighted by examples. Accuracy: mean ± sd over "
-        f"{seeds} seed(s) (sampling, noise, dropout) of the fast in-process round, and the same run (seed 0 = the "
-        f"ClientApp's round seeds) through `fedpriv.client.trainer.LocalTrainer` (Opacus `PrivacyEngine`, per-sample hooks, "
-        f"`BatchMemoryManager`), the ClientApp's code path; 'time per run' is the LocalTrainer run's. 'vs centralized' "
+        f"{seeds} run(s) (fresh noise and sampling, other round seeds) through `fedpriv.client.trainer.LocalTrainer` "
+        f"(Opacus, `BatchMemoryManager`), the ClientApp's code path (seed 0 = the ClientApp's round seeds); "
+        f"'time per run' is seed 0's. 'vs centralized' "
         f"compares the seed means.",
         "",
         table,

@@ -12,7 +12,8 @@ exactly, and subtracting it recovers the noiseless sum of clipped gradients. So:
   ``os.urandom``, and the entropy is never stored, logged or reported.
 * A CPU generator (Mersenne Twister) gets its whole 19,937-bit state from the OS, not a
   64-bit seed an attacker could enumerate; a CUDA generator (Philox) gets a random 64-bit
-  key *and* a random counter offset, all the state it has.
+  key *and* a random counter offset, all the state it has. If either cannot be set, the
+  release fails with :class:`RandomnessError`: there is no fallback to a smaller state.
 * :func:`enable_secure_noise` turns on Opacus' defence against the floating-point attack on
   Gaussian sampling (Jin et al. 2021; Opacus sums four draws, after Mironov 2012's attack on
   the Laplace mechanism), which ``PrivacyEngine(secure_mode=True)`` would only do together
@@ -25,7 +26,6 @@ seed, so that tests can replay a release; region policies refuse it in a deploym
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,18 +59,37 @@ def release_randomness(device: torch.device, deterministic_seed: int | None = No
     return ReleaseRandomness(noise=noise, sampling=sampling, deterministic=True)
 
 
+class RandomnessError(RuntimeError):
+    """Fresh, unpredictable randomness could not be set up: the release must not happen."""
+
+
+def _entropy_int(nbytes: int) -> int:
+    return int.from_bytes(os.urandom(nbytes), "little")
+
+
 def fresh_generator(device: torch.device | str) -> torch.Generator:
-    """A torch generator on ``device`` whose whole state comes from ``os.urandom``."""
+    """A torch generator on ``device`` whose whole state comes from ``os.urandom``.
+
+    Raises :class:`RandomnessError` when the generator's full state cannot be set (never a
+    silent fallback to a smaller, enumerable state).
+    """
     device = torch.device(device)
     generator = torch.Generator(device=device)
     if device.type == "cpu":
         return _fill_mersenne_twister(generator)
     # Philox (CUDA and other counter-based backends): a 64-bit key and a counter offset (a multiple of 4).
-    generator.manual_seed(secrets.randbits(64))
+    key, offset = _entropy_int(8), 4 * (_entropy_int(8) >> 4)
+    generator.manual_seed(key)
     try:
-        generator.set_offset(4 * secrets.randbits(60))
-    except RuntimeError:  # a backend without offsets: the 64-bit key is all its state
-        pass
+        generator.set_offset(offset)
+        taken = generator.get_offset()
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        raise RandomnessError(
+            f"the {device.type} noise generator cannot take a random counter offset ({err}); "
+            "fedpriv will not draw DP noise from a generator whose only secret is a 64-bit key"
+        ) from None
+    if taken != offset:
+        raise RandomnessError(f"the {device.type} noise generator did not keep its random counter offset")
     return generator
 
 
@@ -79,16 +98,20 @@ def _fill_mersenne_twister(generator: torch.Generator) -> torch.Generator:
 
     Layout of torch's CPU state: uint64 seed | int32 left | int32 seeded | uint64 next | uint64 state[624] | ...
     ``left = 1`` makes the next draw twist the whole state first. Should a future torch change the
-    layout, the generator falls back to a 64-bit seed from the OS (still unpredictable, smaller).
+    layout, this raises :class:`RandomnessError` rather than fall back to a 64-bit seed.
     """
     generator.manual_seed(0)  # resets the normal-sample caches; left = 1, seeded = 1, next = 0
     state = generator.get_state().numpy().copy()
     if state.size != _MT_STATE_BYTES:
-        generator.manual_seed(secrets.randbits(64))
-        return generator
+        raise RandomnessError(
+            f"torch's CPU generator state is {state.size} bytes, not the {_MT_STATE_BYTES} this fedpriv fills "
+            "with OS entropy; fedpriv will not fall back to a 64-bit seed (update fedpriv for this torch)"
+        )
     words = np.frombuffer(os.urandom(4 * _MT_WORDS), dtype="<u4").astype("<u8")
     state[_MT_WORDS_AT: _MT_WORDS_AT + 8 * _MT_WORDS] = np.frombuffer(words.tobytes(), dtype=np.uint8)
     generator.set_state(torch.from_numpy(state))
+    if not torch.equal(generator.get_state(), torch.from_numpy(state)):
+        raise RandomnessError("torch's CPU generator did not keep the state fedpriv gave it")
     return generator
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,10 +78,6 @@ class RegionPolicy:
         "v survived" and the other "v dropped" would rebuild both of v's secrets.
         """
         return max(2, math.floor(self.min_secagg_threshold * share_holders) + 1)
-
-    def public_summary(self) -> dict[str, Any]:
-        """The policy facts a region may state publicly (the report shows them)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "source"}
 
 
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",

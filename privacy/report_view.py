@@ -198,14 +198,6 @@ def secure_aggregation_rounds(report: Report) -> dict[str, list[int]] | None:
     return ReportView.of(report).aggregation_rounds
 
 
-def released_values(report: Report) -> list[dict[str, Any]]:
-    """One row per kind of value that left a region, with its guarantee (the report's "What left each region").
-
-    Built from what the coordinator actually received, so a value a region did not send has no row.
-    """
-    return ReportView.of(report).computed_released()
-
-
 class ReportView:
     """The meanings of one report (a dict as written or loaded); see the module docstring for the rules."""
 
@@ -363,4 +355,4 @@ __all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NO_GUARANTEE", "PUBLI
            "budget_left", "display_region", "display_regions", "enforcement_text", "epsilon_text", "epsilon_value",
            "final_accuracy", "fmt", "is_dp_off", "max_region_epsilon", "no_dp_guarantee", "number", "over_budget",
            "region_budget", "region_epsilon_series", "region_final_epsilon", "region_lifetime_epsilon",
-           "released_values", "rounds_text", "secure_aggregation_rounds"]
+           "rounds_text", "secure_aggregation_rounds"]

@@ -92,3 +92,41 @@ def fixed_task_identity(run_id: int = 7, node_id: int = 1, task_id: int = 1):
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
+
+
+def independent_epsilon(history, delta: float, accountant: str = "rdp") -> float:
+    """ε of a ``(σ, q, steps)`` history from the libraries directly, never through ``fedpriv.privacy.accountant``.
+
+    ``rdp``: Opacus' ``RDPAccountant``; ``prv``: Opacus' ``PRVAccountant``; ``pld``: dp_accounting's PLD
+    accountant composed from DpEvents (``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` self-composed
+    ``steps`` times) at its default, finer discretisation.
+    """
+    import math
+
+    history = [tuple(h) for h in history if h[2] > 0]
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    if accountant == "pld":
+        import dp_accounting
+
+        acc = dp_accounting.pld.PLDAccountant()
+        for sigma, q, steps in history:
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
+        return acc.get_epsilon(delta)
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+def assert_epsilon_is_the_libraries(epsilon: float, history, delta: float, accountant: str = "rdp") -> None:
+    """``epsilon`` is what an independent accountant gives for ``history``: Opacus' RDP exactly, Opacus' PRV
+    within its numerics, and for PLD an upper bound on dp_accounting's finer PLD within 0.1 %."""
+    theirs = independent_epsilon(history, delta, accountant)
+    if accountant == "pld":  # fedpriv's coarser pessimistic discretisation: never below, and close
+        assert theirs * (1 - 1e-9) <= epsilon <= theirs * (1 + 1e-3), (epsilon, theirs)
+    else:
+        assert epsilon == pytest.approx(theirs, rel=1e-9 if accountant == "rdp" else 2e-3), (epsilon, theirs)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import independent_epsilon
 from fedpriv.cli import main
 from fedpriv.core.config import resolve_config
 from fedpriv.privacy.audit import (attack_metrics, bound_check, dp_bounds, format_audit, pair_members,
@@ -157,8 +158,6 @@ def train(model, tokenizer, members, *, dp: bool, epochs: int, seed: int = 0):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
-    from fedpriv.privacy.accountant import epsilon_of
-
     from fedpriv.task.encoding import encode
     from fedpriv.task.features import SplitClassifier, collate_features
 
@@ -190,7 +189,7 @@ def train(model, tokenizer, members, *, dp: bool, epochs: int, seed: int = 0):
                 optimizer.step()
                 optimizer.zero_grad()
     if dp:
-        epsilon = epsilon_of(engine.accountant.history, DELTA)
+        epsilon = independent_epsilon(engine.accountant.history, DELTA, "rdp")
         top._close()
     return epsilon
 

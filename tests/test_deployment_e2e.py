@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from conftest import assert_epsilon_is_the_libraries
 from e2e_support import REGIONS, TINY, Deployment, FedprivRun
 
 RUN_TIMEOUT = 900.0  # two rounds take ~1.5-4 min on a shared 2-core machine
@@ -27,8 +28,6 @@ def deployment(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_rounds_over_tls_with_node_auth_write_the_privacy_report(deployment):
-    from fedpriv.privacy.accountant import epsilon_of
-
     run_dir = deployment.root / "run"
     config = f"{TINY} regions='{','.join(REGIONS)}' num-server-rounds=2 min-train-regions=3 round-timeout=300.0"
     with FedprivRun(deployment.run_args(run_dir, config), deployment.root / "fedpriv-run.log") as run:
@@ -56,8 +55,7 @@ def test_two_rounds_over_tls_with_node_auth_write_the_privacy_report(deployment)
         assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-6  # increasing, within the planned target
         assert region["steps_by_round"][1] == 2 * region["steps_by_round"][0]
         # The reported ε is what the named accountant gives for the region's recorded history.
-        assert eps[-1] == pytest.approx(epsilon_of([tuple(h) for h in region["history"]], report["delta"],
-                                                   report["accountant"]), rel=1e-9)
+        assert_epsilon_is_the_libraries(eps[-1], region["history"], report["delta"], report["accountant"])
         # The region ran the bundle only after checking the publisher's signature against its trust file.
         log = (deployment.root / f"supernode-{name}.log").read_text()
         assert "fedpriv: app bundle verified: signed by 'tests'" in log and "REFUSED" not in log

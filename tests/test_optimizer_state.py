@@ -110,4 +110,10 @@ def test_stale_states_of_other_jobs_are_pruned_and_nothing_else(tmp_path):
 
 
 def test_forgetting_a_state_that_is_not_there_is_fine(tmp_path):
-    st.forget_state(tmp_path / "absent.safetensors")
+    present, absent, neighbour = tmp_path / "present.safetensors", tmp_path / "absent.safetensors", tmp_path / "n"
+    present.write_bytes(b"state")
+    neighbour.write_bytes(b"other")
+    st.forget_state(absent)  # no error
+    st.forget_state(present)
+    st.forget_state(present)  # twice: still no error
+    assert not present.exists() and not absent.exists() and neighbour.read_bytes() == b"other"

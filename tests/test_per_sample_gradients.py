@@ -3,15 +3,11 @@
 Opacus issue #820: with some Opacus/PEFT versions, LoRA adapters' updates came out silently wrong.
 These tests pin the pinned versions down on the tiny model (no download): the per-sample gradients
 Opacus' hooks compute for LoRA adapters (on the full model and on the split top that
-``LocalTrainer`` wraps) equal one backward pass per example, and the bench's closed-form DP-SGD
-for the head (``bench/closed_form.py``) takes exactly Opacus' step. (A noiseless DP step on the
+``LocalTrainer`` wraps) equal one backward pass per example. (A noiseless DP step on the
 adapters equal to the plain SGD step is ``tests/test_lora.py``.)
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
@@ -20,8 +16,6 @@ from conftest import synthetic_examples
 from fedpriv.task.encoding import collate, encode
 from fedpriv.task.features import SplitClassifier, collate_features
 from fedpriv.task.model import build_model, load_tokenizer
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _no_dropout(model: torch.nn.Module) -> None:
@@ -113,66 +107,3 @@ def test_lora_per_sample_gradients_of_the_split_top_equal_a_per_example_loop():
             module(hidden=b["hidden"], attention_mask=b["attention_mask"]).logits, b["labels"])
 
     _assert_opacus_matches(top, batch, forward)
-
-
-def test_the_bench_closed_form_head_step_is_opacus_step():
-    """bench/closed_form.py (the bench's DP-SGD without per-sample gradients) vs Opacus hooks, one noiseless
-    step with clipping active on every example (C = 0.01)."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        from closed_form import ClosedFormDPHead, head_params
-    finally:
-        sys.path.remove(str(BENCH))
-
-    torch.manual_seed(0)
-    n = 16
-    dim = build_model("tiny", "head", 42, "mean").config.hidden_size
-    hidden, labels = torch.randn(n, 1, dim), torch.randint(0, 2, (n,))
-    after, before = [], None
-    for impl in ("closed", "opacus"):
-        top = SplitClassifier(build_model("tiny", "head", 42, "mean"), "head").top.train()
-        top.dropout.p = 0.0
-        before = [p.detach().clone() for p in head_params(top)]
-        if impl == "closed":
-            ClosedFormDPHead(top, 1.0, 0.0, 0.0, 0.01, n).loss_and_step(hidden, labels)
-        else:
-            opt = torch.optim.SGD([p for p in top.parameters() if p.requires_grad], lr=1.0)
-            loader = DataLoader(TensorDataset(torch.zeros(4 * n, 1)), batch_size=n)
-            mod, dp_opt, _ = PrivacyEngine().make_private(module=top, optimizer=opt, data_loader=loader,
-                                                          noise_multiplier=0.0, max_grad_norm=0.01,
-                                                          poisson_sampling=False)
-            mod(hidden=hidden, attention_mask=torch.ones(n, 1, dtype=torch.long), labels=labels).loss.backward()
-            dp_opt.step()
-            mod._close()
-        after.append([p.detach().clone() for p in head_params(top)])
-    closed, opacus = after
-    moved = max(float((a - b).abs().max()) for a, b in zip(opacus, before))
-    assert moved > 1e-4  # the step did something, so equality below means something
-    for a, b in zip(closed, opacus):
-        assert torch.allclose(a, b, atol=1e-6), float((a - b).abs().max())
-
-
-def test_the_bench_closed_form_clips_each_example():
-    """A batch of one: the closed form's update is that example's gradient scaled to norm ``clip`` (plus no noise)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from closed_form import clipped_noisy_head_grads, head_params
-    finally:
-        sys.path.remove(str(BENCH))
-
-    clip = 1e-3
-    torch.manual_seed(1)
-    top = SplitClassifier(build_model("tiny", "head", 42, "mean"), "head").top.train()
-    top.dropout.p = 0.0
-    pooled, labels = torch.randn(1, top.dense.in_features), torch.tensor([1])
-    grads, _ = clipped_noisy_head_grads(top, pooled, labels, clip, sigma=0.0)
-    top.zero_grad()
-    top(hidden=pooled[:, None], attention_mask=None, labels=labels).loss.backward()
-    plain = [p.grad for p in head_params(top)]
-    norm = torch.sqrt(sum(g.square().sum() for g in plain))
-    assert float(norm) > clip
-    for g, p in zip(grads, plain):
-        assert torch.allclose(g, p * clip / norm, atol=1e-7, rtol=1e-4)

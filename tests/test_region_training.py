@@ -8,9 +8,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
-from torch.utils.data import DataLoader
 
 from fedpriv.client.region import RegionRuntime, identify_region
 from conftest import TINY, write_corpus
@@ -78,51 +76,70 @@ def test_history_survives_a_new_process_through_the_ledger(tmp_path):
     assert other.lifetime_epsilon > second.epsilon
 
 
-def _top_and_data(n: int = 8):
+N_POSTS, CLIP = 8, 0.01
+
+
+def _head_and_data(n: int = N_POSTS):
     model = build_model("tiny", "head", seed=0, pooling="mean")
-    split = SplitClassifier(model, "head")
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(1, model.config.hidden_size)).astype(np.float16) * 50 for _ in range(n)]
-    return split.top, FeatureDataset(feats, [i % 2 for i in range(n)])
+    return model, FeatureDataset(feats, [i % 2 for i in range(n)])
 
 
-def _private_step(top, data, sigma, clip, seed):
-    torch.manual_seed(seed)
-    before = [p.detach().clone() for p in top.parameters() if p.requires_grad]
-    opt = torch.optim.SGD([p for p in top.parameters() if p.requires_grad], lr=1.0)
-    loader = DataLoader(data, batch_size=len(data), collate_fn=collate_features)
-    module, opt, loader = PrivacyEngine().make_private(module=top, optimizer=opt, data_loader=loader,
-                                                       noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=False)
-    batch = next(iter(loader))
-    module(**batch).loss.backward()
-    per_sample = torch.cat([p.grad_sample.reshape(len(data), -1) for p in module.parameters() if p.requires_grad], 1)
-    opt.step()
-    delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip([p for p in top.parameters() if p.requires_grad], before)])
-    module._close()
-    with torch.no_grad():
-        for p, b in zip([p for p in top.parameters() if p.requires_grad], before):
-            p.copy_(b)
-    return per_sample.norm(dim=1), delta
+def _trainer_step(sigma: float, deterministic: bool = False) -> np.ndarray:
+    """One DP-SGD step of fedpriv's own trainer (LocalTrainer, the ClientApp's path) on a fresh copy of the
+    head: batch-size = N, so Poisson's rate is 1 (every post in the one step) and the update is
+    -lr·(Σ clip(g_i) + σ·C·z)/N, exactly."""
+    from fedpriv.client.trainer import LocalTrainer
+
+    model, data = _head_and_data()
+    split = SplitClassifier(model, "head")
+    start = get_trainable(split.model)
+    _, cfg = resolve_config({**TINY, "trainable": "head", "batch-size": N_POSTS, "physical-batch-size": N_POSTS,
+                             "local-epochs": 1.0, "learning-rate": 1.0, "momentum": 0.0, "max-grad-norm": CLIP,
+                             "grad-sample-mode": "hooks", "insecure-deterministic-noise": deterministic})
+    result = LocalTrainer(split, data, cfg, torch.device("cpu")).train([], noise_multiplier=sigma, seed=3)
+    assert result.history == [(sigma, 1.0, 1)] and result.steps == 1  # one step at q = 1, as the test assumes
+    return np.concatenate([(result.values[k] - start[k]).ravel() for k in start]).astype(np.float64)
+
+
+def _reference_clipped_step():
+    """The same step computed here with plain torch: one backward per post, each gradient clipped to C."""
+    model, data = _head_and_data()
+    top = SplitClassifier(model, "head").top
+    params = [p for _, p in top.named_parameters() if p.requires_grad]
+    norms, total = [], None
+    for i in range(len(data)):
+        top.zero_grad()
+        top(**collate_features([data[i]])).loss.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        norms.append(float(grad.norm()))
+        clipped = grad * min(1.0, CLIP / float(grad.norm()))
+        total = clipped if total is None else total + clipped
+    return np.array(norms), (-1.0 * total / len(data)).numpy()
 
 
 def test_per_sample_clipping_bounds_each_contribution():
-    top, data = _top_and_data()
-    raw_norms, delta = _private_step(top, data, sigma=0.0, clip=0.01, seed=0)
-    assert raw_norms.max() > 0.1, "the test needs gradients far above the clipping bound"
-    # without noise, the averaged update is a mean of per-sample gradients each clipped to ≤ C
-    assert delta.norm().item() <= 0.01 + 1e-6
+    raw_norms, expected = _reference_clipped_step()
+    assert raw_norms.min() > 10 * CLIP, "the test needs every gradient far above the clipping bound"
+    update = _trainer_step(sigma=0.0)
+    # without noise the update is the mean of the per-post gradients, each clipped to C (not the raw mean)
+    assert update.shape == expected.shape  # head: dense then classifier, in the same order on both sides
+    np.testing.assert_allclose(update, expected, atol=1e-6 * CLIP)
+    assert np.linalg.norm(update) <= CLIP + 1e-6
 
 
 def test_gaussian_noise_is_present_with_the_configured_scale():
-    top, data = _top_and_data()
-    _, d1 = _private_step(top, data, sigma=2.0, clip=0.01, seed=1)
-    _, d2 = _private_step(top, data, sigma=2.0, clip=0.01, seed=2)
-    _, q1 = _private_step(top, data, sigma=0.0, clip=0.01, seed=1)
-    _, q2 = _private_step(top, data, sigma=0.0, clip=0.01, seed=2)
-    assert torch.allclose(q1, q2), "without noise the step is deterministic"
-    noise = (d1 - d2) / math.sqrt(2)  # difference of two independent noise draws
-    expected_std = 2.0 * 0.01 / len(data)  # lr · σ · C / batch
-    assert noise.std().item() == pytest.approx(expected_std, rel=0.1)
+    sigma = 2.0
+    _, clipped = _reference_clipped_step()
+    draws = [_trainer_step(sigma) - _trainer_step(0.0) for _ in range(2)]  # fresh OS-entropy noise each release
+    expected_std = 1.0 * sigma * CLIP / N_POSTS  # lr · σ · C / expected batch size
+    for noise in draws:
+        assert noise.std() == pytest.approx(expected_std, rel=0.1)
+        assert abs(noise.mean()) < 4 * expected_std / math.sqrt(noise.size)
+    assert np.corrcoef(draws[0], draws[1])[0, 1] < 0.2, "two releases must not share noise"
+    np.testing.assert_allclose(_trainer_step(0.0, deterministic=True), _trainer_step(0.0), atol=1e-9)
+    assert np.abs(clipped).max() > 0  # the noise rides on a real clipped step
 
 
 def test_ghost_clipping_takes_the_same_dp_step_as_per_sample_hooks():

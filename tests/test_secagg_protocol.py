@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedpriv.privacy.secagg.graph import neighbour_graph
 from fedpriv.privacy.secagg import (
     DROP_STAGES,
     SecAggAbort,
@@ -142,8 +143,48 @@ def test_sparse_graph_aborts_when_one_clients_holders_fall_below_threshold():
         simulate_round(cfg, updates, drop={"unmask": {ids[0]}})
 
 
-@pytest.mark.parametrize("trial", range(40))
-def test_random_dropout_patterns_are_exact_or_abort(trial):
+def _expected_outcome(ids, drop, t, graph_of):
+    """What SecAgg+ (Bell et al. 2020, Bonawitz et al. 2017) must do, derived here from the rules alone.
+
+    Returns the survivors whose inputs are summed, or ``None`` when the round must abort. A
+    secret shared ``t``-of-(neighbours + owner) can be rebuilt only from ``t`` live holders:
+    U1 advertise; U2 completed share-keys (clients with fewer than t-1 neighbours left in U2
+    are pruned, repeatedly); U3 sent masked inputs; U4 answered unmask. Abort when a set is
+    below ``t``, when a client cannot give its secrets ``t`` holders, or when fewer than ``t``
+    holders of a secret the server must rebuild (a survivor's self-mask seed, a dropped
+    neighbour's mask key) answer.
+    """
+    gone = lambda stage: set(drop.get(stage, ()))  # noqa: E731
+    u1 = set(ids) - gone("advertise")
+    if len(u1) < t:
+        return None
+    graph = graph_of(sorted(u1))
+    assert all(u not in graph[u] and all(u in graph[v] for v in graph[u]) for u in u1)  # symmetric, no loops
+    if any(len(graph[u]) + 1 < t for u in u1 - gone("share_keys")):
+        return None  # a client cannot split its secrets t-of-(degree + 1)
+    u2 = u1 - gone("share_keys")
+    while True:
+        weak = {u for u in u2 if len(graph[u] & u2) + 1 < t}
+        if not weak:
+            break
+        u2 -= weak
+    if len(u2) < t:
+        return None
+    u3 = u2 - gone("masked_input")
+    if len(u3) < t:
+        return None
+    u4 = u3 - gone("unmask")
+    for v in u3:  # the self-mask seed of every summed input: held by v's neighbours in U2 and v itself
+        if len(graph[v] & u3) + 1 < t or len(((graph[v] & u3) | {v}) & u4) < t:
+            return None
+    for v in u2 - u3:  # a dropped client's pairwise masks are in the sum if a neighbour survived
+        if graph[v] & u3 and (len(graph[v] & u3) < t or len(graph[v] & u4) < t):
+            return None
+    return sorted(u3)
+
+
+def _random_pattern(trial):
+    """A random config (complete or sparse graph), dropout pattern and public round seed."""
     rnd = random.Random(trial)
     n = rnd.randint(3, 10)
     k = None if rnd.random() < 0.5 or n <= 3 else rnd.randint(2, n - 2)
@@ -154,21 +195,29 @@ def test_random_dropout_patterns_are_exact_or_abort(trial):
     for i in ids:
         if rnd.random() < 0.2:
             drop.setdefault(rnd.choice(DROP_STAGES), set()).add(i)
-    out = [i for s in ("advertise", "share_keys", "masked_input") for i in drop.get(s, ())]
-    try:
-        result = simulate_round(cfg, updates, weights, drop=drop, rngs=_rngs(seeds))
-    except SecAggAbort:
-        result = None
-    if k is None:  # complete graph: the outcome is fully predictable
-        t, alive = cfg.threshold, len(ids)
-        counts = []
-        for stage in DROP_STAGES:
-            alive -= len(drop.get(stage, ()))
-            counts.append(alive)
-        assert (result is None) == (min(counts) < t)
-    if result is not None:
-        assert set(result.survivors) <= set(ids) - set(out)
-        _check(result, cfg, updates, weights, seeds, result.survivors)
+    round_seed = rnd.randbytes(32)  # fixed, so the test knows the (public) sparse graph
+    expected = _expected_outcome(ids, drop, cfg.threshold, lambda u1: neighbour_graph(u1, k, round_seed))
+    return cfg, (ids, updates, weights, seeds), drop, round_seed, expected
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_random_dropout_patterns_are_exact_or_abort_exactly_when_warranted(trial):
+    cfg, (ids, updates, weights, seeds), drop, round_seed, expected = _random_pattern(trial)
+    run = lambda: simulate_round(cfg, updates, weights, drop=drop, rngs=_rngs(seeds), round_seed=round_seed)  # noqa: E731
+    if expected is None:
+        with pytest.raises(SecAggAbort, match=r"threshold"):
+            run()
+        return
+    _check(run(), cfg, updates, weights, seeds, expected)  # the exact FedAvg of exactly these survivors
+
+
+def test_random_dropout_patterns_cover_sparse_aborts_and_sparse_sums():
+    """The 40 patterns above include sparse graphs that abort and sparse graphs that sum (else they prove less)."""
+    outcomes = set()
+    for trial in range(40):
+        cfg, _, _, _, expected = _random_pattern(trial)
+        outcomes.add((cfg.num_neighbours is None, expected is None))
+    assert outcomes == {(True, True), (True, False), (False, True), (False, False)}
 
 
 def test_zero_total_weight_aborts():

@@ -10,13 +10,14 @@ FedAvg result is known exactly.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import fixed_task_identity
+from conftest import assert_epsilon_is_the_libraries, fixed_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
@@ -26,8 +27,10 @@ from fedpriv.client import secure_aggregation as secagg
 from fedpriv.client.app import app as client_app
 from fedpriv.core.config import FedprivConfig, SecAggSettings, resolve_config
 from fedpriv.core.errors import BudgetExhausted, ConfigError
+from fedpriv.privacy.accountant import epsilon_of
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy
 from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.schedule import choose_noise_multiplier, region_schedule
 from fedpriv.privacy.secagg.identity import simulation_identity, write_simulation_identities
 from fedpriv.privacy.secagg import SecAggProtocolError, SecAggServer, SecAggConfig
 from fedpriv.server.secagg_workflow import SecAggWorkflow
@@ -46,7 +49,8 @@ def _task_identity():
 
 def _run_config(tmp_path, n, **overrides):
     regions = ",".join(f"r{i}" for i in range(n))
-    flat, _ = resolve_config({"regions": regions, "run-dir": str(tmp_path), "num-server-rounds": 3, **overrides})
+    flat, _ = resolve_config({"regions": regions, "run-dir": str(tmp_path), "num-server-rounds": 3, "batch-size": 25,
+                              "noise-multiplier": 1.1, **overrides})  # σ given: the regions skip the σ search
     write_simulation_identities(tmp_path, regions.split(","))  # what the simulation runner does
     return flat
 
@@ -60,24 +64,41 @@ def _examples(region_index: int) -> int:
     return 100 + 37 * region_index
 
 
+_SIGMAS: dict[tuple, float] = {}
+
+
+def _region_schedule(index: int, cfg: FedprivConfig):
+    """The real DP schedule and σ of a region with ``_examples(index)`` posts under ``cfg`` (fedpriv.privacy.schedule)."""
+    schedule = region_schedule(_examples(index), cfg)
+    key = (schedule, cfg.target_epsilon, cfg.delta, cfg.accountant, cfg.noise_multiplier)
+    if key not in _SIGMAS:  # the σ search takes a second; every message rebuilds the region
+        _SIGMAS[key] = choose_noise_multiplier(schedule, cfg)
+    return schedule, _SIGMAS[key]
+
+
 class FakeRegion:
-    """Stands in for RegionRuntime: 'training' adds a fixed update; some regions refuse."""
+    """Stands in for RegionRuntime: 'training' adds a fixed update; some regions refuse. Its accounting is
+    the real schedule's: σ for the run's target ε over the region's size, the ledger-style history after
+    each round, and ε of that history at the region's δ (as RegionRuntime.train computes it)."""
 
     refuse: set[str] = set()
 
     def __init__(self, cfg, identity):
-        self.identity = identity
+        self.cfg, self.identity = cfg, identity
 
     def train(self, global_values, server_round, **_):
         if self.identity.name in FakeRegion.refuse:
             raise BudgetExhausted("budget spent (test)")
         delta = _update(self.identity.index, server_round)
         values = {k: (v + delta[k]).astype(np.float32) for k, v in global_values.items()}
+        schedule, sigma = _region_schedule(self.identity.index, self.cfg)
+        history = schedule.history(sigma, after_round=server_round) if self.cfg.dp else []
+        epsilon = epsilon_of(history, self.identity.policy.delta, self.cfg.accountant) if self.cfg.dp else math.inf
         result = SimpleNamespace(values=values, num_examples=_examples(self.identity.index), loss=0.5, accuracy=0.5,
-                                 noise_multiplier=1.1, sample_rate=0.1, peak_memory_mb=10.0)
-        history = [(1.1, 0.1, 10 * server_round)]
-        return SimpleNamespace(result=result, epsilon=0.5 * server_round, lifetime_epsilon=0.5 * server_round,
-                               history=history, steps=10 * server_round)
+                                 noise_multiplier=sigma if self.cfg.dp else 0.0, sample_rate=schedule.sample_rate,
+                                 peak_memory_mb=10.0)
+        return SimpleNamespace(result=result, epsilon=epsilon, lifetime_epsilon=epsilon, history=history,
+                               steps=sum(h[2] for h in history))
 
 
 class FakeGrid(Grid):
@@ -224,8 +245,15 @@ def test_secure_round_equals_plain_fedavg_within_the_error_bound(tmp_path, fake_
     masked = [r for r in grid.replies if r.metadata.message_type == secagg.MASKED_INPUT]
     assert len(masked) == 2 * n and all(r.content["masked"]["masked"].dtype == "uint32" for r in masked)
     # Bookkeeping is PrivateFedAvg's: every region's ε history is recorded, every round.
-    for name, rec in report.regions.items():
-        assert rec.rounds_participated == [1, 2] and rec.epsilon_by_round == [0.5, 1.0], name
+    # ε per round is the region's real schedule under an independent accountant, at the report's δ.
+    cfg = FedprivConfig.from_run_config(_run_config(tmp_path / "secure", n))
+    for index, (name, rec) in enumerate(sorted(report.regions.items())):
+        schedule, sigma = _region_schedule(index, cfg)
+        assert rec.rounds_participated == [1, 2], name
+        assert 0 < rec.epsilon_by_round[0] < rec.epsilon_by_round[1] < cfg.target_epsilon, name
+        assert rec.history == schedule.history(sigma, after_round=2) and sigma == 1.1, name
+        if n == 3 or index == 0:  # every region once (an independent PLD takes seconds), each q its own
+            assert_epsilon_is_the_libraries(rec.epsilon_by_round[1], rec.history, report.delta, cfg.accountant)
     assert report.secure_aggregation["enabled"] is True
     assert rounds[0]["survivors"] == sorted(f"r{i}" for i in range(n)) and rounds[0]["dropped"] == []
     assert rounds[0]["threshold"] == n // 2 + 1

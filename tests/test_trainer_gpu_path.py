@@ -7,8 +7,8 @@
   1e-5·C. Ghost clipping under bf16 overshoots C (measured 1.0023·C) and Opacus' hooks let one post change
   the other posts' bf16 per-sample gradients (tests/adversary/test_clipping_bound.py), so both are refused.
 * ``local-optimizer``: DP-Adam(W) is Opacus' clipping and noise in front of torch's Adam(W).
-* Device helpers: autocast dtype selection, exact-fp32 matmuls around the DP arithmetic,
-  generators made on the training device (the CUDA branches run here with faked CUDA calls).
+* Device helpers: autocast dtype selection, exact-fp32 matmuls around the DP arithmetic (the CUDA
+  branches run here with faked CUDA calls). The release's generators: tests/test_randomness.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import fedpriv.task.device as device_mod
-import fedpriv.client.randomness as randomness
 from fedpriv.client.trainer import LocalTrainer, local_optimizer
 from conftest import TINY
 from fedpriv.core.config import resolve_config
@@ -226,52 +225,6 @@ def test_select_device_takes_the_gpu_and_allows_tf32_there(monkeypatch):
         assert torch.get_float32_matmul_precision() == "highest"  # CPU: left alone
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-def test_fresh_cpu_generators_are_unrelated_and_carry_no_seed():
-    a, b = randomness.fresh_generator("cpu"), randomness.fresh_generator("cpu")
-    assert a.initial_seed() == 0 == b.initial_seed()  # nothing a report could print or a log could leak
-    assert not torch.equal(torch.randn(1000, generator=a), torch.randn(1000, generator=b))
-    state = a.get_state().numpy()[24: 24 + 8 * 624].view("<u8")
-    assert state.max() < 2**32 and len(np.unique(state)) > 600  # 624 words of OS entropy, not a seeded twister
-    rng = randomness.release_randomness(torch.device("cpu"))
-    assert rng.noise.device.type == "cpu" and rng.sampling.device.type == "cpu" and not rng.deterministic
-
-
-def test_deterministic_generators_replay_only_under_the_testing_seed():
-    one, two = (randomness.release_randomness(torch.device("cpu"), 7) for _ in range(2))
-    assert one.deterministic
-    for name in ("noise", "sampling"):
-        assert torch.equal(torch.randn(50, generator=getattr(one, name)), torch.randn(50, generator=getattr(two, name)))
-    other = randomness.release_randomness(torch.device("cpu"), 8)
-    assert not torch.equal(torch.randn(50, generator=other.noise), torch.randn(50, generator=one.noise))
-
-
-def test_the_noise_generator_is_made_on_the_training_device(monkeypatch):
-    """CUDA branch, with a fake generator: Philox gets a random key and a random counter offset."""
-    made = []
-
-    class FakeGenerator:
-        def __init__(self, device="cpu"):
-            self.device, self.seed, self.offset = torch.device(device), None, None
-            made.append(self)
-
-        def manual_seed(self, seed):
-            self.seed = seed
-            return self
-
-        def set_offset(self, offset):
-            self.offset = offset
-
-    monkeypatch.setattr(randomness.torch, "Generator", FakeGenerator)
-    monkeypatch.setattr(randomness, "_fill_mersenne_twister", lambda g: g)
-    rng = randomness.release_randomness(torch.device("cuda"))
-    assert rng.noise.device.type == "cuda" and rng.sampling.device.type == "cpu"
-    assert rng.noise.offset % 4 == 0 and rng.noise.seed is not None
-    again = randomness.release_randomness(torch.device("cuda"))
-    assert (again.noise.seed, again.noise.offset) != (rng.noise.seed, rng.noise.offset)
-    replay = randomness.release_randomness(torch.device("cuda"), 3)
-    assert replay.noise.device.type == "cuda" and replay.noise.offset is None
 
 
 # --- physical-batch-size = 0 (auto) -----------------------------------------------------------------

@@ -165,29 +165,6 @@ def _word_dtype(word_bits: int) -> np.dtype:
     return np.dtype("<u4") if word_bits == 32 else np.dtype("<u8")
 
 
-def prg_words(key: bytes, count: int, word_bits: int) -> np.ndarray:
-    """``count`` pseudo-random unsigned words (``word_bits`` = 32 or 64) from AES-256-CTR under ``key``.
-
-    The array is freshly allocated and writable; words are little-endian on the
-    wire, so every platform derives the same mask.
-    """
-    dtype = _word_dtype(word_bits)
-    nbytes = count * dtype.itemsize
-    out = np.empty(nbytes + 16, dtype=np.uint8)  # update_into wants block-size slack
-    _keystream_into(key, out, nbytes)
-    words = out[:nbytes].view(dtype)
-    return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
-
-
-def mask_vector(key: bytes, count: int, mod_bits: int) -> np.ndarray:
-    """``count`` integers uniform in ``[0, 2**mod_bits)`` (uint32 if ``mod_bits <= 32`` else uint64)."""
-    word_bits = 32 if mod_bits <= 32 else 64
-    words = prg_words(key, count, word_bits)
-    if mod_bits < word_bits:
-        np.bitwise_and(words, words.dtype.type((1 << mod_bits) - 1), out=words)
-    return words
-
-
 def apply_mask(acc: np.ndarray, key: bytes, sign: int) -> None:
     """In place: ``acc += sign * PRG(key)`` modulo the word size (2**32 or 2**64).
 

@@ -200,10 +200,6 @@ class SecAggConfig:
         return self.neighbours_per_client + 1
 
     @property
-    def complete_graph(self) -> bool:
-        return self.num_neighbours is None or self.num_neighbours >= self.num_clients - 1
-
-    @property
     def mod_bits(self) -> int:
         """``k``: vectors are summed modulo ``2**k`` (no wrap for ``num_clients`` summands)."""
         return required_mod_bits(self.num_clients, self.quant_bits, self.max_weight)
@@ -556,10 +552,6 @@ class SecAggResult:
     dropped: tuple[int, ...]
     error_bound: float
     quantized_sum: np.ndarray
-
-    @property
-    def num_survivors(self) -> int:
-        return len(self.survivors)
 
 
 class SecAggServer:

@@ -14,9 +14,9 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
+from conftest import assert_epsilon_is_the_libraries
 from adversary_support import DELTA, Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401 (fixtures)
 from fedpriv.core import contract
-from fedpriv.privacy.accountant import epsilon_of
 from fedpriv.privacy.report import RunReport
 from fedpriv.privacy.report_markdown import render_markdown
 from fedpriv.privacy.report_view import NOT_PRIVATE
@@ -89,7 +89,7 @@ def test_a_smaller_delta_is_accepted_and_epsilon_is_still_the_regions(tmp_path, 
     rows = region.releases()
     assert len(train_calls) == 1 and len(rows) == 1 and rows[0].delta == DELTA
     assert metrics[contract.DELTA] == DELTA
-    assert metrics[contract.EPSILON] == pytest.approx(epsilon_of([rows[0].history_entry], DELTA), rel=1e-9)
+    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [rows[0].history_entry], DELTA, "rdp")
 
 
 def test_rounds_beyond_the_job_ceiling_are_refused(tmp_path, shard_root, train_calls):
@@ -145,7 +145,7 @@ def test_a_train_reply_carries_the_dp_release_and_public_facts_only(tmp_path, sh
     assert set(metrics) == set(contract.PUBLIC_TRAIN_METRICS)
     assert metrics[contract.NUM_EXAMPLES] == 64 and metrics[contract.DP] == 1 and metrics[contract.DELTA] == DELTA
     assert (metrics[contract.NOISE_MULTIPLIER], metrics[contract.SAMPLE_RATE], metrics[contract.STEPS]) == (1.0, 0.5, 2)
-    assert metrics[contract.EPSILON] == pytest.approx(epsilon_of([(1.0, 0.5, 2)], DELTA), rel=1e-9)
+    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [(1.0, 0.5, 2)], DELTA, "rdp")
     assert metrics[contract.DETERMINISTIC_NOISE] == 0
     region_record = dict(content[contract.REGION])
     assert set(region_record) == {"name", "history", "accountant"}
