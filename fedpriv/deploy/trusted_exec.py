@@ -78,8 +78,17 @@ def check_bundle(fab_content: bytes, trust: str) -> str:
     return verify_bundle(fab_content, load_trust_file(trust)).label
 
 
+def _no_traceback_for_refusals(record) -> bool:  # noqa: ANN001 - a logging.LogRecord
+    """Flower logs whatever a ClientApp task raised with its traceback; a refused bundle is one line instead."""
+    from fedpriv.core.errors import FedprivError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, FedprivError)
+
+
 def _clientapp(trust: str, rest: list[str]) -> None:
     """Flower's ``flwr-clientapp`` that verifies the bundle before installing it."""
+    from flwr.common.logger import FLOWER_LOGGER
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as rc
 
@@ -102,6 +111,7 @@ def _clientapp(trust: str, rest: list[str]) -> None:
         return install(content, *args, **kwargs)
 
     rc.install_from_fab = verified_install
+    FLOWER_LOGGER.addFilter(_no_traceback_for_refusals)  # the REFUSED line above is the refusal's one line
     sys.argv = ["flwr-clientapp", *rest]
     flwr_clientapp()
 
