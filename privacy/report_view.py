@@ -32,6 +32,7 @@ DP_AT_EPSILON = "DP at ε"
 PUBLIC_BY_POLICY = "public by policy"
 NOT_PRIVATE = "not private, allowed by policy"
 NO_GUARANTEE = "no DP guarantee"
+NOT_PRIVATE_ERRORS = "not private: a region's own error text, not a DP release"
 DP_OFF_TEXT = "∞ (DP off)"
 
 _NOT_PRIVATE_ROWS = (
@@ -227,6 +228,17 @@ class ReportView:
     def of(cls, report: "Report | ReportView") -> "ReportView":
         return report if isinstance(report, ReportView) else cls(report)
 
+    @property
+    def run_name(self) -> str:
+        """A name people can tell runs apart by: the run dir's name, else the job id, else Flower's run id.
+
+        Flower's run ids are 19-digit numbers; comparisons and plots label runs with this instead.
+        """
+        run_dir = str(self.config.get("run-dir") or "").rstrip("/")
+        if run_dir:
+            return run_dir.rsplit("/", 1)[-1]
+        return str(self.config.get("job-id") or self.data.get("run_id") or "?")
+
     # -- DP on or off -------------------------------------------------------------------------------------
     @property
     def display_regions(self) -> dict[str, dict[str, Any]]:
@@ -318,7 +330,7 @@ class ReportView:
 
     def computed_released(self) -> list[dict[str, Any]]:
         regions = {n: r for n, r in self.regions.items() if r.get("rounds_participated")}
-        if not regions:
+        if not regions and not any(r.get("enforcement") for r in self.regions.values()):
             return []
         deterministic = set(self.no_dp_guarantee)
         delta_run = self.data.get("delta")
@@ -349,10 +361,21 @@ class ReportView:
             {"value": "the region's lifetime ε cap (max-lifetime-epsilon)", "guarantee": PUBLIC_BY_POLICY,
              "regions": {n: fmt(r.get("max_epsilon")) for n, r in regions.items() if r.get("max_epsilon")}},
         ]
+        rows.append({"value": "whether the region's DP noise was deterministic (insecure-deterministic-noise, a "
+                              "testing key that voids every ε)", "guarantee": PUBLIC_BY_POLICY,
+                     "regions": {n: ("on: no DP guarantee" if n in deterministic or "every region" in deterministic
+                                     else "off") for n in regions}})
         for keys, what, rule in _NOT_PRIVATE_ROWS:
             who = {n: rule for n, r in self.regions.items() if set(keys) & set(r.get("not_private") or [])}
             if who:
                 rows.append({"value": what, "guarantee": NOT_PRIVATE, "regions": who})
+        errors = {n: "round(s) " + rounds_text(sorted({int(number(e.get("round")) or 0) for e in r["enforcement"]
+                                                       if isinstance(e, Mapping)}))
+                  for n, r in self.regions.items() if isinstance(r.get("enforcement"), list) and r["enforcement"]}
+        if errors:
+            rows.append({"value": "the text of the region's refusals and errors (may describe its data or files; "
+                                  "file paths are redacted in this report)", "guarantee": NOT_PRIVATE_ERRORS,
+                         "regions": errors})
         return [row for row in rows if row["regions"]]
 
 
@@ -442,7 +465,7 @@ def _mode(entry: Mapping[str, Any]) -> str:
     return "aborted" if entry.get("aborted") else ("plain" if entry.get("mode") == "plain" else "secure")
 
 
-__all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "ReportView",
+__all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NOT_PRIVATE_ERRORS", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "ReportView",
            "budget_left", "display_region", "display_regions", "enforcement_text", "epsilon_text", "epsilon_value",
            "final_accuracy", "fmt", "is_dp_off", "max_region_epsilon", "no_dp_guarantee", "number", "over_budget",
            "region_budget", "region_epsilon_series", "region_final_epsilon", "region_lifetime_epsilon",
