@@ -145,7 +145,7 @@ class RunReport:
             "config": self.config,
             "regions": regions,
             "rounds": self.rounds,
-            "partition": self.partition,
+            "partition": declared_partition(self.partition, self.regions, self.run_info.get("server_test_examples")),
             "run_info": self.run_info,
             **self.extra,
         }
@@ -203,6 +203,29 @@ def save_report(run_dir: Path, data: Mapping[str, Any]) -> Path:
     return report_schema.save(run_dir, data, render_markdown(data))
 
 
+def declared_partition(prepared: Mapping[str, Any], regions: Mapping[str, RegionRecord],
+                       server_test: int | None) -> dict[str, Any]:
+    """The report's "Data partition": each region's data as the region declared it, not the coordinator's files.
+
+    ``train`` is N as the region declared it in its train replies (the posts it actually used, after its own
+    ``max-examples-per-region`` cap; null until it trained). The coordinator's prepared stats (``prepared``:
+    its ``partition.json``, e.g. a simulation's shards or ``fedpriv prepare-data --out``) add a region's test
+    size, label mix and domains only where they describe that region's data as declared (same N); a region of
+    that file that is not in the run is not listed. ``server``: the coordinator's own held-out set.
+    """
+    out: dict[str, Any] = {}
+    for name, rec in regions.items():
+        row: dict[str, Any] = {"train": rec.num_examples, "source": "declared by the region"}
+        files = prepared.get(name) if isinstance(prepared, Mapping) else None
+        if isinstance(files, Mapping) and rec.num_examples is not None and files.get("train") == rec.num_examples:
+            row.update({k: files[k] for k in ("test", "positive_fraction", "domains") if k in files})
+            row["source"] = "declared by the region; test split and label mix from the coordinator's prepared copy"
+        out[name] = row
+    if server_test is not None:
+        out["server"] = {"test": int(server_test), "source": "the coordinator's held-out set"}
+    return out
+
+
 def settle_unfinished(run_dir: Path, status: str, reason: str) -> str | None:
     """Give a report still saying ``running`` its real end (``stopped``/``failed``, with ``reason``); returns the
     status the report has afterwards (None without a readable report).
@@ -230,4 +253,4 @@ def is_private(metrics: dict[str, Any]) -> bool:
     return "epsilon" in metrics and float(metrics["epsilon"]) >= 0
 
 
-__all__ = ["RegionRecord", "RunReport", "is_private", "save_report", "settle_unfinished"]
+__all__ = ["RegionRecord", "RunReport", "declared_partition", "is_private", "save_report", "settle_unfinished"]

@@ -187,12 +187,14 @@ def _partition(view: ReportView) -> list[str]:
     part = view.data.get("partition")
     if not part:
         return []
-    lines = ["", "## Data partition", "", "| region | train | test | positive fraction | domains |",
-             "|---|---:|---:|---:|---|"]
+    lines = ["", "## Data partition", "",
+             "Each region's training posts as the region declared them (N, after its own max-examples-per-region "
+             "cap); the rest only where the coordinator's prepared copy describes the same data.", "",
+             "| region | train (declared) | test | positive fraction | domains |", "|---|---:|---:|---:|---|"]
     for name, p in part.items():
-        if name != "server":
-            lines.append(f"| {name} | {p.get('train')} | {p.get('test')} | {fmt(p.get('positive_fraction'))} | "
-                         + ", ".join(f"{k} {v}" for k, v in p.get("domains", {}).items()) + " |")
+        if name != "server" and isinstance(p, Mapping):
+            lines.append(f"| {name} | {fmt(p.get('train'))} | {fmt(p.get('test'))} | {fmt(p.get('positive_fraction'))} | "
+                         + (", ".join(f"{k} {v}" for k, v in (p.get("domains") or {}).items()) or "–") + " |")
     if "server" in part:
         lines.append(f"\nServer held-out test set (never trained on): {part['server'].get('test')} posts.")
     return lines
