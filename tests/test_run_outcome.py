@@ -228,3 +228,23 @@ def test_released_local_evaluation_is_listed_as_not_private_in_the_report(tmp_pa
     assert "local test split | not private, allowed by policy | us-east: release-local-evaluation |" in md_text
     html = render_html([data], tmp_path / "r.html").read_text()
     assert "local test split" in html and "not private" in html
+
+
+def test_a_refused_bundle_is_one_line_in_the_regions_log_not_a_traceback():
+    """Flower logs whatever a ClientApp task raised with exc_info (13 lines per round for a refused bundle); the
+    region's gate already printed its one `fedpriv: REFUSED app bundle: ...` line, so that record is dropped."""
+    import sys
+
+    from fedpriv.core.errors import FedprivError
+    from fedpriv.deploy.trusted_exec import _no_traceback_for_refusals
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logging.LogRecord("flwr", logging.ERROR, __file__, 1, "%s raised an exception", ("ClientApp",),
+                                     sys.exc_info())
+
+    assert _no_traceback_for_refusals(record(FedprivError("app bundle x is not signed by a trusted publisher"))) is False
+    assert _no_traceback_for_refusals(record(ValueError("a real bug"))) is True  # other errors keep their traceback
+    assert _no_traceback_for_refusals(logging.LogRecord("flwr", logging.INFO, __file__, 1, "hello", (), None)) is True

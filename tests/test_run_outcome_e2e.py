@@ -1,0 +1,81 @@
+"""End to end (real Flower simulation, tiny model): runs that train nothing, or without a region, do not succeed.
+
+Before (issue 23): ``fedpriv simulate --run-config delta=0.5`` (every region's policy refuses) and a run
+with a corrupt region shard both exited 0 with report status "completed" (or "stopped: ..."), the
+console carried Flower's repeated evaluation lines and a "Final results" block, and a failed region was
+named only as "only region us-east trained".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def _simulate(tmp_path: Path, data: Path, config: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "FEDPRIV_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedpriv", "simulate", "--preset", "tiny", "--run-dir", str(run_dir),
+                           "--run-config", f"num-threads=1 {config}"], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name} in the report")
+
+    report = json.loads((run_dir / "privacy_report.json").read_text(), parse_constant=refuse)
+    return proc, report
+
+
+def _console(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def test_a_simulation_whose_every_region_refuses_fails_with_one_line_per_region(tmp_path):
+    data = write_corpus(tmp_path / "data", 1200)
+    proc, report = _simulate(tmp_path, data, "delta=0.5")
+    out = _console(proc)
+    assert proc.returncode == 1, out[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedpriv simulate: run ") and " failed: " in last and "no region may train" in last, last
+    assert report["status"] == "failed" and "no region may train" in report["status_reason"]
+    for region in ("us-east", "eu-west"):
+        lines = [ln for ln in out.splitlines() if f"round 1: region {region} refused to train: refused by region "
+                                                  "policy: delta: the run asks for δ = 0.5" in ln]
+        assert len(lines) == 1, out[-3000:]
+    assert "Traceback" not in out and "Final results" not in out and "Initial global evaluation results" not in out
+    assert "Status: **failed**" in (tmp_path / "run" / "privacy_report.md").read_text()
+
+
+def test_a_region_with_a_corrupt_shard_fails_every_round_and_the_run_says_so(tmp_path):
+    from fedpriv.core.config import resolve_config
+    from fedpriv.simulations.runner import prepare_shards, preset_overrides
+    from fedpriv.task.partition import region_train_path
+
+    data = write_corpus(tmp_path / "data", 1200)
+    _, cfg = resolve_config({"data-dir": str(data)}, preset_overrides("tiny"))
+    shards = prepare_shards(cfg, data)  # the simulation reuses these shards: corrupt eu-west's
+    region_train_path(shards, "eu-west").write_text("{not json\n")
+    proc, report = _simulate(tmp_path, data, "")
+    out = _console(proc)
+    assert proc.returncode == 3, out[-3000:]
+    assert report["status"] == "completed with failures", report["status_reason"]
+    assert "eu-west refused or failed in every round" in report["status_reason"]
+    assert proc.stderr.strip().splitlines()[-1].startswith("fedpriv simulate: run ")
+    assert "completed with failures: eu-west refused or failed in every round" in proc.stderr
+    for rnd in (1, 2):
+        lines = [ln for ln in out.splitlines() if f"round {rnd}: region eu-west failed: " in ln]
+        assert len(lines) == 1 and "is not fedpriv JSONL" in lines[0], out[-3000:]
+        assert str(shards) not in lines[0]  # the region's file path is not echoed
+    accuracy_lines = [ln for ln in out.splitlines() if "global model on" in ln and "accuracy" in ln]
+    assert len(accuracy_lines) == 3, accuracy_lines  # rounds 0, 1, 2: each once
+    assert report["regions"]["us-east"]["rounds_participated"] == [1, 2]
+    assert report["regions"]["eu-west"]["rounds_participated"] == []
