@@ -152,7 +152,8 @@ class WatchedGrid:
 
     def _lost(self, original: Message, region: str, code: int, reason: str) -> Message:
         self.lost.append((region, reason))
-        log(WARNING, "region %s lost in this round: %s", region, reason)
+        if original.metadata.message_type != MessageType.TRAIN:  # a train reply gets the strategy's one line
+            log(WARNING, "region %s lost in this round: %s", region, reason)
         return contract.error_reply(original, region, reason, code=code)
 
 

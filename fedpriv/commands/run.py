@@ -117,6 +117,9 @@ class RunCommand:
             print(f"\nfedpriv run: interrupted: run {run_id} stopped on the SuperLink. Continue it with:\n  "
                   f"{resume_command(plan)}", flush=True)
             return int(getattr(exc, "exit_status", 130))
+        if outcome.status in ("finished:stopped", "finished:timeout"):  # stopped on the SuperLink (--timeout, flwr stop)
+            settle_after_stop(plan.run_dir, f"run {run_id} was stopped on the SuperLink ({outcome.status}: "
+                                            f"{outcome.details or 'no details'})")
         return finish(plan, outcome, time.time() - started)
 
 
