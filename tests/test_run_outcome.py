@@ -248,3 +248,20 @@ def test_a_refused_bundle_is_one_line_in_the_regions_log_not_a_traceback():
     assert _no_traceback_for_refusals(record(FedprivError("app bundle x is not signed by a trusted publisher"))) is False
     assert _no_traceback_for_refusals(record(ValueError("a real bug"))) is True  # other errors keep their traceback
     assert _no_traceback_for_refusals(logging.LogRecord("flwr", logging.INFO, __file__, 1, "hello", (), None)) is True
+
+
+def test_a_deployed_region_logs_each_refusal_as_one_line(capsys):
+    """The region's own log (its SuperNode's) keeps one line per refusal or failure; a simulation's console already
+    has the coordinator's line for it, so a simulated region prints nothing."""
+    from types import SimpleNamespace
+
+    from fedpriv.client.app import _error
+    from fedpriv.privacy.policy import PolicyRefusal
+
+    refusal = PolicyRefusal("delta", "the run asks for δ = 0.5, above the region's δ = 1e-05")
+    reply = _error(_train_msg(11), "us-east", refusal, SimpleNamespace(node_config={"region": "us-east"}))
+    assert reply.error.code == contract.REFUSED
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"fedpriv: region us-east refused train: {contract.POLICY}: {refusal}"], lines
+    _error(_train_msg(11), "us-east", refusal, SimpleNamespace(node_config={"partition-id": 0}))
+    assert capsys.readouterr().out == ""
