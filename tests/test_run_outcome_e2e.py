@@ -79,3 +79,43 @@ def test_a_region_with_a_corrupt_shard_fails_every_round_and_the_run_says_so(tmp
     assert len(accuracy_lines) == 3, accuracy_lines  # rounds 0, 1, 2: each once
     assert report["regions"]["us-east"]["rounds_participated"] == [1, 2]
     assert report["regions"]["eu-west"]["rounds_participated"] == []
+
+
+def test_a_deployment_run_no_region_trusts_fails_and_a_capped_run_uses_the_cap(tmp_path):
+    """Real SuperLink + 2 SuperNodes over TLS. (1) A bundle signed by a publisher no region trusts: every round
+    refused; before, "completed, 2 of 2", exit 0, a Python repr per refusal and a 13-line traceback per round in
+    each region's log. (2) The preset's data cap applies in the regions: before, each trained its whole shard."""
+    from e2e_support import TINY, Deployment, FedprivRun
+
+    from fedpriv.deploy.app_signing import create_publisher_key
+
+    regions = ("us-east", "eu-west")
+    with Deployment(tmp_path / "dep", regions) as dep:
+        stranger, _ = create_publisher_key(tmp_path / "stranger", "stranger")
+        config = f"{TINY} regions='us-east,eu-west' num-server-rounds=2 round-timeout=240.0"
+        args = [a if a != str(dep.publisher_key) else str(stranger) for a in dep.run_args(tmp_path / "untrusted", config)]
+        with FedprivRun(args, tmp_path / "untrusted.log") as run:
+            rc = run.wait(900)
+            out = run.output()
+        report = json.loads((tmp_path / "untrusted" / "privacy_report.json").read_text())
+        assert rc == 1, out[-3000:]
+        assert report["status"] == "failed" and report["status_reason"].startswith("no round updated the global model")
+        assert out.strip().splitlines()[-1].startswith("fedpriv run: run ") and " failed: " in out.strip().splitlines()[-1]
+        for region in regions:
+            for rnd in (1, 2):
+                lines = [ln for ln in out.splitlines() if f"round {rnd}: region {region} failed: " in ln]
+                assert len(lines) == 1 and "app bundle" in lines[0] and "<class" not in lines[0], out[-3000:]
+            log = (dep.root / f"supernode-{region}.log").read_text(errors="replace")
+            assert log.count("fedpriv: REFUSED app bundle:") == 2 and "Traceback" not in log, log[-3000:]
+
+        capped = f"{TINY} regions='us-east,eu-west' num-server-rounds=1 max-examples-per-region=48 round-timeout=240.0"
+        with FedprivRun(dep.run_args(tmp_path / "capped", capped), tmp_path / "capped.log") as run:
+            rc = run.wait(900)
+            out = run.output()
+        report = json.loads((tmp_path / "capped" / "privacy_report.json").read_text())
+        assert rc == 0 and report["status"] == "completed", out[-3000:]
+        for region in regions:
+            assert report["regions"][region]["num_examples"] == 48  # not the shard's 128
+            assert report["partition"][region]["train"] == 48
+            log = (dep.root / f"supernode-{region}.log").read_text(errors="replace")
+            assert f"{region}: feature extraction (train): 48/48 posts (100%)" in log, log[-3000:]

@@ -384,8 +384,8 @@ def finish(plan: RunPlan, outcome, wall_s: float) -> int:
         if lost:
             print(f"  regions that failed in some round: {', '.join(lost)} (see the report's rounds)", flush=True)
         print(f"  privacy report: {plan.run_dir / MD_NAME}", flush=True)
-    if not ok:
-        print(f"fedpriv run: run {outcome.run_id} {verdict.line}", file=sys.stderr, flush=True)
     if verdict.status not in (COMPLETED, "completed with failures") and rounds:
         print(f"  continue it with: {resume_command(plan)}", flush=True)
+    if not ok:  # the last line: why
+        print(f"fedpriv run: run {outcome.run_id} {verdict.line}", file=sys.stderr, flush=True)
     return verdict.exit_code
