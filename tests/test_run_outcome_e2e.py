@@ -108,10 +108,13 @@ def test_a_deployment_run_no_region_trusts_fails_and_a_capped_run_uses_the_cap(t
             log = (dep.root / f"supernode-{region}.log").read_text(errors="replace")
             assert log.count("fedpriv: REFUSED app bundle:") == 2 and "Traceback" not in log, log[-3000:]
 
-        capped = f"{TINY} regions='us-east,eu-west' num-server-rounds=1 max-examples-per-region=48 round-timeout=240.0"
+        tiny = TINY.replace("max-examples-per-region=128", "max-examples-per-region=48")
+        assert tiny != TINY
+        capped = f"{tiny} regions='us-east,eu-west' num-server-rounds=1 round-timeout=240.0"
         with FedprivRun(dep.run_args(tmp_path / "capped", capped), tmp_path / "capped.log") as run:
             rc = run.wait(900)
             out = run.output()
+        assert (tmp_path / "capped" / "privacy_report.json").exists(), out[-3000:]
         report = json.loads((tmp_path / "capped" / "privacy_report.json").read_text())
         assert rc == 0 and report["status"] == "completed", out[-3000:]
         for region in regions:
