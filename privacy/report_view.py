@@ -13,6 +13,10 @@ the questions a reader of the report asks of it, with one rule each:
 * **What the coordinator saw**: per round, ``secure`` (only the sum), ``plain`` (one region: in the
   clear), ``aborted`` (nothing unmasked); all rounds are plain when secure aggregation is off.
 * **What left each region** (``released``): the rows stored in the report, or rebuilt from it.
+* **How the run ended** (:func:`run_verdict`): ``failed`` when no round updated the model or the run ended
+  early / below min-train-regions, ``completed with failures`` when a region refused or failed in every round
+  or some rounds changed nothing, else ``completed``; a round a region refused, declined or failed in is
+  **skipped** (:func:`skipped_rounds`): it released nothing and spent no ε.
 
 Pure functions over dicts: no I/O, no matplotlib, no torch, so the coordinator renders its
 Markdown every round with it and ``fedpriv report`` its HTML and plots.
