@@ -5,15 +5,11 @@ The coordinator writes the run's end into its privacy report (``status``, ``stat
 ServerApp returned. Both commands judge a run the same way here, so a run that trained nothing is never
 a success for a script or CI:
 
-====================  =========
-report status         exit code
-====================  =========
-completed             0
-failed                1
-stopped               1 (130 / 143 when this command itself was interrupted)
-completed with        3: a model was trained, but a region refused or failed in every round,
-failures                 or some rounds left the model unchanged
-====================  =========
+* ``completed`` -> 0
+* ``failed`` -> 1 (no round updated the model, the run ended early or below min-train-regions, a crash)
+* ``stopped`` -> 1 (130 / 143 when this command itself was interrupted)
+* ``completed with failures`` -> 3 (a model was trained, but a region refused or failed in every round,
+  or some rounds left the model unchanged)
 
 (2 stays the exit code of input errors, before anything ran.)
 """
