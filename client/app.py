@@ -38,9 +38,14 @@ from fedpriv.privacy.secagg.messages import STAGES, TRAIN_FLAG, action
 app = ClientApp()
 
 
-def _error(msg: Message, region: str, exc: Exception) -> Message:
-    """The error reply for ``exc``: a refusal (policy, budget) or a failure, in the contract's format."""
+def _error(msg: Message, region: str, exc: Exception, context: Context | None = None) -> Message:
+    """The error reply for ``exc``: a refusal (policy, budget) or a failure, in the contract's format.
+
+    A deployed region (its SuperNode has a log of its own) also logs it there, as one line."""
     kind = wire.POLICY if isinstance(exc, PolicyRefusal) else wire.BUDGET if isinstance(exc, BudgetExhausted) else None
+    if context is not None and "region" in context.node_config:  # a simulation's console has the coordinator's line
+        print(f"fedpriv: region {region} {'refused' if kind else 'failed'} {msg.metadata.message_type}: "
+              f"{' '.join(wire.error_reason(region, str(exc), kind).partition('|')[2].split())}", flush=True)
     return wire.error_reply(msg, region, str(exc), kind)
 
 
@@ -92,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
             outcome = region.train(global_values, server_round, job_id=cfg.job_id or str(context.run_id),
                                    attempt_id=str(context.run_id), secure_round=secagg_round is not None)
     except FedprivError as exc:
-        return _error(msg, _region_label(context, cfg), exc)
+        return _error(msg, _region_label(context, cfg), exc, context)
 
     history = [float(x) for entry in outcome.history for x in entry] or [0.0]
     content = RecordDict({
@@ -127,7 +132,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         with runtime_cache.kept(cfg, identity) as region:
             loss, accuracy, n = region.evaluate(from_array_record(msg.content[wire.ARRAYS]))
     except FedprivError as exc:
-        return _error(msg, _region_label(context, cfg), exc)
+        return _error(msg, _region_label(context, cfg), exc, context)
     metrics = MetricRecord({wire.NUM_EXAMPLES: n, wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
     return Message(content=RecordDict({wire.METRICS: metrics, wire.REGION: ConfigRecord({"name": identity.name})}),
                    reply_to=msg)

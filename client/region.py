@@ -39,7 +39,8 @@ from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_train_requ
 from fedpriv.task.encoding import encode
 from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
 from fedpriv.task.model import build_model, load_tokenizer, set_trainable_values
-from fedpriv.task.partition import load_region, region_dir, region_test_path, region_train_path
+from fedpriv.task.partition import cap_shard, load_region, region_dir, region_test_path, region_train_path
+from fedpriv.task.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class RegionRuntime:
         self.identity = identity
         self.device = select_device(cfg.num_threads)
         self.tokenizer = load_tokenizer()
-        self.shard = load_region(identity.data_root, identity.name)
+        # the run's max-examples-per-region, applied by the region to its own shard (simulation shards already are)
+        self.shard = cap_shard(load_region(identity.data_root, identity.name), cfg.max_examples_per_region, cfg.seed)
         self.split = SplitClassifier(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling, cfg.lora_rank), cfg.trainable)
         self._feature_sets: dict[str, FeatureDataset] = {}
 
@@ -114,12 +116,18 @@ class RegionRuntime:
         data = encode(examples, self.tokenizer, self.cfg.max_length)
         shard_path = region_train_path if split_name == "train" else region_test_path
         shard_file = shard_path(self.identity.data_root, self.identity.name)
-        key = cache_key(self.cfg.model, self.cfg.trainable, self.cfg.pooling, self.cfg.max_length, self.cfg.seed, shard_file)
+        capped = f"|{len(examples)}" if self.cfg.max_examples_per_region else ""  # a capped shard's own features
+        key = cache_key(self.cfg.model, self.cfg.trainable + capped, self.cfg.pooling, self.cfg.max_length, self.cfg.seed,
+                        shard_file)
         cache_dir = shard_file.parent / ".fedpriv-cache"
+        progress = Progress(f"{self.identity.name}: feature extraction ({split_name})", len(examples))
         try:
-            return self.split.features(data, self.device, (cache_dir, key))
+            found = self.split.features(data, self.device, (cache_dir, key), progress=progress)
         except OSError:  # a read-only data dir: compute without caching
-            return self.split.features(data, self.device)
+            found = self.split.features(data, self.device, progress=progress)
+        if progress.done:  # computed now (not read from the cache): the log says it ran and how long it took
+            progress.close()
+        return found
 
     def train(self, global_values: dict[str, np.ndarray], server_round: int, job_id: str, attempt_id: str,
               secure_round: bool | None = None) -> RoundOutcome:

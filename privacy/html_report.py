@@ -63,7 +63,7 @@ def render_html(reports: Iterable[Mapping[str, Any] | ReportView] | Mapping[str,
     views = [ReportView.of(r) for r in reports if isinstance(r, (Mapping, ReportView))]
     if not views:
         raise ValueError("render_html needs at least one report")
-    title = "fedpriv privacy report" + (f" — {views[0].data.get('run_id')}" if len(views) == 1 else f" — {len(views)} runs")
+    title = "fedpriv privacy report" + (f" — {views[0].run_name}" if len(views) == 1 else f" — {len(views)} runs")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -95,7 +95,7 @@ def _comparison(views: list[ReportView]) -> str:
     for i, v in enumerate(views):
         r = v.data
         rows.append([
-            f'<a href="#run-{i}">{_e(r.get("run_id", "?"))}</a>',
+            f'<a href="#run-{i}">{_e(v.run_name)}</a>',
             _e(r.get("status", "—")),
             _e(r.get("accountant", "—")),
             _fmt(r.get("delta"), "g"),
@@ -113,8 +113,11 @@ def _run_section(view: ReportView, index: int) -> str:
     report = view.data
     run_id = report.get("run_id", "?")
     info = report.get("run_info") if isinstance(report.get("run_info"), Mapping) else {}
-    out = [f'<h2 id="run-{index}">Run {_e(run_id)}</h2>']
+    out = [f'<h2 id="run-{index}">Run {_e(view.run_name)}</h2>']
     meta = [f"status <b>{_e(report.get('status', 'unknown'))}</b>"]
+    if report.get("status_reason"):
+        meta[0] += f" ({_e(report.get('status_reason'))})"
+    meta.append(f"Flower run {_e(run_id)}")
     if report.get("created"):
         meta.append(f"created {_e(report.get('created'))}")
     for key in ("model", "device"):
@@ -127,13 +130,15 @@ def _run_section(view: ReportView, index: int) -> str:
                    f"version {SCHEMA_VERSION} and ignores fields it does not know.</div>")
     status = str(report.get("status", "")).lower()
     if status and status != "completed":
-        out.append(f'<div class="box warn">This run did not complete (status: {_e(report.get("status"))}); '
+        why = f": {_e(report.get('status_reason'))}" if report.get("status_reason") else ""
+        out.append(f'<div class="box warn">This run did not complete as asked (status: {_e(report.get("status"))}{why}); '
                    "the figures cover the rounds that finished. ε is still an upper bound on what was released.</div>")
     out.append(_guarantee(view))
     out.append('<div class="plots">')
     out.append(_figure(plots.plot_epsilon, view,
                        "Cumulative ε of this run per region after each round it trained in; dashed: the region's "
-                       "budget; ×: a round refused by budget enforcement; ★: ε across all runs (ledger), if known."))
+                       "budget; ○ on the region's curve: a round it skipped (refused, declined or failed: nothing "
+                       "released, no ε spent); ★: ε across all runs (ledger), if known."))
     out.append(_figure(plots.plot_accuracy, view, "Accuracy of the global model on the server's test split."))
     out.append("</div>")
     out.append(_released_table(view))

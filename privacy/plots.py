@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fedpriv.privacy.report_view import (ReportView, epsilon_value, final_accuracy, max_region_epsilon, number,
-                                         region_budget, region_epsilon_series)
+                                         region_budget, region_epsilon_series, skipped_rounds)
 
 __all__ = [
     "epsilon_value",
@@ -77,8 +77,9 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
     """Cumulative ε per region vs round, with the regions' budgets as dashed lines.
 
     Regions with identical curves stay visible (each has its own marker and size). A budget
-    shared by every region is drawn once. Rounds where a region's training was refused by
-    budget enforcement are marked ×; a region's ε across all runs (``lifetime_epsilon``, from
+    shared by every region is drawn once. Rounds a region skipped (refused, declined, failed: nothing
+    released, no ε spent) are hollow circles on its curve at the ε it stood at, never on the budget
+    line; a region's ε across all runs (``lifetime_epsilon``, from
     its ledger) is marked ★ at its last round when it exceeds this run's ε. Regions that
     trained without DP (ε = ∞) are named in a note instead of plotted.
     """
@@ -113,15 +114,13 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
         if budget is not None and shared_budget is None:
             ax.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8, label=f"{name} {label} = {budget:g}")
             top = max(top, budget)
-        refused = [
-            number(e.get("round")) for e in (region.get("enforcement") or [])
-            if isinstance(e, Mapping) and str(e.get("action", "")).lower().startswith("refused")
-        ]
-        refused = [r for r in refused if r is not None]
-        if refused and budget is not None:
-            ax.scatter(refused, [budget] * len(refused), marker="x", s=60, color=color, zorder=10,
-                       label=f"{name} refused")
-            all_x += refused
+        skipped = sorted(skipped_rounds(region))
+        if skipped and (finite or not ys):  # a skipped round spent nothing: drawn at the ε the region stood at
+            level = [max([p[1] for p in finite if p[0] < rnd], default=0.0) for rnd in skipped]
+            ax.scatter(skipped, level, marker="o", s=70, facecolors="none", edgecolors=color, linewidths=1.4,
+                       zorder=11, label=f"{name} skipped (no ε spent)")
+            all_x += skipped
+            plotted += 0 if finite else 1
     if shared_budget is not None and shared_budget[0] is not None:
         ax.axhline(shared_budget[0], color="#555", linestyle="--", linewidth=1.2,
                    label=f"{shared_budget[1]} = {shared_budget[0]:g} (every region)")
@@ -135,7 +134,7 @@ def plot_epsilon(report: Report, out_png: Dest) -> None:
         ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)  # headroom: a budget line must not sit on the frame
         _round_ticks(ax, all_x)
         ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"Privacy spent per region — {view.data.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    ax.set_title(f"Privacy spent per region — {view.run_name}", fontsize=10)
     _save(fig, out_png)
 
 
@@ -154,7 +153,7 @@ def plot_accuracy(report: Report, out_png: Dest) -> None:
         lo = min(p[1] for p in pts)
         ax.set_ylim(min(0.5, lo - 0.05) if lo >= 0 else lo, 1.0)
         _round_ticks(ax, [p[0] for p in pts])
-    ax.set_title(f"Global accuracy — {view.data.get('run_id', '')}".rstrip(" —"), fontsize=10)
+    ax.set_title(f"Global accuracy — {view.run_name}", fontsize=10)
     _save(fig, out_png)
 
 
@@ -169,7 +168,7 @@ def plot_accuracy_vs_epsilon(reports: Iterable[Report], out_png: Dest) -> None:
     for report in reports:
         view = ReportView.of(report)
         eps, acc = view.max_epsilon, view.final_accuracy
-        name = str(view.data.get("run_id", "?"))
+        name = view.run_name  # the run dir's name, not Flower's 19-digit run id
         if eps is None or acc is None:
             skipped.append(name)
         elif math.isfinite(eps):

@@ -171,6 +171,20 @@ def load_simulation_policy(path: str | Path, region: str) -> RegionPolicy:
     return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]")
 
 
+def check_simulation_policy_regions(path: str | Path, regions: tuple[str, ...] | list[str]) -> None:
+    """Every ``[regions.<name>]`` table of a simulation policy file names one of the run's regions.
+
+    A misspelt table (``[regions.us-easst]``) would otherwise be ignored and its region run under the
+    file's default ``[policy]``: one line naming it instead.
+    """
+    path = Path(path) if str(path) else BUILTIN_SIMULATION_POLICY
+    tables = _read_toml(path).get("regions", {})
+    unknown = sorted(set(tables) - set(regions)) if isinstance(tables, dict) else []
+    if unknown:
+        raise ConfigError(f"simulation region policy {path}: table [regions.{unknown[0]}] names no region of this run: "
+                          f"expected one of {', '.join(regions)} (check its spelling, or regions = ...)")
+
+
 def node_region(node_config: Mapping[str, Any], cfg: Any) -> tuple[str, int]:
     """Which region a process serves (name, index in the run's regions), from its node config.
 

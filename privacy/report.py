@@ -20,7 +20,7 @@ from fedpriv.core import report_schema
 from fedpriv.core.report_schema import SCHEMA_VERSION, TOP_LEVEL_KEYS
 from fedpriv.privacy.accountant import Entry, cross_check_accountant, epsilon_of
 from fedpriv.privacy.report_markdown import render_markdown
-from fedpriv.privacy.report_view import ReportView, budget_left
+from fedpriv.privacy.report_view import ReportView, budget_left, one_line, redact_paths
 
 
 @dataclass
@@ -63,7 +63,8 @@ class RunReport:
         self.partition: dict[str, Any] = {}
         self.run_info: dict[str, Any] = {}
         self.secure_aggregation: dict[str, Any] = {"enabled": False}
-        self.status = "running"
+        self.status = report_schema.RUNNING
+        self.status_reason = ""  # one line: why the status is not "completed"
         self.run_id = ""
         self.started = time.time()
         self.extra: dict[str, Any] = {}
@@ -108,8 +109,9 @@ class RunReport:
         rec.not_private = sorted(set(rec.not_private) | {"eval-loss", "eval-accuracy"})
 
     def record_enforcement(self, region: str, server_round: int, action: str, reason: str) -> None:
+        """A refusal or failure: its reason on one line, file paths redacted (listed as not private)."""
         self.regions.setdefault(region, RegionRecord()).enforcement.append(
-            {"round": server_round, "action": action, "reason": reason})
+            {"round": server_round, "action": action, "reason": one_line(redact_paths(reason))})
 
     def record_round(self, server_round: int, **fields: Any) -> None:
         existing = next((r for r in self.rounds if r["round"] == server_round), None)
@@ -134,6 +136,7 @@ class RunReport:
             "run_id": self.run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "status": self.status,
+            "status_reason": self.status_reason,
             "accountant": self.accountant,
             "cross_check_accountant": cross_check_accountant(self.accountant),
             "delta": self.delta,
@@ -142,7 +145,7 @@ class RunReport:
             "config": self.config,
             "regions": regions,
             "rounds": self.rounds,
-            "partition": self.partition,
+            "partition": declared_partition(self.partition, self.regions, self.run_info.get("server_test_examples")),
             "run_info": self.run_info,
             **self.extra,
         }
@@ -200,6 +203,45 @@ def save_report(run_dir: Path, data: Mapping[str, Any]) -> Path:
     return report_schema.save(run_dir, data, render_markdown(data))
 
 
+def declared_partition(prepared: Mapping[str, Any], regions: Mapping[str, RegionRecord],
+                       server_test: int | None) -> dict[str, Any]:
+    """The report's "Data partition": each region's data as the region declared it, not the coordinator's files.
+
+    ``train`` is N as the region declared it in its train replies (the posts it actually used, after its own
+    ``max-examples-per-region`` cap; null until it trained). The coordinator's prepared stats (``prepared``:
+    its ``partition.json``, e.g. a simulation's shards or ``fedpriv prepare-data --out``) add a region's test
+    size, label mix and domains only where they describe that region's data as declared (same N); a region of
+    that file that is not in the run is not listed. ``server``: the coordinator's own held-out set.
+    """
+    out: dict[str, Any] = {}
+    for name, rec in regions.items():
+        row: dict[str, Any] = {"train": rec.num_examples, "source": "declared by the region"}
+        files = prepared.get(name) if isinstance(prepared, Mapping) else None
+        if isinstance(files, Mapping) and rec.num_examples is not None and files.get("train") == rec.num_examples:
+            row.update({k: files[k] for k in ("test", "positive_fraction", "domains") if k in files})
+            row["source"] = "declared by the region; test split and label mix from the coordinator's prepared copy"
+        out[name] = row
+    if server_test is not None:
+        out["server"] = {"test": int(server_test), "source": "the coordinator's held-out set"}
+    return out
+
+
+def settle_unfinished(run_dir: Path, status: str, reason: str) -> str | None:
+    """Give a report still saying ``running`` its real end (``stopped``/``failed``, with ``reason``); returns the
+    status the report has afterwards (None without a readable report).
+
+    For the command that owns a run dir, once the run's processes are gone: a coordinator killed (Ctrl-C of
+    ``fedpriv simulate`` stops its whole process tree, SIGKILL, a lost machine) never wrote its end itself.
+    """
+    data = report_schema.peek(run_dir)
+    if data is None:
+        return None
+    if data.get("status") == report_schema.RUNNING:
+        data["status"], data["status_reason"] = status, one_line(reason)
+        save_report(run_dir, data)
+    return str(data.get("status"))
+
+
 def is_private(metrics: dict[str, Any]) -> bool:
     """Whether a region's training reply came from a DP run.
 
@@ -211,4 +253,4 @@ def is_private(metrics: dict[str, Any]) -> bool:
     return "epsilon" in metrics and float(metrics["epsilon"]) >= 0
 
 
-__all__ = ["RegionRecord", "RunReport", "is_private", "save_report"]
+__all__ = ["RegionRecord", "RunReport", "declared_partition", "is_private", "save_report", "settle_unfinished"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fedpriv.privacy.report_view import ReportView, enforcement_text, fmt, rounds_text
+from fedpriv.privacy.report_view import ReportView, enforcement_text, fmt, rounds_text, skipped_rounds
 
 __all__ = ["coordinator_view", "render_markdown"]
 
@@ -53,9 +53,10 @@ def _header(view: ReportView) -> list[str]:
     warning = ([f"**THIS RUN GIVES NO DIFFERENTIAL-PRIVACY GUARANTEE: {', '.join(flagged)} ran with "
                 "insecure-deterministic-noise (DP noise reproducible from the run config, so it can be subtracted). "
                 "Every ε below is void.**", ""] if flagged else [])
-    return warning + [f"# fedpriv privacy-budget report — run {data.get('run_id') or '(unnamed)'}", "",
-            f"Status: **{data['status']}** · created {data['created']} · accountant **{data['accountant'].upper()}** · "
-            f"δ = {data['delta']:g}"]
+    reason = f" ({data['status_reason']})" if data.get("status_reason") else ""
+    return warning + [f"# fedpriv privacy-budget report — {view.run_name}", "",
+            f"Status: **{data['status']}**{reason} · Flower run {data.get('run_id') or '–'} · created {data['created']} · "
+            f"accountant **{data['accountant'].upper()}** · δ = {data['delta']:g}"]
 
 
 def _guarantee(view: ReportView) -> list[str]:
@@ -75,7 +76,9 @@ def _guarantee(view: ReportView) -> list[str]:
     delta_text = (f"plus δ = {delta:g}" if not own or own == [float(delta)] else
                   "plus the region's own δ: " + ", ".join(f"{n} {r['delta']:g}" for n, r in view.regions.items()
                                                          if r.get("delta") is not None))
+    unit = str(data.get("unit_of_privacy") or "one training record of one region")
     lines += [
+        f"The unit of privacy is **{unit}**: ε bounds what the released values reveal about any one such unit.", "",
         f"Each DP region's released model updates are **record-level (ε, δ)-differentially private** with respect to "
         f"that region's own users: adding or removing any one post changes the probability of the model updates the "
         f"region released by at most a factor e^ε ({delta_text}). ε below is cumulative over all rounds of this run, "
@@ -128,6 +131,8 @@ def _round_table(view: ReportView) -> list[str]:
     data = view.data
     names = list(data["regions"])
     lines = ["", "## ε after each round (cumulative)", "",
+             "\"skipped\": the region was asked and refused or declined (nothing released, no ε spent); "
+             "\"failed\": it failed (nothing released); \"–\": not asked.", "",
              "| round | " + " | ".join(names) + " | aggregation | global accuracy | global loss |",
              "|---:|" + "---:|" * len(names) + "---|---:|---:|"]
     for rnd in range(1, max((r["round"] for r in data["rounds"]), default=0) + 1):
@@ -135,7 +140,8 @@ def _round_table(view: ReportView) -> list[str]:
         for name in names:
             r = view.display_regions[name]
             rounds = r.get("rounds_participated", [])
-            cells.append(fmt(r["epsilon_by_round"][rounds.index(rnd)]) if rnd in rounds else "–")
+            skipped = skipped_rounds(r).get(rnd)  # refused / declined / failed: nothing released, no ε spent
+            cells.append(fmt(r["epsilon_by_round"][rounds.index(rnd)]) if rnd in rounds else skipped or "–")
         g = next((x for x in data["rounds"] if x["round"] == rnd), {})
         lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {view.aggregation_of(rnd)} | {fmt(g.get('accuracy'))} | "
                      f"{fmt(g.get('loss'))} |")
@@ -181,12 +187,14 @@ def _partition(view: ReportView) -> list[str]:
     part = view.data.get("partition")
     if not part:
         return []
-    lines = ["", "## Data partition", "", "| region | train | test | positive fraction | domains |",
-             "|---|---:|---:|---:|---|"]
+    lines = ["", "## Data partition", "",
+             "Each region's training posts as the region declared them (N, after its own max-examples-per-region "
+             "cap); the rest only where the coordinator's prepared copy describes the same data.", "",
+             "| region | train (declared) | test | positive fraction | domains |", "|---|---:|---:|---:|---|"]
     for name, p in part.items():
-        if name != "server":
-            lines.append(f"| {name} | {p.get('train')} | {p.get('test')} | {fmt(p.get('positive_fraction'))} | "
-                         + ", ".join(f"{k} {v}" for k, v in p.get("domains", {}).items()) + " |")
+        if name != "server" and isinstance(p, Mapping):
+            lines.append(f"| {name} | {fmt(p.get('train'))} | {fmt(p.get('test'))} | {fmt(p.get('positive_fraction'))} | "
+                         + (", ".join(f"{k} {v}" for k, v in (p.get("domains") or {}).items()) or "–") + " |")
     if "server" in part:
         lines.append(f"\nServer held-out test set (never trained on): {part['server'].get('test')} posts.")
     return lines

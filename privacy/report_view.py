@@ -13,6 +13,10 @@ the questions a reader of the report asks of it, with one rule each:
 * **What the coordinator saw**: per round, ``secure`` (only the sum), ``plain`` (one region: in the
   clear), ``aborted`` (nothing unmasked); all rounds are plain when secure aggregation is off.
 * **What left each region** (``released``): the rows stored in the report, or rebuilt from it.
+* **How the run ended** (:func:`run_verdict`): ``failed`` when no round updated the model or the run ended
+  early / below min-train-regions, ``completed with failures`` when a region refused or failed in every round
+  or some rounds changed nothing, else ``completed``; a round a region refused, declined or failed in is
+  **skipped** (:func:`skipped_rounds`): it released nothing and spent no ε.
 
 Pure functions over dicts: no I/O, no matplotlib, no torch, so the coordinator renders its
 Markdown every round with it and ``fedpriv report`` its HTML and plots.
@@ -21,6 +25,7 @@ Markdown every round with it and ``fedpriv report`` its HTML and plots.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 from fedpriv.core.report_schema import normalise
@@ -31,6 +36,7 @@ DP_AT_EPSILON = "DP at ε"
 PUBLIC_BY_POLICY = "public by policy"
 NOT_PRIVATE = "not private, allowed by policy"
 NO_GUARANTEE = "no DP guarantee"
+NOT_PRIVATE_ERRORS = "not private: a region's own error text, not a DP release"
 DP_OFF_TEXT = "∞ (DP off)"
 
 _NOT_PRIVATE_ROWS = (
@@ -218,6 +224,17 @@ class ReportView:
     def of(cls, report: "Report | ReportView") -> "ReportView":
         return report if isinstance(report, ReportView) else cls(report)
 
+    @property
+    def run_name(self) -> str:
+        """A name people can tell runs apart by: the run dir's name, else the job id, else Flower's run id.
+
+        Flower's run ids are 19-digit numbers; comparisons and plots label runs with this instead.
+        """
+        run_dir = str(self.config.get("run-dir") or "").rstrip("/")
+        if run_dir:
+            return run_dir.rsplit("/", 1)[-1]
+        return str(self.config.get("job-id") or self.data.get("run_id") or "?")
+
     # -- DP on or off -------------------------------------------------------------------------------------
     @property
     def display_regions(self) -> dict[str, dict[str, Any]]:
@@ -309,7 +326,7 @@ class ReportView:
 
     def computed_released(self) -> list[dict[str, Any]]:
         regions = {n: r for n, r in self.regions.items() if r.get("rounds_participated")}
-        if not regions:
+        if not regions and not any(r.get("enforcement") for r in self.regions.values()):
             return []
         deterministic = set(self.no_dp_guarantee)
         delta_run = self.data.get("delta")
@@ -340,19 +357,113 @@ class ReportView:
             {"value": "the region's lifetime ε cap (max-lifetime-epsilon)", "guarantee": PUBLIC_BY_POLICY,
              "regions": {n: fmt(r.get("max_epsilon")) for n, r in regions.items() if r.get("max_epsilon")}},
         ]
+        rows.append({"value": "whether the region's DP noise was deterministic (insecure-deterministic-noise, a "
+                              "testing key that voids every ε)", "guarantee": PUBLIC_BY_POLICY,
+                     "regions": {n: ("on: no DP guarantee" if n in deterministic or "every region" in deterministic
+                                     else "off") for n in regions}})
         for keys, what, rule in _NOT_PRIVATE_ROWS:
             who = {n: rule for n, r in self.regions.items() if set(keys) & set(r.get("not_private") or [])}
             if who:
                 rows.append({"value": what, "guarantee": NOT_PRIVATE, "regions": who})
+        errors = {n: "round(s) " + rounds_text(sorted({int(number(e.get("round")) or 0) for e in r["enforcement"]
+                                                       if isinstance(e, Mapping)}))
+                  for n, r in self.regions.items() if isinstance(r.get("enforcement"), list) and r["enforcement"]}
+        if errors:
+            rows.append({"value": "the text of the region's refusals and errors (may describe its data or files; "
+                                  "file paths are redacted in this report)", "guarantee": NOT_PRIVATE_ERRORS,
+                         "regions": errors})
         return [row for row in rows if row["regions"]]
+
+
+# -- how the run ended ---------------------------------------------------------------------------------------
+
+
+def region_problem(region: Mapping[str, Any]) -> str | None:
+    """The first refusal or failure of a region, as one line (``refused by region policy: delta: ...``)."""
+    for event in region.get("enforcement") or []:
+        if isinstance(event, Mapping):
+            return f"{event.get('action')}: {one_line(event.get('reason'))}"
+    return None
+
+
+def one_line(text: Any, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), at most ``limit`` characters."""
+    flat = " ".join(str(text if text is not None else "").split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+_PATH = re.compile(r"(?<![\w.~/])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with file paths (``/srv/eu/data/train.jsonl``, ``~/x``, ``./y``) replaced by ``<path>``.
+
+    A region's error text is not private (it is not a DP release) and may name the region's files; the
+    report keeps the error, not where the region keeps its data.
+    """
+    return _PATH.sub("<path>", str(text))
+
+
+def skipped_rounds(region: Mapping[str, Any]) -> dict[int, str]:
+    """Rounds in which the region was asked to train and did not (round -> why): refused, declined, failed, lost.
+
+    Such a round released nothing and spent no ε (a refusal is decided before training; a failure's partial
+    work never leaves the region); the report and plots show it as skipped, never on the ε curve or the cap.
+    """
+    trained = {int(r) for r in region.get("rounds_participated") or [] if number(r) is not None}
+    out: dict[int, str] = {}
+    for event in region.get("enforcement") or []:
+        if not isinstance(event, Mapping) or number(event.get("round")) is None:
+            continue
+        rnd = int(event["round"])
+        action = str(event.get("action", ""))
+        if rnd > 0 and rnd not in trained and not action.endswith("to evaluate"):
+            out.setdefault(rnd, "failed" if action.startswith("failed") else "skipped")
+    return out
+
+
+def run_verdict(report: Report, aborted: str | None = None) -> tuple[str, str]:
+    """(status, reason) of a run whose coordinator finished (``aborted``: why it ended before its last round).
+
+    ``failed``: no round updated the global model, or the run ended early or with a round below
+    min-train-regions; ``completed with failures``: a model was trained, but some region refused or failed
+    in every round it was asked, or some rounds left the model unchanged; else ``completed`` (reason "").
+    """
+    from fedpriv.core.report_schema import COMPLETED, COMPLETED_WITH_FAILURES, FAILED
+
+    view = ReportView.of(report)
+    rounds = sorted((r for r in view.rounds if number(r.get("round")) is not None and int(r["round"]) > 0),
+                    key=lambda r: int(r["round"]))
+    updated = [int(r["round"]) for r in rounds if r.get("model_updated")]
+    unchanged = [int(r["round"]) for r in rounds if r.get("model_updated") is False]
+    never = {name: region_problem(r) for name, r in view.regions.items()
+             if not r.get("rounds_participated") and region_problem(r)}
+    who = "; ".join(f"{name}: {why}" for name, why in sorted(never.items()))
+    if not updated:
+        why = aborted or "no round updated the global model"
+        return FAILED, one_line(f"{why}" + (f" ({who})" if who else ""), 600)
+    if aborted:
+        return FAILED, one_line(f"ended after round {rounds[-1]['round']}: {aborted}", 600)
+    if rounds and rounds[-1].get("model_updated") is False:
+        return FAILED, one_line(f"the run ended below min-train-regions: round {rounds[-1]['round']} had too few "
+                                f"usable updates and left the global model unchanged" + (f" ({who})" if who else ""), 600)
+    problems = []
+    if never:
+        problems.append(f"{', '.join(sorted(never))} refused or failed in every round ({who})")
+    if unchanged:
+        problems.append(f"round(s) {rounds_text(unchanged)} left the global model unchanged (too few usable updates)")
+    if problems:
+        return COMPLETED_WITH_FAILURES, one_line("; ".join(problems), 600)
+    return COMPLETED, ""
 
 
 def _mode(entry: Mapping[str, Any]) -> str:
     return "aborted" if entry.get("aborted") else ("plain" if entry.get("mode") == "plain" else "secure")
 
 
-__all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "ReportView",
+__all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NOT_PRIVATE_ERRORS", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "ReportView",
            "budget_left", "display_region", "display_regions", "enforcement_text", "epsilon_text", "epsilon_value",
            "final_accuracy", "fmt", "is_dp_off", "max_region_epsilon", "no_dp_guarantee", "number", "over_budget",
            "region_budget", "region_epsilon_series", "region_final_epsilon", "region_lifetime_epsilon",
-           "rounds_text", "secure_aggregation_rounds"]
+           "one_line", "redact_paths", "region_problem", "rounds_text", "run_verdict", "secure_aggregation_rounds",
+           "skipped_rounds"]

@@ -16,7 +16,7 @@ rounds (:mod:`fedpriv.server.resume`). One coordinator at a time writes a run di
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,13 @@ from flwr.serverapp import Grid
 from fedpriv.task.device import peak_memory_mb, select_device
 from fedpriv.core.config import FedprivConfig
 from fedpriv.core.errors import FedprivError
+from fedpriv.core.report_schema import FAILED, RUNNING, STOPPED
 from fedpriv.privacy.report import RunReport
+from fedpriv.privacy.report_view import one_line, run_verdict
 from fedpriv.server.checkpoints import (export_model, latest_checkpoint, load_server_optimizer_state,
                                          prune_checkpoints, save_checkpoint, save_server_optimizer_state)
 from fedpriv.server.evaluation import CentralEvaluator
+from fedpriv.server.console import quiet_flower_results
 from fedpriv.server.faults import WatchedGrid
 from fedpriv.server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
                            restore_report, total_wall_time)
@@ -125,10 +128,11 @@ class Coordinator:
         try:
             return self._run(grid)
         except BaseException as exc:  # a crash or a stop must still leave an honest report behind
-            if self.report.status == "running":
-                why = ("the run was stopped or its ServerApp shut down" if isinstance(exc, (SystemExit, KeyboardInterrupt))
-                       else f"{type(exc).__name__}: {exc}")
-                self.report.status = f"interrupted: {why}"[:300]
+            if self.report.status == RUNNING:
+                if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                    self.report.status, self.report.status_reason = STOPPED, "the run was stopped or its ServerApp shut down"
+                else:
+                    self.report.status, self.report.status_reason = FAILED, one_line(f"{type(exc).__name__}: {exc}")
                 self.report.write()
             raise
         finally:
@@ -153,15 +157,15 @@ class Coordinator:
         self.grid = WatchedGrid(grid, self.cfg.regions, lookup=self.strategy.node_regions.get)
         self.report.write()
         try:
-            result = self.strategy.start(grid=self.grid, initial_arrays=to_array_record(initial),
-                                         num_rounds=self.cfg.num_server_rounds - self.start_round,
-                                         timeout=self.cfg.round_timeout, evaluate_fn=self.evaluate_round)
-            self.report.status = "completed"
+            with quiet_flower_results():  # each round's accuracy once (evaluate_round), no "Final results" dump
+                result = self.strategy.start(grid=self.grid, initial_arrays=to_array_record(initial),
+                                             num_rounds=self.cfg.num_server_rounds - self.start_round,
+                                             timeout=self.cfg.round_timeout, evaluate_fn=self.evaluate_round)
+            aborted = None
             final = from_array_record(result.arrays) if len(result.arrays) else initial
         except RunAborted as exc:
-            self.report.status = f"stopped: {exc}"
+            aborted = str(exc)
             final = self._last_values(initial)
-            log(INFO, "run stopped: %s", exc)
         set_trainable_values(self.model, final)
         export_model(self.run_dir, self.model, self.tokenizer)
         self.segment.update(wall_time_s=round(time.time() - self.started, 1))
@@ -170,6 +174,9 @@ class Coordinator:
         released = [r.peak_memory_mb for r in self.report.regions.values() if r.peak_memory_mb]
         if released:  # a region sends its peak memory only when its policy releases train metrics
             self.report.run_info["region_peak_memory_mb"] = max(released)
+        self.report.status, self.report.status_reason = run_verdict(self.report.to_dict(), aborted)
+        log(INFO if not self.report.status_reason else WARNING, "run %s%s", self.report.status,
+            f": {self.report.status_reason}" if self.report.status_reason else "")
         self.report.write()
         return self.report
 

@@ -27,6 +27,7 @@ through untouched.
 
 from __future__ import annotations
 
+import re
 import time
 from logging import WARNING
 from typing import Callable, Iterable
@@ -139,8 +140,8 @@ class WatchedGrid:
                                       f"its SuperNode stopped answering (missed heartbeats): {_last_line(reason)}"))
             elif contract.split_reason(reason)[0] is not None:
                 out.append(reply)  # already "<region>|<reason>" from a fedpriv ClientApp
-            else:  # the ClientApp crashed: keep the last line of its traceback
-                out.append(contract.error_reply(original, region, _last_line(reason), code=int(reply.error.code)))
+            else:  # the ClientApp raised: "<Error>: <message>" on one line, never a repr or a traceback
+                out.append(contract.error_reply(original, region, clientapp_error(reason), code=int(reply.error.code)))
         waited = time.monotonic() - started
         for original in sent:
             if original.metadata.message_id and original.metadata.message_id not in answered:
@@ -151,8 +152,27 @@ class WatchedGrid:
 
     def _lost(self, original: Message, region: str, code: int, reason: str) -> Message:
         self.lost.append((region, reason))
-        log(WARNING, "region %s lost in this round: %s", region, reason)
+        if original.metadata.message_type != MessageType.TRAIN:  # a train reply gets the strategy's one line
+            log(WARNING, "region %s lost in this round: %s", region, reason)
         return contract.error_reply(original, region, reason, code=code)
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def clientapp_error(reason: str) -> str:
+    """The one line of an exception a region's ClientApp process raised, as Flower reports it.
+
+    Flower writes ``"<class 'pkg.FedprivError'>:<'app bundle ... is not signed ...'>"`` (the exception's
+    repr-like form) for anything a ClientApp -- or fedpriv's bundle gate in front of it -- raised; that
+    becomes ``"FedprivError: app bundle ... is not signed ..."``; a traceback becomes its last line.
+    """
+    text = str(reason).strip()
+    found = _FLOWER_REASON.match(text)
+    if found:
+        name, message = found.group(1), " ".join(found.group(2).split())
+        return f"{name}: {message}"[:300] if message else name
+    return _last_line(text)
 
 
 def _last_line(text: str) -> str:

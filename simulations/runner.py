@@ -96,8 +96,9 @@ def federation_options(cfg: FedprivConfig, num_gpus: int) -> dict[str, Any]:
 
 def check_region_policies(cfg: FedprivConfig) -> None:
     """Every simulated region's policy (``sim-region-policy``, "" = the built-in one) loads, before anything starts."""
-    from fedpriv.privacy.policy import policy_for_node
+    from fedpriv.privacy.policy import check_simulation_policy_regions, policy_for_node
 
+    check_simulation_policy_regions(cfg.sim_region_policy, cfg.regions)
     for region in cfg.regions:
         policy_for_node({}, region, cfg.sim_region_policy, cfg.sim_max_epsilon)
 
@@ -112,6 +113,9 @@ class SimulationResult:
 class Simulation:
     def __init__(self, overrides: Mapping[str, Any] | None = None, preset: str = "default", run_dir: Path | None = None):
         flat, cfg = resolve_config(overrides, preset_overrides(preset))
+        if flat["resume-from"]:  # a simulation's regions keep no ledger between runs to resume against
+            raise ConfigError(f"resume-from = {flat['resume-from']!r}: only `fedpriv run --resume RUN_DIR` continues a run "
+                              "(a simulation starts fresh: leave resume-from unset)")
         self.corpus_dir = cfg.data_dir
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir or (Path(flat["run-dir"]) if flat["run-dir"] else Path("runs") / f"sim-{stamp}")).resolve()

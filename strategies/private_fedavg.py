@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedpriv.core import contract
 from fedpriv.core.errors import FedprivError
 from fedpriv.privacy.report import RegionRecord, RunReport
+from fedpriv.privacy.report_view import one_line, redact_paths
 
 
 class RunAborted(FedprivError):
@@ -122,6 +123,7 @@ class PrivateFedAvg(FedAvg):
                 else:
                     failed.append(err.region)
                     self.report.record_enforcement(err.region, rnd, "failed", err.text[:300])
+                self._say(rnd, err, "refused to train" if err.refused else "failed")
                 continue
             region = str(msg.content[contract.REGION]["name"])
             self.node_regions[msg.metadata.src_node_id] = region
@@ -138,6 +140,10 @@ class PrivateFedAvg(FedAvg):
     def _aggregate_updates(self, server_round: int, ok: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the usable replies (at least ``min_train_regions``) into the next global model: FedAvg."""
         return super().aggregate_train(server_round, ok)
+
+    def _say(self, rnd: int, err: contract.RegionError, what: str) -> None:
+        """One console line per region and round: who, what (refused / failed), the rule and the reason."""
+        log(WARNING, "round %d: region %s %s: %s", rnd, err.region, what, one_line(redact_paths(str(err))))
 
     def _region(self, node_id: int) -> str:
         return self.node_regions.get(node_id, f"node-{node_id}")
@@ -156,11 +162,12 @@ class PrivateFedAvg(FedAvg):
             if msg.has_error():  # a region that does not release local evaluation: noted once
                 err = contract.read_error(msg, self._region(msg.metadata.src_node_id))
                 rec = self.report.regions.setdefault(err.region, RegionRecord())
-                if err.refused and not any(e["reason"] == err.text for e in rec.enforcement):
+                if err.refused and not any(e["reason"] == one_line(redact_paths(err.text)) for e in rec.enforcement):
                     self.record_refusal(err, rnd, "refused to evaluate")
+                    self._say(rnd, err, "refused to evaluate")
             elif contract.REGION in msg.content:
                 region = str(msg.content[contract.REGION]["name"])
                 acc = float(msg.content[contract.METRICS][contract.EVAL_ACCURACY])
-                self.report.regions.setdefault(region, RegionRecord()).local_accuracy_by_round.append(acc)
+                self.report.record_local_evaluation(region, acc)  # labelled "not private" in the report
         return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
 

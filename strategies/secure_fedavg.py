@@ -135,6 +135,7 @@ class SecureFedAvg(PrivateFedAvg):
     def _record(self, rnd: int, entry: dict[str, Any], refusals: Iterable[contract.RegionError]) -> None:
         for err in refusals:
             self.record_refusal(err, rnd, "refused")
+            self._say(rnd, err, "refused")
         section = self._section()
         section["rounds"] = [r for r in section["rounds"] if r["round"] != entry["round"]] + [entry]
         section["rounds"].sort(key=lambda r: r["round"])

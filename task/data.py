@@ -58,15 +58,26 @@ def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
 
 
 def read_jsonl(path: Path) -> list[Example]:
+    """The examples of a fedpriv JSONL file; anything else (random bytes, other JSON) is one :class:`DataError` line."""
     try:
         with path.open(encoding="utf-8") as fh:
-            return [Example(**json.loads(line)) for line in fh if line.strip()]
+            return [_example(json.loads(line)) for line in fh if line.strip()]
     except FileNotFoundError:
         raise DataError(f"data file {path} does not exist: run `fedpriv prepare-data` first") from None
     except PermissionError:
         raise DataError(f"data file {path} is not readable by this user") from None
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise DataError(f"data file {path} is not fedpriv JSONL ({exc}): re-run `fedpriv prepare-data`") from None
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 text: expected fedpriv JSONL (one post per line); "
+                        "re-run `fedpriv prepare-data`") from None
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:120]
+        raise DataError(f"data file {path} is not fedpriv JSONL ({detail}): re-run `fedpriv prepare-data`") from None
+
+
+def _example(row: object) -> Example:
+    if not isinstance(row, dict):
+        raise TypeError(f"a line holds a JSON {type(row).__name__}, expected an object")
+    return Example(**row)
 
 
 def label_examples(rows: Iterable[tuple[str, str, float, str]], neutral_band: float = 0.0) -> Iterator[Example]:

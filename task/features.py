@@ -137,8 +137,10 @@ def collate_features(batch: Sequence[tuple[np.ndarray | torch.Tensor, int]], dim
     return {"hidden": hidden, "attention_mask": mask, "labels": labels}
 
 
-def compute_features(prefix: FrozenPrefix, data: EncodedDataset, device: torch.device, batch_size: int = 64) -> list[np.ndarray]:
-    """Run the frozen prefix once over every post (length-sorted batches, little padding)."""
+def compute_features(prefix: FrozenPrefix, data: EncodedDataset, device: torch.device, batch_size: int = 64,
+                     progress=None) -> list[np.ndarray]:  # noqa: ANN001 - progress: Callable[[int], None]
+    """Run the frozen prefix once over every post (length-sorted batches, little padding); ``progress(n)``
+    is told each batch's size (:class:`fedpriv.task.progress.Progress`)."""
     prefix.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     out: list[np.ndarray | None] = [None] * len(data)
@@ -149,6 +151,8 @@ def compute_features(prefix: FrozenPrefix, data: EncodedDataset, device: torch.d
         for row, i in enumerate(idx):
             n = 1 if prefix.pool_here else len(data.input_ids[i])
             out[i] = hidden[row, :n].cpu().numpy().astype(np.float16)
+        if progress is not None:
+            progress(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -183,9 +187,10 @@ class SplitClassifier:
         self.prefix = FrozenPrefix(model, k)
         self.top = ClassifierTop(model, k)
 
-    def features(self, data: EncodedDataset, device: torch.device, cache: tuple[Path, str] | None = None) -> FeatureDataset:
+    def features(self, data: EncodedDataset, device: torch.device, cache: tuple[Path, str] | None = None,
+                 progress=None) -> FeatureDataset:  # noqa: ANN001 - see compute_features
         """Prefix features for ``data``; with ``cache=(dir, key)`` they are read from / written to disk."""
-        compute = lambda: compute_features(self.prefix, data, device)  # noqa: E731
+        compute = lambda: compute_features(self.prefix, data, device, progress=progress)  # noqa: E731
         feats = compute() if cache is None else cached_features(cache[0], cache[1], compute)
         return FeatureDataset(feats, list(data.labels))
 

@@ -194,6 +194,26 @@ def load_region(data_root: Path, region: str) -> RegionShard:
     return RegionShard(train=read_jsonl(base / TRAIN_FILE), test=read_jsonl(base / TEST_FILE))
 
 
+def cap_shard(shard: RegionShard, max_examples: int, seed: int) -> RegionShard:
+    """The region's own share of a run's ``max-examples-per-region`` cap: at most ``max_examples`` training
+    posts and ``max(1, max_examples // 4)`` test posts (as a simulation's partition caps them), chosen by a
+    permutation of the public ``seed`` alone (not by the posts' content); ``0`` keeps everything.
+
+    ``fedpriv simulate`` writes capped shards; a deployed region holds its whole shard, so it applies the cap
+    itself (``fedpriv run --preset smoke`` trained on 14 886 posts where the config said 600).
+    """
+    if max_examples <= 0:
+        return shard
+
+    def first(examples: list[Example], n: int) -> list[Example]:
+        if len(examples) <= n:
+            return examples
+        keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+        return [examples[i] for i in keep]
+
+    return RegionShard(train=first(shard.train, max_examples), test=first(shard.test, max(1, max_examples // 4)))
+
+
 def load_server_test(data_root: Path) -> list[Example]:
     return read_jsonl(server_test_path(data_root))
 

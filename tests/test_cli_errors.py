@@ -41,6 +41,10 @@ def test_missing_prepared_data_names_the_command_to_run(tmp_path):
     (["--run-config", "delta=1.5"], ["delta = 1.5", "(0, 1)"]),
     (["--run-config", "delta=0.0"], ["delta = 0.0"]),
     (["--run-config", "num-server-rounds=0"], ["num-server-rounds = 0", ">= 1"]),
+    (["--run-config", "num-server-rounds=1000000"], ["num-server-rounds = 1000000", "at most 10000"]),
+    (["--run-config", "target-epsilon=inf"], ["target-epsilon = inf", "a finite number"]),
+    (["--run-config", "max-grad-norm=nan"], ["max-grad-norm = nan", "a finite number"]),
+    (["--run-config", "resume-from='runs/x'"], ["resume-from = 'runs/x'", "fedpriv run --resume"]),
     (["--run-config", "batch-size='big'"], ["batch-size", "expected a int"]),
     (["--run-config", "secagg-neighbours=1 secagg-threshold=3 regions='a,b,c'"], ["secagg-threshold = 3", "<= 2"]),
     (["--run-config", "grad-sample-mode='fast'"], ["grad-sample-mode = 'fast'", "ghost, hooks"]),
@@ -76,3 +80,34 @@ def test_unusable_data_dir_is_one_line_naming_the_path(tmp_path, where, fragment
     proc = run_cli("prepare-data", "--data-dir", where)
     assert_one_line_error(proc, *[f.replace("FILE", str(tmp_path / "FILE")) for f in fragments])
     assert proc.stderr.startswith("fedpriv prepare-data: error: ")
+
+
+def test_a_corpus_of_random_bytes_is_one_line(tmp_path):
+    """Random bytes where the corpus should be: a 27-line UnicodeDecodeError traceback before, one line now."""
+    import random
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_bytes(random.Random(1).randbytes(1 << 20))  # > one read buffer: decoding fails
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), data_dir=data)
+    assert_one_line_error(proc, "corpus.jsonl", "not UTF-8 text", "fedpriv prepare-data")
+
+
+def test_a_corpus_of_other_json_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text("[1, 2, 3]\n")
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), data_dir=data)
+    assert_one_line_error(proc, "corpus.jsonl", "is not fedpriv JSONL", "expected an object")
+
+
+def test_a_policy_table_for_a_misspelt_region_is_one_line(tmp_path):
+    """[regions.us-easst] was ignored silently (us-east then ran under the file's default [policy])."""
+    data = write_corpus(tmp_path / "data", 200)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\ndelta = 1e-5\nmax-lifetime-epsilon = 10.0\n\n"
+                      "[regions.us-easst]\nmax-lifetime-epsilon = 1.0\n")
+    proc = run_cli("simulate", "--run-dir", str(tmp_path / "run"), "--run-config",
+                   f"regions='us-east,eu-west' sim-region-policy='{policy}'", data_dir=data)
+    assert_one_line_error(proc, "[regions.us-easst]", "expected one of us-east, eu-west")
+    assert not (tmp_path / "run" / "superlink.log").exists()

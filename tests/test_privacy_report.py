@@ -203,3 +203,77 @@ def test_markdown_and_html_take_dp_off_and_over_budget_from_the_same_view(tmp_pa
         assert "Over budget" in text and "eu-west (ε = 3.000" in text
     assert "ε = ∞ for every region" not in page
     assert md.count("∞ (DP off)") == 3  # this run, cross-check and lifetime columns of us-east only
+
+
+# -- issue 23: skipped rounds, names, the unit of privacy, everything that left a region ---------------------
+
+
+def _refusing_run(tmp_path, name: str = "sweep-eps1") -> dict:
+    """us-east trains rounds 1-2 and refuses 3-4 (budget); eu-west trains all 4 with deterministic noise."""
+    run_dir = tmp_path / name
+    report = RunReport(run_dir, {"run-dir": str(run_dir), "job-id": "job-7", "insecure-deterministic-noise": True},
+                       "rdp", 1e-5, ["us-east", "eu-west"])
+    report.run_id = "13997850836775260851"
+    for rnd in (1, 2, 3, 4):
+        report.record_training("eu-west", rnd, _metrics(True, epsilon=0.3 * rnd, **{"deterministic-noise": 1}), HISTORY)
+        if rnd <= 2:
+            report.record_training("us-east", rnd, _metrics(True, epsilon=0.4 * rnd, **{"max-epsilon": 1.0}), HISTORY)
+        else:
+            report.record_enforcement("us-east", rnd, "refused to train",
+                                      "max-lifetime-epsilon: the ledger at /srv/us-east/ledger.sqlite is at ε = 0.8")
+        report.record_round(rnd, accuracy=0.6 + 0.05 * rnd, model_updated=True)
+    report.write()
+    return load_report(run_dir)
+
+
+def test_skipped_rounds_are_shown_as_skipped_not_as_spending(tmp_path, monkeypatch):
+    """The ε plot drew refusals on the budget (cap) line, as if the region had spent up to its cap."""
+    from fedpriv.privacy import plots
+
+    data = _refusing_run(tmp_path)
+    md = (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
+    assert "| 3 | skipped | 0.900 |" in md and "| 4 | skipped | 1.200 |" in md, md
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, dest: figures.append(fig))
+    plots.plot_epsilon(data, tmp_path / "eps.png")
+    ax = figures[0].axes[0]
+    marks = {c.get_label(): c.get_offsets().tolist() for c in ax.collections}
+    assert marks["us-east skipped (no ε spent)"] == [[3.0, 0.8], [4.0, 0.8]]  # at the ε it stood at, not at 1.0
+    assert not any(y == 1.0 for points in marks.values() for _, y in points)
+
+
+def test_runs_are_labelled_by_name_not_by_flower_run_id(tmp_path, monkeypatch):
+    from fedpriv.privacy import plots
+    from fedpriv.privacy.html_report import render_html
+
+    a, b = _refusing_run(tmp_path, "sweep-eps1"), _refusing_run(tmp_path, "sweep-eps8")
+    labels = []
+    monkeypatch.setattr(plots, "_label", lambda ax, text, *rest: labels.append(text))
+    plots.plot_accuracy_vs_epsilon([a, b], tmp_path / "acc.png")
+    assert labels == ["sweep-eps1", "sweep-eps8"]
+    html = render_html([a, b], tmp_path / "cmp.html").read_text()
+    assert '<a href="#run-0">sweep-eps1</a>' in html and '<a href="#run-1">sweep-eps8</a>' in html
+    md = (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
+    assert md.splitlines()[2].startswith("# fedpriv privacy-budget report — sweep-eps1") or \
+        "# fedpriv privacy-budget report — sweep-eps1" in md
+
+
+def test_markdown_states_the_unit_of_privacy_like_the_html(tmp_path):
+    data = _refusing_run(tmp_path)
+    md = (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
+    assert f"The unit of privacy is **{data['unit_of_privacy']}**" in md
+
+
+def test_deterministic_noise_and_error_texts_are_in_what_left_each_region(tmp_path):
+    """Both left the regions but were missing from "What left each region"; error texts carried file paths."""
+    data = _refusing_run(tmp_path)
+    rows = {r["value"].split(" (")[0]: r for r in data["released"]}
+    noise = rows["whether the region's DP noise was deterministic"]
+    assert noise["regions"] == {"us-east": "off", "eu-west": "on: no DP guarantee"}
+    errors = rows["the text of the region's refusals and errors"]
+    assert errors["guarantee"].startswith("not private") and errors["regions"] == {"us-east": "round(s) 3, 4"}
+    text = json.dumps(data) + (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
+    assert "/srv/us-east" not in text and "the ledger at <path> is at ε = 0.8" in text
+    md = (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
+    assert "| the text of the region's refusals and errors" in md and "not private: a region's own error text" in md

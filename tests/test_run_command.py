@@ -76,6 +76,9 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         "unknown config key 'bogus'": [*base, "--run-config", "bogus=1"],
         "config key 'num-server-rounds' = 'x': expected a int": [*base, "--run-config", "num-server-rounds='x'"],
         r"num-server-rounds = 0: expected an integer >= 1": [*base, "--run-config", f"{TINY} num-server-rounds=0"],
+        r"num-server-rounds = 1000000: expected an integer >= 1 and at most 10000":
+            [*base, "--run-config", f"{TINY} num-server-rounds=1000000"],
+        r"target-epsilon = inf: expected a finite number": [*base, "--run-config", f"{TINY} target-epsilon=inf"],
         "fewer than batch-size = 1024": [*base],  # pyproject defaults vs 128-post regions
         "unknown preset 'huge'": [*base, "--preset", "huge"],
         "is set by fedpriv run: pass --data instead": [*base, "--run-config", "data-dir='/x'"],
@@ -90,6 +93,8 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         "missing publisher key .*/nope.key: create it with `fedpriv keygen --publisher": ["--sign-key", str(tmp_path / "nope.key")],
         r"loose.key is readable by other users \(mode 644\): chmod 600 it": ["--sign-key", str(loose)],
         "is not an Ed25519 key": ["--sign-key", str(certs.region_key("us-east"))],
+        r"--sign-key .*publisher.pub is a public key: pass the publisher's private key .*publisher.key":
+            ["--sign-key", str(Path(_key(certs)).with_suffix(".pub"))],
     }
     import re
 

@@ -8,6 +8,7 @@ the run and the whole process tree, and the command exits non-zero with one line
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,9 @@ def test_simulate_stopped_by_a_signal_stops_its_whole_process_tree(tmp_path: Pat
     assert "Traceback" not in text, text[-3000:]
     # Each ServerApp log line reaches the console once (not once coloured and once timestamped).
     assert len([ln for ln in text.splitlines() if SERVER_LINE in ln]) == 1, text[-3000:]
+    # The report says how the run ended: it was left "running" by the killed coordinator (issue 23).
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    assert report["status"] == "stopped" and report["status_reason"], (report["status"], report.get("status_reason"))
 
 
 def test_sigterm_becomes_stop_requested_once_and_not_during_a_tree_stop():

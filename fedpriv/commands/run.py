@@ -20,9 +20,12 @@ RUN_DIR; the ServerApp continues after the last completed round
 (:mod:`fedpriv.server.resume`) and every region composes ε over its ledger's releases for
 the job id.
 
-Exit status: 0 when the run completed and its report says so, 1 when the run
-failed, was stopped, timed out or ended early (e.g. no region left), 2 for input
-errors, 130 on Ctrl-C and 143 on SIGTERM (the run is stopped on the SuperLink).
+Exit status (:mod:`fedpriv.commands.outcome`, the same as ``fedpriv simulate``): 0 when the report says
+``completed``; 1 when it says ``failed`` (no round updated the model, the run ended below
+min-train-regions or early, the coordinator crashed) or ``stopped`` (also a timeout); 3 for ``completed
+with failures`` (a region refused or failed in every round, or rounds left the model unchanged); 2 for
+input errors, 130 on Ctrl-C and 143 on SIGTERM (the run is stopped on the SuperLink and its report says
+``stopped``).
 """
 
 from __future__ import annotations
@@ -115,9 +118,14 @@ class RunCommand:
         try:
             outcome = client.wait(run_id, stream=not args.quiet, timeout_s=args.timeout, poll_s=5.0)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as StopRequested
+            settle_after_stop(plan.run_dir, f"fedpriv run was interrupted ({getattr(exc, 'signal_name', 'SIGINT')}); "
+                                            f"run {run_id} was stopped on the SuperLink")
             print(f"\nfedpriv run: interrupted: run {run_id} stopped on the SuperLink. Continue it with:\n  "
                   f"{resume_command(plan)}", flush=True)
             return int(getattr(exc, "exit_status", 130))
+        if outcome.status in ("finished:stopped", "finished:timeout"):  # stopped on the SuperLink (--timeout, flwr stop)
+            settle_after_stop(plan.run_dir, f"run {run_id} was stopped on the SuperLink ({outcome.status}: "
+                                            f"{outcome.details or 'no details'})")
         return finish(plan, outcome, time.time() - started)
 
 
@@ -189,12 +197,12 @@ def _plan_resume(args, overrides: dict[str, Any], certs_dir: Path, ca_cert: Path
     flat = merge_config(flat, overrides)
     status = str(point.report.get("status", ""))
     rounds = int(flat["num-server-rounds"])
-    if status == "completed":
+    if status in ("completed", "completed with failures"):
         raise FedprivError(f"--resume {run_dir}: that run already completed ({rounds} rounds); nothing to resume")
     data_dir = _data_dir(args.data, saved.get("data-dir"))
     flat.update({"run-dir": str(run_dir), "data-dir": str(data_dir), "resume-from": str(run_dir),
                  "job-id": point.job_id})
-    if status.startswith("stopped"):
+    if status.startswith(("stopped", "failed")):
         notes.append(f"the run in {run_dir} had ended early ({status}); resuming it anyway")
     return RunPlan(args.superlink, certs_dir, ca_cert, run_dir, data_dir, flat,
                    resumed_from_round=point.completed_round, previous_run_id=str(point.report.get("run_id") or ""),
@@ -249,8 +257,22 @@ def check_sign_key(path: str | None) -> Path:
         raise FedprivError("missing --sign-key FILE: regions run only app bundles signed by a publisher they trust (pass "
                            "--bundle with the app.fab the publisher made with `fedpriv sign-bundle`, or its publisher.key)")
     key = Path(path).expanduser().absolute()
+    if is_public_key(key):  # before the private-key checks: "chmod 600" would be the wrong advice
+        raise FedprivError(f"--sign-key {key} is a public key: pass the publisher's private key "
+                           f"{key.with_suffix('.key') if key.suffix == '.pub' else 'publisher.key'} (the .pub file "
+                           "goes into each region's trust file)")
     load_publisher_key(key)
     return key
+
+
+def is_public_key(path: Path) -> bool:
+    """An OpenSSH public key line (``ssh-ed25519 AAAA...``), as ``publisher.pub`` holds."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    return head.lstrip().startswith((b"ssh-", b"ecdsa-sha2-", b"sk-ssh-"))
 
 
 def check_regions_known(regions: tuple[str, ...], certs_dir: Path) -> None:
@@ -343,20 +365,35 @@ def resume_command(plan: RunPlan) -> str:
     return f"fedpriv run --superlink {plan.superlink} --certs {plan.certs_dir}{sign} --resume {plan.run_dir}"
 
 
+def settle_after_stop(run_dir: Path, why: str, grace_s: float = 15.0) -> None:
+    """After ``flwr stop``: give the ServerApp ``grace_s`` to write its own end (it records ``stopped``), then
+    settle a report still saying ``running`` (its process was killed before it could)."""
+    from fedpriv.commands.outcome import settle_interrupted
+    from fedpriv.core.report_schema import RUNNING, peek
+
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and (peek(run_dir) or {}).get("status") == RUNNING:
+        time.sleep(1.0)
+    settle_interrupted(run_dir, why)
+
+
 def finish(plan: RunPlan, outcome, wall_s: float) -> int:
-    """Print where the report is and a short summary; 0 only if Flower and the report both say completed."""
-    from fedpriv.core.report_schema import MD_NAME, peek
+    """Print the verdict and a short summary; the exit code is the report's (:mod:`fedpriv.commands.outcome`)."""
+    import sys
+
+    from fedpriv.commands.outcome import judge
+    from fedpriv.core.report_schema import COMPLETED, MD_NAME, peek
     from fedpriv.privacy.report_view import epsilon_text  # light: no torch
 
+    verdict = judge(plan.run_dir, outcome)
     report: dict[str, Any] = peek(plan.run_dir) or {}
-    status = str(report.get("status", "missing"))
-    ok = outcome.succeeded and status == "completed"
+    ok = verdict.exit_code == 0
     rounds = [r for r in report.get("rounds", []) if int(r.get("round", 0)) > 0]
     last = rounds[-1] if rounds else {}
-    head = "finished" if ok else "FAILED"
+    head = "finished" if ok else "FAILED" if verdict.status != "completed with failures" else "finished with failures"
     print(f"\nfedpriv run: run {outcome.run_id} {head}: Flower status {outcome.status}"
           + (f" ({outcome.details})" if outcome.details and outcome.details != "N/A" else "")
-          + f"; report status {status}; {wall_s:.0f}s", flush=True)
+          + f"; report status {verdict.status}; {wall_s:.0f}s", flush=True)
     if report:
         eps = ", ".join(f"{name} {epsilon_text(r)}" for name, r in report.get("regions", {}).items())
         print(f"  rounds completed: {last.get('round', 0)} of {plan.flat['num-server-rounds']}"
@@ -366,8 +403,8 @@ def finish(plan: RunPlan, outcome, wall_s: float) -> int:
         if lost:
             print(f"  regions that failed in some round: {', '.join(lost)} (see the report's rounds)", flush=True)
         print(f"  privacy report: {plan.run_dir / MD_NAME}", flush=True)
-    else:
-        print(f"  no privacy report in {plan.run_dir}: the coordinator did not start (see the SuperLink's log)", flush=True)
-    if not ok and status != "completed":
+    if verdict.status not in (COMPLETED, "completed with failures") and rounds:
         print(f"  continue it with: {resume_command(plan)}", flush=True)
-    return 0 if ok else 1
+    if not ok:  # the last line: why
+        print(f"fedpriv run: run {outcome.run_id} {verdict.line}", file=sys.stderr, flush=True)
+    return verdict.exit_code

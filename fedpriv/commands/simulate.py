@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import sys
+
 from fedpriv.commands.options import add_quiet, add_run_config, add_run_dir
+from fedpriv.commands.outcome import judge, settle_interrupted
 from fedpriv.commands.registry import command
 from fedpriv.core.config import parse_overrides
 from fedpriv.core.report_schema import MD_NAME
@@ -20,16 +23,23 @@ class SimulateCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Exit status: the report's verdict (:mod:`fedpriv.commands.outcome`): 0 only for ``completed``."""
         from fedpriv.simulations.runner import Simulation
 
         sim = Simulation(parse_overrides(args.run_config), preset=args.preset, run_dir=args.run_dir)
-        result = sim.run(stream=not args.quiet)
+        try:
+            result = sim.run(stream=not args.quiet)
+        except KeyboardInterrupt as exc:  # every process of the run is gone: the report must not say "running"
+            settle_interrupted(sim.run_dir, f"fedpriv simulate was interrupted ({getattr(exc, 'signal_name', 'SIGINT')})")
+            raise
         report = result.run_dir / MD_NAME
-        if not result.outcome.succeeded:
-            print(f"fedpriv simulate: run {result.outcome.run_id} ended with status {result.outcome.status} "
-                  f"{result.outcome.details}; see {result.run_dir}/superlink.log", flush=True)
-            return 1
-        print(f"\nfedpriv: simulation finished in {result.wall_time_s:.0f}s. Privacy report: {report}", flush=True)
-        if report.exists():
-            print(report.read_text())
-        return 0
+        verdict = judge(result.run_dir, result.outcome)
+        if verdict.exit_code == 0:
+            print(f"\nfedpriv: simulation finished in {result.wall_time_s:.0f}s. Privacy report: {report}", flush=True)
+            if report.exists():
+                print(report.read_text())
+        else:
+            print(f"\nfedpriv simulate: run {result.outcome.run_id} {verdict.line}", file=sys.stderr, flush=True)
+            print(f"fedpriv simulate: privacy report {report if report.exists() else '(none)'}; "
+                  f"logs {result.run_dir / 'superlink.log'}", flush=True)
+        return verdict.exit_code

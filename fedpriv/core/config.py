@@ -33,6 +33,10 @@ MODELS = ("minilm", "tiny")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # strategies/server_optimizer.py
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A job id: no '/' (a region's ledger keys a release as ``<job-id>/<attempt>`` and splits on the first '/')."""
+MAX_SERVER_ROUNDS = 10_000
+"""The most rounds a run may ask for: every round is a DP release of every region and a row of the privacy
+report (rewritten after each round), and ε grows with each; 10 000 rounds is far beyond any useful DP
+fine-tuning (the presets use 2-150), so a larger value is a typo (``1000000`` for ``100``), not a plan."""
 SECAGG_QUANT_BITS = (4, 32)
 """The one range of ``secagg-quant-bits``: the run config, the coordinator's workflow and the region's check
 of the coordinator's setup all use it (the protocol library itself encodes up to 48 bits)."""
@@ -222,7 +226,12 @@ class FedprivConfig:
 
     def validate(self) -> None:
         """Reject values that would make a run meaningless or unsafe, with one-line reasons."""
-        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "an integer >= 1")
+        for f in dataclasses.fields(self):  # TOML allows inf and nan: no float key means anything with them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name.replace('_', '-')} = {value!r}: expected a finite number")
+        _check(1 <= self.num_server_rounds <= MAX_SERVER_ROUNDS, "num-server-rounds", self.num_server_rounds,
+               f"an integer >= 1 and at most {MAX_SERVER_ROUNDS} (each round is a DP release of every region)")
         _check(0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "a number in (0, 1]")
         _check(
             1 <= self.min_train_regions <= self.num_regions,

@@ -31,9 +31,19 @@ HTML_NAME = "privacy_report.html"
 
 #: Top-level keys fedpriv writes (``fedpriv.privacy.report.RunReport.to_dict``); any other top-level
 #: key (``runs``, ``audit``, ...) is an extra that readers keep as it is.
-TOP_LEVEL_KEYS = ("schema_version", "run_id", "created", "status", "accountant", "cross_check_accountant", "delta",
+TOP_LEVEL_KEYS = ("schema_version", "run_id", "created", "status", "status_reason", "accountant", "cross_check_accountant", "delta",
                   "unit_of_privacy", "secure_aggregation", "config", "regions", "rounds", "partition", "run_info",
                   "released")
+#: A report's ``status``: ``running`` while the coordinator works, then one of the four final ones, with
+#: ``status_reason`` (one line) saying why whenever it is not ``completed``:
+RUNNING = "running"
+COMPLETED = "completed"  # every round ran, the model was updated, every region that was asked took part
+COMPLETED_WITH_FAILURES = "completed with failures"  # a model was trained, but a region refused or failed in every
+#                                                      round, or some rounds left the model unchanged
+FAILED = "failed"  # no round updated the model, the run ended below min-train-regions, or the coordinator crashed
+STOPPED = "stopped"  # interrupted: Ctrl-C, SIGTERM, `flwr stop`, the coordinator's process killed
+FINAL_STATUSES = (COMPLETED, COMPLETED_WITH_FAILURES, FAILED, STOPPED)
+
 #: Per-region keys derived from the others when the report is written (recomputed, never restored).
 DERIVED_REGION_KEYS = ("epsilon", "budget_left")
 #: Per-region lists indexed like ``rounds_participated`` (one entry per round the region trained in).
@@ -153,13 +163,31 @@ def _sentinel(value: Any) -> bool:
 def save(run_dir: str | Path, data: Mapping[str, Any], markdown: str | None = None) -> Path:
     """Write ``data`` as ``RUN_DIR/privacy_report.json`` (and ``markdown`` as ``privacy_report.md``), each atomically.
 
-    The JSON comes first: a reader that finds the Markdown finds at least as new a JSON.
+    The JSON comes first: a reader that finds the Markdown finds at least as new a JSON. The JSON is strict
+    (RFC 8259): a non-finite number (∞, NaN: which Python's ``json`` would write as ``Infinity``/``NaN``, and
+    strict parsers reject) is written as ``null`` (:func:`finite_only`); the README says what null means
+    for each key (unknown, not applicable, or ε = ∞ for a region with ``dp: false``).
     """
     run_dir = Path(run_dir)
-    path = atomic_write_text(run_dir / JSON_NAME, json.dumps(data, indent=2, default=json_default))
+    text = json.dumps(finite_only(data), indent=2, default=json_default, allow_nan=False)
+    path = atomic_write_text(run_dir / JSON_NAME, text)
     if markdown is not None:
         atomic_write_text(run_dir / MD_NAME, markdown)
     return path
+
+
+def finite_only(value: Any) -> Any:
+    """``value`` with every non-finite float (also numpy's, inside lists and dicts) replaced by None."""
+    if isinstance(value, Mapping):
+        return {k: finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v) for v in value]
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "shape", None) == ()):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, float) and not math.isfinite(number):
+            return None
+        return number
+    return value
 
 
 def json_default(obj: Any) -> Any:
@@ -223,6 +251,7 @@ def truncate_history(history: list[tuple[float, float, int]], steps: int) -> lis
     return out
 
 
-__all__ = ["DERIVED_REGION_KEYS", "HTML_NAME", "JSON_NAME", "MD_NAME", "REQUIRED", "RESUME_REQUIRED", "SCHEMA_VERSION",
-           "TOP_LEVEL_KEYS", "json_default", "load", "normalise", "peek", "report_path", "save", "truncate",
+__all__ = ["COMPLETED", "COMPLETED_WITH_FAILURES", "FAILED", "FINAL_STATUSES", "RUNNING", "STOPPED",
+           "DERIVED_REGION_KEYS", "HTML_NAME", "JSON_NAME", "MD_NAME", "REQUIRED", "RESUME_REQUIRED", "SCHEMA_VERSION",
+           "TOP_LEVEL_KEYS", "finite_only", "json_default", "load", "normalise", "peek", "report_path", "save", "truncate",
            "truncate_history"]

@@ -129,8 +129,17 @@ def installed_roots() -> list[str]:
     return [os.path.realpath(p) for n in names for p in importlib.import_module(n).__path__]
 
 
+def _no_traceback_for_refusals(record) -> bool:  # noqa: ANN001 - a logging.LogRecord
+    """Flower logs whatever a ClientApp task raised with its traceback; a refused bundle is one line instead."""
+    from fedpriv.core.errors import FedprivError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, FedprivError)
+
+
 def _clientapp(trust: str, rest: list[str]) -> None:
     """Flower's ``flwr-clientapp`` that verifies the bundle, never unpacks it, and runs the installed ClientApp."""
+    from flwr.common.logger import FLOWER_LOGGER
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as rc
 
@@ -162,6 +171,7 @@ def _clientapp(trust: str, rest: list[str]) -> None:
     rc.pull_task_input = pull_and_remember
     rc.install_from_fab = verify_instead_of_install
     rc.get_load_client_app_fn = load_installed
+    FLOWER_LOGGER.addFilter(_no_traceback_for_refusals)  # the REFUSED line above is the refusal's one line
     sys.argv = ["flwr-clientapp", *[a for a in rest if a != "--allow-runtime-dependency-installation"]]
     flwr_clientapp()
 
