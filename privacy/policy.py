@@ -27,6 +27,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     release-train-metrics = false     # train loss / accuracy / peak memory (not private)
     release-lifetime-epsilon = false  # ε over the whole ledger (reveals other jobs)
     release-local-evaluation = false  # loss / accuracy on the local test split (not private)
+    accountant = "pld"                # the accountant every cap and ceiling is checked with (never the run's)
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedpriv.core.errors import ConfigError, FedprivError
+from fedpriv.privacy.accountant import ACCOUNTANTS  # numpy only, no torch
 
 BUILTIN_SIMULATION_POLICY = Path(__file__).resolve().parents[1] / "simulations" / "region-policy.toml"
 """The policy every simulated region gets when ``sim-region-policy = ""``."""
@@ -64,6 +66,7 @@ class RegionPolicy:
     release_train_metrics: bool = False
     release_lifetime_epsilon: bool = False
     release_local_evaluation: bool = False
+    accountant: str = "pld"  # checks every cap/ceiling and the ε the region records and replies (never the run config's)
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -83,7 +86,8 @@ class RegionPolicy:
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
 _NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold")
-_KEYS = _BOOLS + _NUMBERS
+_STRINGS = {"accountant": ACCOUNTANTS}
+_KEYS = _BOOLS + _NUMBERS + tuple(_STRINGS)
 
 
 def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
@@ -94,6 +98,9 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
     for key in _BOOLS:
         if key in table and not isinstance(table[key], bool):
             raise ConfigError(f"region policy {source}: {key} = {table[key]!r}: expected true or false")
+    for key, allowed in _STRINGS.items():
+        if key in table and table[key] not in allowed:
+            raise ConfigError(f"region policy {source}: {key} = {table[key]!r}: expected one of {', '.join(allowed)}")
     values: dict[str, Any] = {}
     for key in _NUMBERS:
         if key in table:
@@ -122,7 +129,8 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
             raise ConfigError(f"region policy {source}: {key} = {value!r}: expected {expected}")
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
-        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
+        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
+        **{key: str(table[key]) for key in _STRINGS if key in table}, source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

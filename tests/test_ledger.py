@@ -128,8 +128,11 @@ def test_check_budget_refuses_exactly_when_the_next_release_exceeds_the_cap(ledg
 
     below = ledger.check_budget(after * (1 - 1e-9), planned, DELTA)
     assert not below.allowed and not below
-    assert below.reason.startswith("Refused:") and "above the budget" in below.reason
+    assert below.reason.startswith("Refused (max-lifetime-epsilon):") and "above the budget" in below.reason
     assert below.reason.count(".") >= 1 and "\n" not in below.reason
+    # what may leave the region names the rule, not the ledger's ε or how many releases it holds; the log has them
+    assert f"{now:.4g}" not in below.reason and "earlier release" not in below.reason  # (the cap here is ε after)
+    assert f"{now:.4g}" in below.detail and "3 earlier release(s)" in below.detail
 
     # the plain (noise, rate, steps) form gives the same answer
     assert ledger.check_budget(after, (1.1, 0.05, 18), DELTA).allowed
