@@ -363,12 +363,12 @@ class PrivacyLedger:
         self._conn = sqlite3.connect(str(self.path), timeout=self._timeout, isolation_level=None,
                                      check_same_thread=False)  # isolation_level=None: we issue BEGIN/COMMIT ourselves
         self._conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
         check = self._conn.execute("PRAGMA integrity_check").fetchall()
         if [tuple(r) for r in check] != [("ok",)]:
             raise self._damaged(f"fails SQLite's integrity check ({str(check[0][0])[:120]})")
-        self._check_format()
+        self._check_format()  # before anything is written to a file that may not be ours
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
         rows, head = self._verify_chain()
         if anchor is not None:
             self._check_anchor(anchor, rows)

@@ -223,7 +223,7 @@ def test_ledger_survives_sigkill_at_random_moments(tmp_path):
                 line = proc.stdout.readline()
                 assert line, proc.stderr.read().decode()[-2000:]
                 first += line
-            time.sleep(rng.uniform(0.0, 0.12))
+            time.sleep(rng.uniform(0.0, 0.5))  # a release is two fsyncs (row, then anchor): ~25 ms each
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=10)
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
@@ -241,8 +241,10 @@ def test_ledger_survives_sigkill_at_random_moments(tmp_path):
         finally:
             conn.close()
         assert reported <= present, f"kill {i}: lost {sorted(reported - present)[:5]}"
+        if path.exists():  # and whatever the kill hit (creation, a commit, the anchor write) is no damage
+            PrivacyLedger(path).close()
     elapsed = time.monotonic() - started
-    assert elapsed < 40, elapsed
+    assert elapsed < 120, elapsed
     assert writers_that_wrote >= 20 and len(reported) > 100, (writers_that_wrote, len(reported))
 
     with PrivacyLedger(path) as led:
