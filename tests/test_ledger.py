@@ -244,7 +244,7 @@ def test_ledger_survives_sigkill_at_random_moments(tmp_path):
         if path.exists():  # and whatever the kill hit (creation, a commit, the anchor write) is no damage
             PrivacyLedger(path).close()
     elapsed = time.monotonic() - started
-    assert elapsed < 120, elapsed
+    assert elapsed < 180, elapsed  # 30 Python starts; generous for a loaded 2-core machine
     assert writers_that_wrote >= 20 and len(reported) > 100, (writers_that_wrote, len(reported))
 
     with PrivacyLedger(path) as led:

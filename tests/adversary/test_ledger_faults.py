@@ -15,7 +15,6 @@ import pytest
 from adversary_support import Region, global_arrays, refusal, run_config, shard_root, task_identity  # noqa: F401
 
 from fedpriv.core import contract
-from fedpriv.privacy.ledger import anchor_path
 
 PLAIN = {"require-secure-aggregation": False}
 
@@ -61,4 +60,6 @@ def test_a_damaged_ledger_trains_nothing(shard_root, tmp_path, train_calls, dama
     assert str(tmp_path) not in err.text  # the path stays in the region's log
     assert len(train_calls) == 2, "the region trained on a damaged ledger"
     assert (region.ledger_path.read_bytes() if region.ledger_path.exists() else None) == before
+    from fedpriv.privacy.ledger import anchor_path
+
     assert anchor_path(region.ledger_path).is_file()
