@@ -104,8 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         secagg.forget(context.state)
         content[wire.ARRAYS] = to_array_record(result.values)
     else:  # secure aggregation: the update stays here and leaves only masked (a reused release: its own base)
-        secagg.keep_update(context.state, int(secagg_round), identity.name, outcome.base or global_values,
-                           result.values, result.num_examples)
+        base = getattr(outcome, "base", None) or global_values
+        secagg.keep_update(context.state, int(secagg_round), identity.name, base, result.values, result.num_examples)
     return Message(content=content, reply_to=msg)
 
 

@@ -90,8 +90,11 @@ _STRINGS = {"accountant": ACCOUNTANTS}
 _KEYS = _BOOLS + _NUMBERS + tuple(_STRINGS)
 
 
-def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
-    """Validate one ``[policy]`` table; every problem is one line naming the key and what is expected."""
+def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountant: str = "pld") -> RegionPolicy:
+    """Validate one ``[policy]`` table; every problem is one line naming the key and what is expected.
+
+    ``accountant`` defaults to ``pld`` (dp_accounting's PLD, pessimistic: a near-tight upper bound); a simulation
+    passes the run's accountant as the default (its operator owns every simulated region)."""
     unknown = sorted(set(table) - set(_KEYS))
     if unknown:
         raise ConfigError(f"region policy {source}: unknown key {unknown[0]!r}: expected one of {', '.join(_KEYS)}")
@@ -130,7 +133,7 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
         **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
-        **{key: str(table[key]) for key in _STRINGS if key in table}, source=source)
+        accountant=str(table.get("accountant", default_accountant)), source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -159,7 +162,7 @@ def load_policy(path: str | Path) -> RegionPolicy:
     return policy_from_mapping(data["policy"], str(path))
 
 
-def load_simulation_policy(path: str | Path, region: str) -> RegionPolicy:
+def load_simulation_policy(path: str | Path, region: str, default_accountant: str = "pld") -> RegionPolicy:
     """A simulated region's policy: ``[policy]``, overridden by ``[regions.<region>]`` if present."""
     path = Path(path) if str(path) else BUILTIN_SIMULATION_POLICY
     data = _read_toml(path)
@@ -170,7 +173,7 @@ def load_simulation_policy(path: str | Path, region: str) -> RegionPolicy:
     regions = data.get("regions", {})
     if not isinstance(regions, dict) or not all(isinstance(v, dict) for v in regions.values()):
         raise ConfigError(f"simulation region policy {path}: regions: expected [regions.<name>] tables")
-    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]")
+    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]", default_accountant)
 
 
 def node_region(node_config: Mapping[str, Any], cfg: Any) -> tuple[str, int]:
@@ -193,17 +196,17 @@ def node_region(node_config: Mapping[str, Any], cfg: Any) -> tuple[str, int]:
 def region_policy(node_config: Mapping[str, Any], cfg: Any) -> RegionPolicy:
     """The policy of the region a process serves (see :func:`policy_for_node`)."""
     name, _ = node_region(node_config, cfg)
-    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon)
+    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon, cfg.accountant)
 
 
 def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_policy: str,
-                    sim_max_epsilon: float = 0.0) -> RegionPolicy:
+                    sim_max_epsilon: float = 0.0, sim_accountant: str = "pld") -> RegionPolicy:
     """The policy of the region this process serves.
 
     Deployment (the node config names a ``region``): only the node config's ``policy-path``
     counts; without one the region has no policy and refuses (:class:`ConfigError`).
     Simulation: the run's ``sim-region-policy`` (and, for older configs, ``sim-max-epsilon``
-    > 0 as the lifetime cap).
+    > 0 as the lifetime cap); a simulation policy without ``accountant`` takes ``sim_accountant`` (the run's).
     """
     if "region" in node_config:
         path = str(node_config.get(POLICY_PATH_KEY, "") or "")
@@ -211,7 +214,7 @@ def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_poli
             raise PolicyRefusal("policy-path", f"region {region} has no privacy policy: expected node config {POLICY_PATH_KEY!r} "
                               "naming the region's policy file (fedpriv supernode --policy FILE)")
         return load_policy(path)
-    policy = load_simulation_policy(sim_region_policy, region)
+    policy = load_simulation_policy(sim_region_policy, region, sim_accountant)
     if sim_max_epsilon > 0:
         policy = replace(policy, max_lifetime_epsilon=sim_max_epsilon,
                          max_job_epsilon=min(policy.max_job_epsilon, sim_max_epsilon))
