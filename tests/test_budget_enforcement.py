@@ -179,3 +179,21 @@ def test_policy_comes_only_from_node_config(tmp_path, shard_root, train_calls):
     assert simulated.name == "us-east" and simulated.max_epsilon == pytest.approx(1e-3)
     assert not math.isinf(simulated.max_epsilon)
     assert identify_region({"partition-id": 0}, cfg).policy.delta == 0.5  # sim-region-policy, simulation only
+
+
+def test_the_caps_accountant_is_the_policys_never_the_run_configs(tmp_path, shard_root):
+    """A deployed region checks with its policy's ``accountant`` (default pld) whatever the run asks; a simulated
+    region whose policy names none takes the run's (the operator owns it); a bad name is one line."""
+    from fedpriv.core.errors import ConfigError
+
+    cfg = make_config(tmp_path, shard_root, accountant="prv")
+    deployed = identify_region(node(shard_root, tmp_path, cap=50.0), cfg)
+    assert deployed.policy.accountant == "rdp"  # write_policy names it
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f"[policy]\ndelta = {DELTA!r}\nmax-lifetime-epsilon = 5.0\n")
+    config = {"region": "us-east", "data-path": str(shard_root), "policy-path": str(bare)}
+    assert identify_region(config, cfg).policy.accountant == "pld"
+    assert identify_region({"partition-id": 0}, cfg).policy.accountant == "prv"
+    bare.write_text(f"[policy]\ndelta = {DELTA!r}\nmax-lifetime-epsilon = 5.0\naccountant = \"gdp\"\n")
+    with pytest.raises(ConfigError, match="accountant = 'gdp': expected one of rdp, prv, pld"):
+        identify_region(config, cfg)
