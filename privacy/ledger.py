@@ -29,7 +29,8 @@ Damage is refused, never mistaken for a fresh start (:class:`LedgerDamaged`)
       ledger with fewer rows, another chain or another id — an older copy put back, a
       truncated file that still parses — is refused. The anchor may lag the ledger (a kill
       between commit and anchor write); it is advanced on the next open. A ledger whose
-      anchor is gone gets a new one (the anchor guards against losing the *ledger*).
+      anchor is gone gets a new one (the anchor guards against losing the *ledger*). An ``flock`` on
+      ``<ledger>.lock`` orders opening (ledger read, then anchor) against anchor writes of other processes.
 
     Restore the newest copy of the ledger (its anchor stays), or start a new ledger on
     purpose with ``fedpriv ledger reset --ledger PATH`` (asks for the region's name).
