@@ -102,15 +102,15 @@ def train(msg: Message, context: Context) -> Message:
     history = [float(x) for entry in outcome.history for x in entry] or [0.0]
     content = RecordDict({
         wire.METRICS: MetricRecord(train_metrics(identity.policy, cfg, outcome)),
-        wire.REGION: ConfigRecord({"name": identity.name, "history": history, "accountant": cfg.accountant}),
+        wire.REGION: ConfigRecord({"name": identity.name, "history": history, "accountant": identity.policy.accountant}),
     })
     result = outcome.result
     if secagg_round is None:
         secagg.forget(context.state)
         content[wire.ARRAYS] = to_array_record(result.values)
-    else:  # secure aggregation: the update stays here and leaves only masked
-        secagg.keep_update(context.state, int(secagg_round), identity.name, global_values, result.values,
-                           result.num_examples)
+    else:  # secure aggregation: the update stays here and leaves only masked (a reused release: its own base)
+        base = getattr(outcome, "base", None) or global_values
+        secagg.keep_update(context.state, int(secagg_round), identity.name, base, result.values, result.num_examples)
     return Message(content=content, reply_to=msg)
 
 

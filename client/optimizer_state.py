@@ -11,7 +11,10 @@ is post-processing of DP-SGD steps the accountant counts -- *if* every round it 
 state is tied to the region's ledger: saved only after the round's release is reserved there, and loaded only
 when it belongs to this job's last recorded release. A round that was refused after training, or crashed, leaves
 nothing that a later release could carry; anything that does not match is dropped for fresh moments (always
-safe). The state never leaves the region: one file per job beside the region's ledger, readable by its owner
+safe). A retried round answered with its stored release (``client/release_store.py``) trains nothing and
+touches no state: the next round loads the state saved after that round's first (and only) release, or -- if the
+first attempt died between recording the release and saving the state -- finds none and starts fresh. The state
+never leaves the region: one file per job beside the region's ledger, readable by its owner
 only.
 
 Why a file and not Flower's ``context.state``: with ``--isolation process`` (``fedpriv supernode``) the context

@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from logging import ERROR, INFO
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from flwr.common.logger import log
 
-from fedpriv.client import optimizer_state
+from fedpriv.client import optimizer_state, release_store
 from fedpriv.task.device import select_device
 from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
 from fedpriv.core.config import FedprivConfig
 from fedpriv.core.errors import BudgetExhausted
 from fedpriv.privacy.accountant import epsilon_of
-from fedpriv.privacy.ledger import PrivacyLedger, Release, default_ledger_path
+from fedpriv.privacy.ledger import (BudgetDecision, LedgerDamaged, PrivacyLedger, Release, default_ledger_path,
+                                   epsilon_of_history)
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_train_request, node_region, region_policy
 from fedpriv.task.encoding import encode
 from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
@@ -86,6 +89,8 @@ class RoundOutcome:
     lifetime_epsilon: float   # over every release in the region's ledger
     history: list[tuple[float, float, int]]
     steps: int
+    base: dict[str, np.ndarray] | None = None  # the global values the release was trained from (secure rounds mask
+    reused: bool = False                       # values - base); reused: a retry answered with the stored release
 
 
 class RegionRuntime:
@@ -135,42 +140,109 @@ class RegionRuntime:
 
         ``secure_round``: whether the train message announced a secure-aggregation round
         (None: as the run config says). Every refusal happens before training and before
-        the ledger is written.
+        the ledger is written. A round of ``job_id`` the ledger already holds is answered with
+        the stored release (:mod:`fedpriv.client.release_store`): no training, no new ε.
         """
         policy = self.identity.policy
         cfg = self.cfg
         check_train_request(policy, cfg, cfg.secure_aggregation if secure_round is None else secure_round)
-        delta = policy.delta  # ε is the region's, at the region's δ
+        delta, accountant = policy.delta, policy.accountant  # ε is the region's: its δ, its accountant
         schedule = region_schedule(len(self.shard.train), cfg)
-        with PrivacyLedger(self.identity.ledger_path) as ledger:
+        with self._ledger() as ledger:
+            reused = self._reuse(ledger, job_id, server_round)
+            if reused is not None:
+                return reused
             sigma = self._noise_multiplier(ledger, schedule, job_id)
-            job_releases = [r for r in ledger.releases() if r.run_id.split("/")[0] == job_id]
+            job_releases = ledger.job_releases(job_id)
         job_history = [r.history_entry for r in job_releases]
-        release = Release(run_id=f"{job_id}/{attempt_id}", round=server_round, steps=schedule.steps_per_round,
-                          sample_rate=schedule.sample_rate, noise_multiplier=sigma,
-                          max_grad_norm=cfg.max_grad_norm, delta=delta, accountant=cfg.accountant)
+        planned = Release(run_id=job_id, round=server_round, steps=schedule.steps_per_round,
+                          sample_rate=schedule.sample_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                          delta=delta, accountant=accountant, attempt=attempt_id)
         if cfg.dp:
-            self._check_job_ceiling(schedule, sigma, job_history + [release.history_entry], server_round)
-        with PrivacyLedger(self.identity.ledger_path) as ledger:
-            if ledger.get(release.run_id, server_round) is not None:  # cheap early answer; reserve() decides
-                raise BudgetExhausted(_already_released(server_round))
-            cap = self.identity.max_epsilon if cfg.dp else math.inf  # a non-DP release (policy allows it) is ∞
-            if cfg.dp:
-                decision = ledger.check_budget(cap, release, delta, cfg.accountant)
-                if not decision.allowed:
-                    raise BudgetExhausted(decision.reason)
+            self._check_job_ceiling(schedule, sigma, job_history + [planned.history_entry], server_round)
+        cap = self.identity.max_epsilon if cfg.dp else math.inf  # a non-DP release (policy allows it) is ∞
+        ceiling = policy.max_job_epsilon if cfg.dp else math.inf
+        with self._ledger() as ledger:
+            if cfg.dp:  # an early answer, before training; reserve() below decides
+                self._raise_if_refused(ledger.check_budget(cap, planned, delta, accountant))
             set_trainable_values(self.split.model, global_values)
             trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device)
             result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name,
                                    optimizer_state=self._kept_optimizer_state(job_id, job_releases))
-            decision = ledger.reserve(release, cap, delta, cfg.accountant, new_only=True)
+            stored, digest = self._store_release(job_id, server_round, global_values, result)
+            release = replace(planned, digest=digest)
+            # lifetime cap and job ceiling in the one write transaction that records the release
+            decision = ledger.reserve(release, cap, delta, accountant, new_only=True, max_job_epsilon=ceiling)
             if not decision.allowed:  # another process released this round, or spent the budget, meanwhile
-                raise BudgetExhausted(decision.reason)
+                if stored is not None:
+                    release_store.discard(stored)
+                self._raise_if_refused(decision)
             self._keep_optimizer_state(job_id, server_round, result)  # only now: its steps are accounted
+            self._prune_releases(job_id)
             history = job_history + [release.history_entry]
-            lifetime = clamp_epsilon(ledger.epsilon(delta, cfg.accountant)) if cfg.dp else math.inf
-        epsilon = clamp_epsilon(epsilon_of(history, delta, cfg.accountant)) if cfg.dp else math.inf
-        return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history))
+            lifetime = clamp_epsilon(ledger.epsilon(delta, accountant)) if cfg.dp else math.inf
+        epsilon = clamp_epsilon(epsilon_of(history, delta, accountant)) if cfg.dp else math.inf
+        return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history), base=global_values)
+
+    def _ledger(self) -> PrivacyLedger:
+        """The region's ledger; a damaged one refuses the round (the detail, with its path, stays in the log)."""
+        try:
+            return PrivacyLedger(self.identity.ledger_path)
+        except LedgerDamaged as exc:
+            log(ERROR, "%s: %s", self.identity.name, exc)
+            raise BudgetExhausted(LEDGER_DAMAGED) from None
+
+    def _raise_if_refused(self, decision: BudgetDecision) -> None:
+        """A refusal says the rule; the ledger's ε and size only when the policy releases the lifetime ε."""
+        if decision.allowed:
+            return
+        log(INFO, "%s: %s", self.identity.name, decision.detail or decision.reason)
+        text = decision.detail if self.identity.policy.release_lifetime_epsilon and decision.detail else decision.reason
+        if decision.rule == "max-job-epsilon":
+            raise PolicyRefusal("max-job-epsilon", text.split(": ", 1)[-1])
+        raise BudgetExhausted(text)
+
+    def _reuse(self, ledger: PrivacyLedger, job_id: str, server_round: int) -> RoundOutcome | None:
+        """A retry of a round the ledger holds: the stored release, with the ε and history of its first reply."""
+        row = ledger.release_of(job_id, server_round)
+        if row is None:
+            return None
+        stored = release_store.load_release(self.identity.ledger_path, self.identity.name, job_id, server_round,
+                                            row.digest)
+        if stored is None:  # not stored (older fedpriv, a failed write, pruned) or altered: never train it again
+            raise BudgetExhausted(_already_released(server_round))
+        job_rows = ledger.job_releases(job_id)
+        history = [r.history_entry for r in job_rows[:job_rows.index(row) + 1]]
+        delta, accountant = self.identity.policy.delta, self.identity.policy.accountant
+        dp = row.noise_multiplier > 0
+        epsilon = clamp_epsilon(epsilon_of(history, delta, accountant)) if dp else math.inf
+        lifetime = clamp_epsilon(epsilon_of_history(ledger.history_upto(row), delta, accountant)) if dp else math.inf
+        result = TrainResult(values=stored.values, loss=stored.loss, accuracy=stored.accuracy,
+                             num_examples=stored.num_examples, steps=row.steps, history=history,
+                             noise_multiplier=row.noise_multiplier, sample_rate=row.sample_rate,
+                             peak_memory_mb=stored.peak_memory_mb)
+        log(INFO, "%s: round %d of job %s is already released: answering with the stored release (no new ε)",
+            self.identity.name, server_round, job_id)
+        return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history), base=stored.base,
+                            reused=True)
+
+    def _store_release(self, job_id: str, server_round: int, base: dict[str, np.ndarray],
+                       result: TrainResult) -> tuple[Path | None, str]:
+        """Keep the release for a retry; a failed write only means a retry of this round is refused, not re-paid."""
+        try:
+            return release_store.save_release(self.identity.ledger_path, self.identity.name, job_id, server_round,
+                                              result.values, base, result.num_examples, result.loss, result.accuracy,
+                                              result.peak_memory_mb)
+        except OSError as exc:
+            warnings.warn(f"{self.identity.name}: could not store round {server_round}'s release for a retry ({exc}); "
+                          "a retry of it will be refused")
+            return None, ""
+
+    def _prune_releases(self, job_id: str) -> None:
+        try:
+            release_store.prune(self.identity.ledger_path, self.identity.name, job_id)
+        except OSError:
+            pass
 
     def _optimizer_state_file(self, job_id: str) -> Path:
         return optimizer_state.state_file(self.identity.ledger_path, self.identity.name, job_id)
@@ -202,12 +274,12 @@ class RegionRuntime:
         policy, cfg = self.identity.policy, self.cfg
         ceiling = policy.max_job_epsilon
         planned = clamp_epsilon(epsilon_of([(sigma, schedule.sample_rate, schedule.total_steps)], policy.delta,
-                                           cfg.accountant))
+                                           policy.accountant))
         if planned > ceiling:
             raise PolicyRefusal("max-job-epsilon", f"σ = {sigma:.4g} over the planned {cfg.num_server_rounds} "
                                 f"round(s) spends ε = {planned:.4g} at δ = {policy.delta:g}, above the region's "
                                 f"ceiling on one job's ε = {ceiling:g}")
-        after = clamp_epsilon(epsilon_of(history_after, policy.delta, cfg.accountant))
+        after = clamp_epsilon(epsilon_of(history_after, policy.delta, policy.accountant))
         if after > ceiling:
             raise PolicyRefusal("max-job-epsilon", f"round {server_round} would take this job's ε to {after:.4g} at "
                                 f"δ = {policy.delta:g}, above the region's ceiling on one job's ε = {ceiling:g}")
@@ -216,8 +288,8 @@ class RegionRuntime:
         """σ is fixed for a job: planned once for the whole schedule, then read back from the ledger."""
         if not self.cfg.dp:
             return 0.0
-        for release in ledger.releases():
-            if release.run_id.split("/")[0] == job_id and release.sample_rate == schedule.sample_rate \
+        for release in ledger.job_releases(job_id):
+            if release.sample_rate == schedule.sample_rate \
                     and release.steps == schedule.steps_per_round:
                 return release.noise_multiplier
         return choose_noise_multiplier(schedule, self.cfg)
@@ -237,6 +309,10 @@ LOCAL_EVALUATION_REFUSED = ("loss and accuracy on the region's test split are no
                             "release them")
 
 
+LEDGER_DAMAGED = ("the region's privacy ledger failed its checks (missing, empty, damaged or rolled back): the "
+                  "region trains nothing until its operator restores it")
+
+
 def _already_released(server_round: int) -> str:
-    return (f"round {server_round} of this run was already released once; training it again would be a second, "
-            "unaccounted release")
+    return (f"round {server_round} of this job was already released once and that release cannot be sent again; "
+            "training it again would be a second, unaccounted release")

@@ -29,6 +29,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     release-lifetime-epsilon = false  # ε over the whole ledger (reveals other jobs)
     release-local-evaluation = false  # loss / accuracy on the local test split (not private)
     max-bundle-age-days = 30.0        # refuse an app bundle signed longer ago than this (a replayed old bundle)
+    accountant = "pld"                # the accountant every cap and ceiling is checked with (never the run's)
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedpriv.core.errors import ConfigError, FedprivError
+from fedpriv.privacy.accountant import ACCOUNTANTS  # numpy only, no torch
 
 BUILTIN_SIMULATION_POLICY = Path(__file__).resolve().parents[1] / "simulations" / "region-policy.toml"
 """The policy every simulated region gets when ``sim-region-policy = ""``."""
@@ -68,6 +70,7 @@ class RegionPolicy:
     release_lifetime_epsilon: bool = False
     release_local_evaluation: bool = False
     max_bundle_age_days: float = 30.0  # a signed app bundle older than this is refused (fedpriv.deploy.trusted_exec)
+    accountant: str = "pld"  # checks every cap/ceiling and the ε the region records and replies (never the run config's)
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -83,17 +86,24 @@ class RegionPolicy:
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
 _NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-bundle-age-days")
-_KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",)
+_STRINGS = {"accountant": ACCOUNTANTS}
+_KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",) + tuple(_STRINGS)
 
 
-def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
-    """Validate one ``[policy]`` table; every problem is one line naming the key and what is expected."""
+def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountant: str = "pld") -> RegionPolicy:
+    """Validate one ``[policy]`` table; every problem is one line naming the key and what is expected.
+
+    ``accountant`` defaults to ``pld`` (dp_accounting's PLD, pessimistic: a near-tight upper bound); a simulation
+    passes the run's accountant as the default (its operator owns every simulated region)."""
     unknown = sorted(set(table) - set(_KEYS))
     if unknown:
         raise ConfigError(f"region policy {source}: unknown key {unknown[0]!r}: expected one of {', '.join(_KEYS)}")
     for key in _BOOLS:
         if key in table and not isinstance(table[key], bool):
             raise ConfigError(f"region policy {source}: {key} = {table[key]!r}: expected true or false")
+    for key, allowed in _STRINGS.items():
+        if key in table and table[key] not in allowed:
+            raise ConfigError(f"region policy {source}: {key} = {table[key]!r}: expected one of {', '.join(allowed)}")
     values: dict[str, Any] = {}
     for key in _NUMBERS:
         if key in table:
@@ -128,7 +138,8 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
         min_secagg_peers=peers, max_bundle_age_days=values.get("max-bundle-age-days", 30.0),
-        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
+        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
+        accountant=str(table.get("accountant", default_accountant)), source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -157,7 +168,7 @@ def load_policy(path: str | Path) -> RegionPolicy:
     return policy_from_mapping(data["policy"], str(path))
 
 
-def load_simulation_policy(path: str | Path, region: str) -> RegionPolicy:
+def load_simulation_policy(path: str | Path, region: str, default_accountant: str = "pld") -> RegionPolicy:
     """A simulated region's policy: ``[policy]``, overridden by ``[regions.<region>]`` if present."""
     path = Path(path) if str(path) else BUILTIN_SIMULATION_POLICY
     data = _read_toml(path)
@@ -168,7 +179,7 @@ def load_simulation_policy(path: str | Path, region: str) -> RegionPolicy:
     regions = data.get("regions", {})
     if not isinstance(regions, dict) or not all(isinstance(v, dict) for v in regions.values()):
         raise ConfigError(f"simulation region policy {path}: regions: expected [regions.<name>] tables")
-    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]")
+    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]", default_accountant)
 
 
 def check_simulation_policy_regions(path: str | Path, regions: tuple[str, ...] | list[str]) -> None:
@@ -205,17 +216,17 @@ def node_region(node_config: Mapping[str, Any], cfg: Any) -> tuple[str, int]:
 def region_policy(node_config: Mapping[str, Any], cfg: Any) -> RegionPolicy:
     """The policy of the region a process serves (see :func:`policy_for_node`)."""
     name, _ = node_region(node_config, cfg)
-    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon)
+    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon, cfg.accountant)
 
 
 def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_policy: str,
-                    sim_max_epsilon: float = 0.0) -> RegionPolicy:
+                    sim_max_epsilon: float = 0.0, sim_accountant: str = "pld") -> RegionPolicy:
     """The policy of the region this process serves.
 
     Deployment (the node config names a ``region``): only the node config's ``policy-path``
     counts; without one the region has no policy and refuses (:class:`ConfigError`).
     Simulation: the run's ``sim-region-policy`` (and, for older configs, ``sim-max-epsilon``
-    > 0 as the lifetime cap).
+    > 0 as the lifetime cap); a simulation policy without ``accountant`` takes ``sim_accountant`` (the run's).
     """
     if "region" in node_config:
         path = str(node_config.get(POLICY_PATH_KEY, "") or "")
@@ -223,7 +234,7 @@ def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_poli
             raise PolicyRefusal("policy-path", f"region {region} has no privacy policy: expected node config {POLICY_PATH_KEY!r} "
                               "naming the region's policy file (fedpriv supernode --policy FILE)")
         return load_policy(path)
-    policy = load_simulation_policy(sim_region_policy, region)
+    policy = load_simulation_policy(sim_region_policy, region, sim_accountant)
     if sim_max_epsilon > 0:
         policy = replace(policy, max_lifetime_epsilon=sim_max_epsilon,
                          max_job_epsilon=min(policy.max_job_epsilon, sim_max_epsilon))

@@ -35,8 +35,8 @@ from fedpriv.server.checkpoints import (export_model, latest_checkpoint, load_se
 from fedpriv.server.evaluation import CentralEvaluator
 from fedpriv.server.console import quiet_flower_results
 from fedpriv.server.faults import WatchedGrid
-from fedpriv.server.resume import (ResumePoint, discard_later_checkpoints, find_resume_point, lock_run_dir, note_segment,
-                           restore_report, total_wall_time)
+from fedpriv.server.resume import (ResumePoint, continue_secure_aggregation, discard_later_checkpoints, find_resume_point,
+                                   lock_run_dir, note_segment, restore_report, total_wall_time)
 from fedpriv.server.secagg_workflow import SecAggWorkflow
 from fedpriv.strategies.private_fedavg import PrivateFedAvg, RunAborted
 from fedpriv.strategies.secure_fedavg import SecureFedAvg
@@ -149,8 +149,8 @@ class Coordinator:
             report=self.report, min_train_regions=self.cfg.min_train_regions, connect_timeout=self.cfg.round_timeout,
             fraction_train=self.cfg.fraction_train, fraction_evaluate=self.cfg.fraction_evaluate, **secagg_kwargs,
         )
-        if self.cfg.secure_aggregation:
-            self.report.secure_aggregation = inner.describe()
+        if self.cfg.secure_aggregation:  # a resumed report keeps the earlier rounds' records
+            self.report.secure_aggregation = continue_secure_aggregation(inner.describe(), self.report.secure_aggregation)
         inner.round_offset = self.start_round
         # The server optimizer steps on the aggregate of the DP releases: post-processing, no privacy cost.
         self.strategy = ServerOptimizerStrategy(inner, self.server_optimizer)

@@ -19,8 +19,10 @@ of them). A resumed coordinator
 
 The regions' side needs nothing from here: a region composes ε over its own
 durable ledger's releases for the job id (``privacy/ledger.py``), which the resumed
-run keeps. A release a region made for a round the dead coordinator never
-completed stays in its ledger and is counted - the update did leave the region.
+run keeps. A round a region already released for the dead coordinator (its reply lost)
+is answered with that same stored release, at no new ε and with no new training
+(``client/release_store.py``): the ledger holds one release per (job, round), so a
+resumed job pays exactly its rounds.
 
 Only one coordinator may write a run directory at a time: :func:`lock_run_dir`
 holds an exclusive ``flock`` on ``RUN_DIR/.coordinator.lock`` for the life of the
@@ -152,6 +154,18 @@ def restore_report(report: RunReport, data: dict[str, Any], upto_round: int) -> 
     ``fedpriv audit``). See ``fedpriv.core.report_schema.truncate`` and ``RunReport.restore``.
     """
     report.restore(data, upto_round)
+
+
+def continue_secure_aggregation(fresh: dict[str, Any], restored: dict[str, Any]) -> dict[str, Any]:
+    """The ``secure_aggregation`` section of a (resumed) run: this run's settings (``fresh``, the workflow's
+    ``describe()``), with every earlier round's record from the restored report kept -- a resumed report must not
+    lose round 1's secure-aggregation row because the new coordinator describes its workflow afresh."""
+    section = dict(fresh)
+    if restored.get("enabled"):
+        for key in ("rounds", "rounds_plain", "rounds_aborted"):
+            if isinstance(restored.get(key), list):
+                section[key] = list(restored[key])
+    return section
 
 
 def note_segment(report: RunReport, flower_run_id: str, first_round: int, resumed: bool) -> dict[str, Any]:

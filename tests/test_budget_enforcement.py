@@ -60,7 +60,7 @@ def toml_value(value) -> str:
 def write_policy(path, cap: float, **rules) -> str:
     """A region policy file: lifetime cap ``cap``, δ = DELTA, a job ceiling that does not bind unless given."""
     keys = {"delta": DELTA, "max-lifetime-epsilon": cap, "max-job-epsilon": 1000.0, "require-secure-aggregation": False,
-            **rules}
+            "accountant": "rdp", **rules}  # the region's accountant decides; RDP here, checked against Opacus' own
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("[policy]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items()))
     return str(path)
@@ -126,11 +126,12 @@ def test_region_near_its_cap_stops_exactly_before_exceeding_it(tmp_path, shard_r
     with pytest.raises(BudgetExhausted) as info:
         runtime.train(values, 3, job_id="job-1", attempt_id="a1")
     message = str(info.value)
-    assert "round 3" in message and "above the budget" in message
-    assert f"{eps[2]:.4g}" in message  # names the ε the round would have reached
+    assert "round 3" in message and "above the budget" in message and "max-lifetime-epsilon" in message
+    # the policy does not release the lifetime ε: the refusal names the rule, not the ε of the ledger
+    assert f"{eps[2]:.4g}" not in message and "earlier release" not in message  # (the cap, public, is ε after round 2)
     assert len(train_calls) == 2  # round 3 never trained
     rows = ledger_rows(identity.ledger_path)
-    assert [(r.run_id, r.round) for r in rows] == [("job-1/a1", 1), ("job-1/a1", 2)]
+    assert [(r.run_id, r.attempt, r.round) for r in rows] == [("job-1", "a1", 1), ("job-1", "a1", 2)]
     with PrivacyLedger(identity.ledger_path) as ledger:
         assert ledger.epsilon(DELTA) <= cap
     # the budget is about the data, not the run: another job on the same data is refused too
@@ -178,3 +179,21 @@ def test_policy_comes_only_from_node_config(tmp_path, shard_root, train_calls):
     assert simulated.name == "us-east" and simulated.max_epsilon == pytest.approx(1e-3)
     assert not math.isinf(simulated.max_epsilon)
     assert identify_region({"partition-id": 0}, cfg).policy.delta == 0.5  # sim-region-policy, simulation only
+
+
+def test_the_caps_accountant_is_the_policys_never_the_run_configs(tmp_path, shard_root):
+    """A deployed region checks with its policy's ``accountant`` (default pld) whatever the run asks; a simulated
+    region whose policy names none takes the run's (the operator owns it); a bad name is one line."""
+    from fedpriv.core.errors import ConfigError
+
+    cfg = make_config(tmp_path, shard_root, accountant="prv")
+    deployed = identify_region(node(shard_root, tmp_path, cap=50.0), cfg)
+    assert deployed.policy.accountant == "rdp"  # write_policy names it
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f"[policy]\ndelta = {DELTA!r}\nmax-lifetime-epsilon = 5.0\n")
+    config = {"region": "us-east", "data-path": str(shard_root), "policy-path": str(bare)}
+    assert identify_region(config, cfg).policy.accountant == "pld"
+    assert identify_region({"partition-id": 0}, cfg).policy.accountant == "prv"
+    bare.write_text(f"[policy]\ndelta = {DELTA!r}\nmax-lifetime-epsilon = 5.0\naccountant = \"gdp\"\n")
+    with pytest.raises(ConfigError, match="accountant = 'gdp': expected one of rdp, prv, pld"):
+        identify_region(config, cfg)

@@ -128,8 +128,11 @@ def test_check_budget_refuses_exactly_when_the_next_release_exceeds_the_cap(ledg
 
     below = ledger.check_budget(after * (1 - 1e-9), planned, DELTA)
     assert not below.allowed and not below
-    assert below.reason.startswith("Refused:") and "above the budget" in below.reason
+    assert below.reason.startswith("Refused (max-lifetime-epsilon):") and "above the budget" in below.reason
     assert below.reason.count(".") >= 1 and "\n" not in below.reason
+    # what may leave the region names the rule, not the ledger's ε or how many releases it holds; the log has them
+    assert f"{now:.4g}" not in below.reason and "earlier release" not in below.reason  # (the cap here is ε after)
+    assert f"{now:.4g}" in below.detail and "3 earlier release(s)" in below.detail
 
     # the plain (noise, rate, steps) form gives the same answer
     assert ledger.check_budget(after, (1.1, 0.05, 18), DELTA).allowed
@@ -220,7 +223,7 @@ def test_ledger_survives_sigkill_at_random_moments(tmp_path):
                 line = proc.stdout.readline()
                 assert line, proc.stderr.read().decode()[-2000:]
                 first += line
-            time.sleep(rng.uniform(0.0, 0.12))
+            time.sleep(rng.uniform(0.0, 0.5))  # a release is two fsyncs (row, then anchor): ~25 ms each
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=10)
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
@@ -238,8 +241,10 @@ def test_ledger_survives_sigkill_at_random_moments(tmp_path):
         finally:
             conn.close()
         assert reported <= present, f"kill {i}: lost {sorted(reported - present)[:5]}"
+        if path.exists():  # and whatever the kill hit (creation, a commit, the anchor write) is no damage
+            PrivacyLedger(path).close()
     elapsed = time.monotonic() - started
-    assert elapsed < 40, elapsed
+    assert elapsed < 180, elapsed  # 30 Python starts; generous for a loaded 2-core machine
     assert writers_that_wrote >= 20 and len(reported) > 100, (writers_that_wrote, len(reported))
 
     with PrivacyLedger(path) as led:

@@ -89,7 +89,8 @@ def test_a_smaller_delta_is_accepted_and_epsilon_is_still_the_regions(tmp_path, 
     rows = region.releases()
     assert len(train_calls) == 1 and len(rows) == 1 and rows[0].delta == DELTA
     assert metrics[contract.DELTA] == DELTA
-    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [rows[0].history_entry], DELTA, "rdp")
+    # at the region's δ and with the region's accountant (policy default pld), whatever the run config asks (rdp)
+    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [rows[0].history_entry], DELTA, "pld")
 
 
 def test_rounds_beyond_the_job_ceiling_are_refused(tmp_path, shard_root, train_calls):
@@ -145,7 +146,7 @@ def test_a_train_reply_carries_the_dp_release_and_public_facts_only(tmp_path, sh
     assert set(metrics) == set(contract.PUBLIC_TRAIN_METRICS)
     assert metrics[contract.NUM_EXAMPLES] == 64 and metrics[contract.DP] == 1 and metrics[contract.DELTA] == DELTA
     assert (metrics[contract.NOISE_MULTIPLIER], metrics[contract.SAMPLE_RATE], metrics[contract.STEPS]) == (1.0, 0.5, 2)
-    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [(1.0, 0.5, 2)], DELTA, "rdp")
+    assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [(1.0, 0.5, 2)], DELTA, "pld")
     assert metrics[contract.DETERMINISTIC_NOISE] == 0
     region_record = dict(content[contract.REGION])
     assert set(region_record) == {"name", "history", "accountant"}
@@ -193,6 +194,6 @@ def test_a_second_release_of_a_round_is_refused_inside_the_write_transaction(tmp
     region = _region(shard_root, tmp_path, run)
     arrays = global_arrays(run)
     assert not region.train(arrays).has_error()
-    monkeypatch.setattr(PrivacyLedger, "get", lambda self, run_id, rnd: None)  # the other process read too early
+    monkeypatch.setattr(PrivacyLedger, "release_of", lambda self, job, rnd: None)  # the other process read too early
     err = refusal(region.train(arrays))
     assert "already released" in err.text and len(train_calls) == 2 and len(region.releases()) == 1

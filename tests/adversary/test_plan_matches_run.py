@@ -56,7 +56,8 @@ def run_and_compare(plan: dict, accountant: str, shard_root, tmp_path, steps: di
                           "target-epsilon": TARGET, "delta": DELTA, "accountant": accountant, "num-threads": 1,
                           "data-dir": str(shard_root), "run-dir": str(tmp_path / "run")})[1]
     policy = write_policy(tmp_path / "policy.toml", delta=DELTA, **{"max-lifetime-epsilon": 100.0,
-                                                                  "require-secure-aggregation": False})
+                                                                  "require-secure-aggregation": False,
+                                                                  "accountant": accountant})  # the region's, = the plan's
     node = {"region": "us-east", "data-path": str(shard_root), "ledger-path": str(tmp_path / "ledger.sqlite"),
             "policy-path": str(policy)}
     runtime = RegionRuntime(cfg, identify_region(node, cfg))
