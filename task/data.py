@@ -36,15 +36,40 @@ DOMAINS = {
 CORPUS_FILE = "corpus.jsonl"
 
 
+SOURCES_WITHOUT_AUTHORS = ("tweets", "movies")
+"""Packaged domains whose source names no author: each of their posts is its own author."""
+AUTHOR_PREFIX = {"amazon": "review", "nyt": "editorial"}
+"""Packaged domains whose ids are ``<document>_<sentence>``: the document (one review, one editorial) is the author."""
+
+
 @dataclass(frozen=True)
 class Example:
-    """One labelled post. ``label`` is 1 (positive) / 0 (negative)."""
+    """One labelled post. ``label`` is 1 (positive) / 0 (negative).
+
+    ``author`` is the region's opaque id of the person who wrote it (the unit of privacy);
+    None when the data names no author, so the post is its own author (:func:`author_key`).
+    """
 
     id: str
     text: str
     label: int
     domain: str
     rating: float
+    author: str | None = None
+
+
+def author_key(example: Example) -> str:
+    """Whom the post belongs to: its author, or the post itself when no author is named."""
+    return example.author if example.author is not None else f"post:{example.id}"
+
+
+def packaged_author(item_id: str, domain: str) -> str | None:
+    """The author of an ICWSM-2014 post: the review / editorial its sentence comes from; None for tweets and movies."""
+    prefix = AUTHOR_PREFIX.get(domain)
+    if prefix is None:
+        return None
+    document = item_id.split("-", 1)[-1].split("_", 1)[0]
+    return f"{domain}-{prefix}-{document}"
 
 
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
@@ -89,7 +114,8 @@ def label_examples(rows: Iterable[tuple[str, str, float, str]], neutral_band: fl
     for item_id, text, rating, domain in rows:
         if abs(rating) < neutral_band or rating == 0:
             continue
-        yield Example(id=item_id, text=text, label=int(rating > 0), domain=domain, rating=rating)
+        yield Example(id=item_id, text=text, label=int(rating > 0), domain=domain, rating=rating,
+                      author=packaged_author(item_id, domain))
 
 
 def parse_ground_truth(content: str, domain: str) -> Iterator[tuple[str, str, float, str]]:
@@ -152,8 +178,10 @@ def fetch_corpus(data_dir: Path, neutral_band: float = 0.0) -> tuple[Path, dict[
     path = data_dir / CORPUS_FILE
     write_jsonl(path, examples)
     counts = {d: sum(1 for e in examples if e.domain == d) for d in DOMAINS}
+    authors = {d: len({e.author for e in examples if e.domain == d and e.author is not None}) for d in AUTHOR_PREFIX}
     meta = {"source": f"vadersentiment==3.3.2 sdist ({SDIST_NAME})", "sha256": SDIST_SHA256,
-            "neutral_band": neutral_band, "counts": counts, "licence": "MIT (C.J. Hutto)"}
+            "neutral_band": neutral_band, "counts": counts, "licence": "MIT (C.J. Hutto)",
+            "authors": {**authors, **{d: "none named: each post is its own author" for d in SOURCES_WITHOUT_AUTHORS}}}
     (data_dir / "corpus.meta.json").write_text(json.dumps(meta, indent=2))
     return path, counts
 
@@ -162,4 +190,18 @@ def load_corpus(data_dir: Path) -> list[Example]:
     path = data_dir / CORPUS_FILE
     if not path.exists():
         raise DataError(f"no prepared data in {data_dir}: run `fedpriv prepare-data` first")
+    if not corpus_names_authors(path):
+        raise DataError(f"{path} was prepared before posts carried their author: re-run `fedpriv prepare-data`")
     return read_jsonl(path)
+
+
+def corpus_names_authors(path: Path) -> bool:
+    """Whether a JSONL corpus has the ``author`` field (null is allowed: that post is its own author)."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    return "author" in json.loads(line)
+                except json.JSONDecodeError:
+                    return True  # read_jsonl says what is wrong with it
+    return True

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedpriv.core.errors import DataError
 from fedpriv.core.files import atomic_write_text
-from fedpriv.task.data import DOMAINS, Example, read_jsonl, write_jsonl
+from fedpriv.task.data import DOMAINS, Example, author_key, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     from fedpriv.core.config import FedprivConfig
@@ -55,6 +55,7 @@ class PartitionSpec:
     server_test_fraction: float = 0.15
     max_examples_per_region: int = 0
     max_server_examples: int = 0
+    split_unit: str = "author"
 
     def fingerprint(self, corpus_size: int) -> str:
         blob = json.dumps({**self.__dict__, "regions": list(self.regions), "corpus": corpus_size}, sort_keys=True)
@@ -83,45 +84,102 @@ class Partition:
                 "test": len(shard.test),
                 "positive_fraction": round(float(np.mean(labels)) if labels else 0.0, 4),
                 "domains": dict(sorted(Counter(e.domain for e in shard.train).items())),
+                "authors": author_stats(shard.train),
             }
         out["server"] = {"test": len(self.server_test),
                          "positive_fraction": round(float(np.mean([e.label for e in self.server_test])), 4)}
         return out
 
 
+def author_stats(posts: Sequence[Example]) -> dict[str, float | int]:
+    """How many people wrote ``posts`` and how many posts each: the unit of privacy's view of a shard.
+
+    ``named`` counts authors the data names; the rest are posts that are their own author.
+    """
+    per_author = Counter(author_key(e) for e in posts)
+    counts = list(per_author.values()) or [0]
+    return {"count": len(per_author), "named": sum(1 for e in {author_key(e): e for e in posts}.values()
+                                                   if e.author is not None),
+            "posts_per_author_mean": round(float(np.mean(counts)), 3), "posts_per_author_max": int(max(counts))}
+
+
 def partition_corpus(corpus: Sequence[Example], spec: PartitionSpec) -> Partition:
-    """Deterministic, disjoint split of ``corpus`` into region shards and a server test set."""
+    """Deterministic, disjoint split of ``corpus`` into region shards and a server test set.
+
+    With ``split_unit = "author"`` every author's posts land in one region and on one side of
+    every split (region train/test, the coordinator's held-out set): a person's posts live in one
+    region, and a held-out score is not flattered by sentences of a review the model trained on.
+    ``"post"`` splits post by post (the split before authors were known; kept for comparison).
+    """
     if not corpus:
         raise DataError("the corpus is empty: re-run `fedpriv prepare-data`")
     corpus = [e for e in corpus if abs(e.rating) >= spec.neutral_band]
     if not corpus:
         raise DataError(f"no posts left after dropping |rating| < neutral-band = {spec.neutral_band}")
+    groups = group_posts(corpus, spec.split_unit)
     rng = np.random.default_rng(spec.seed)
-    order = rng.permutation(len(corpus))
+    order = [groups[i] for i in rng.permutation(len(groups))]
     n_server = max(1, int(round(spec.server_test_fraction * len(corpus))))
-    server_idx, pool_idx = order[:n_server], order[n_server:]
+    server, pool = _take_posts(order, n_server)
 
-    assignment = _assign_regions([corpus[i] for i in pool_idx], spec, rng)
+    assignment = _assign_regions(pool, spec, rng)
     regions: dict[str, RegionShard] = {}
     for r, name in enumerate(spec.regions):
-        members = [corpus[pool_idx[j]] for j in np.flatnonzero(assignment == r)]
-        regions[name] = _split_local(members, spec, rng)
-    server_test = [corpus[i] for i in server_idx]
+        regions[name] = _split_local([pool[j] for j in np.flatnonzero(assignment == r)], spec, rng)
+    server_test = _flat(server)
     if spec.max_server_examples:
-        server_test = server_test[: spec.max_server_examples]
+        server_test = _flat(_within(server, spec.max_server_examples))
     return Partition(spec=spec, regions=regions, server_test=server_test)
 
 
-def _assign_regions(pool: Sequence[Example], spec: PartitionSpec, rng: np.random.Generator) -> np.ndarray:
-    domains = list(DOMAINS) + sorted({e.domain for e in pool} - set(DOMAINS))
+def group_posts(corpus: Sequence[Example], unit: str) -> list[list[Example]]:
+    """The corpus as groups that are never split: one per author (first-seen order), or one per post."""
+    if unit == "post":
+        return [[e] for e in corpus]
+    if unit != "author":
+        raise DataError(f"split-unit = {unit!r}: expected 'author' or 'post'")
+    by_author: dict[str, list[Example]] = {}
+    for e in corpus:
+        by_author.setdefault(author_key(e), []).append(e)
+    return list(by_author.values())
+
+
+def _flat(groups: Sequence[list[Example]]) -> list[Example]:
+    return [e for group in groups for e in group]
+
+
+def _take_posts(groups: Sequence[list[Example]], n_posts: int) -> tuple[list[list[Example]], list[list[Example]]]:
+    """The leading groups holding at least ``n_posts`` posts, and the rest."""
+    taken = 0
+    for i, group in enumerate(groups):
+        if taken >= n_posts:
+            return list(groups[:i]), list(groups[i:])
+        taken += len(group)
+    return list(groups), []
+
+
+def _within(groups: Sequence[list[Example]], cap: int) -> list[list[Example]]:
+    """Whole groups, in order, while they fit in ``cap`` posts (a cap never splits an author)."""
+    kept, total = [], 0
+    for group in groups:
+        if total + len(group) <= cap:
+            kept.append(group)
+            total += len(group)
+    return kept
+
+
+def _assign_regions(pool: Sequence[list[Example]], spec: PartitionSpec, rng: np.random.Generator) -> np.ndarray:
+    """A region per group: P(r) ∝ w_r(domain) · mean over the group's posts of p_r(label)."""
+    domains = list(DOMAINS) + sorted({g[0].domain for g in pool} - set(DOMAINS))
     n_regions, n_domains = len(spec.regions), len(domains)
     home = np.arange(n_regions) % n_domains
     domain_w = np.full((n_regions, n_domains), (1.0 - spec.domain_skew) / n_domains)
     domain_w[np.arange(n_regions), home] += spec.domain_skew
     label_p = rng.dirichlet([spec.dirichlet_alpha] * 2, size=n_regions)  # (regions, 2)
-    d_index = np.array([domains.index(e.domain) for e in pool])
-    labels = np.array([e.label for e in pool])
-    weights = domain_w[:, d_index] * label_p[:, labels]  # (regions, examples)
+    d_index = np.array([domains.index(g[0].domain) for g in pool])
+    positive = np.array([np.mean([e.label for e in g]) for g in pool])
+    label_w = label_p[:, 1:2] * positive[None, :] + label_p[:, 0:1] * (1.0 - positive[None, :])
+    weights = domain_w[:, d_index] * label_w  # (regions, groups)
     weights = weights + 1e-12
     probs = weights / weights.sum(axis=0, keepdims=True)
     cumulative = np.cumsum(probs, axis=0)
@@ -129,15 +187,15 @@ def _assign_regions(pool: Sequence[Example], spec: PartitionSpec, rng: np.random
     return np.minimum((draws[None, :] > cumulative).sum(axis=0), n_regions - 1)
 
 
-def _split_local(members: list[Example], spec: PartitionSpec, rng: np.random.Generator) -> RegionShard:
+def _split_local(members: list[list[Example]], spec: PartitionSpec, rng: np.random.Generator) -> RegionShard:
     perm = rng.permutation(len(members))
     members = [members[i] for i in perm]
-    n_test = int(round(spec.local_test_fraction * len(members)))
-    test, train = members[:n_test], members[n_test:]
+    n_test = int(round(spec.local_test_fraction * sum(len(g) for g in members)))
+    test, train = _take_posts(members, n_test)
     if spec.max_examples_per_region:
-        train = train[: spec.max_examples_per_region]
-        test = test[: max(1, spec.max_examples_per_region // 4)]
-    return RegionShard(train=train, test=test)
+        train = _within(train, spec.max_examples_per_region)
+        test = _within(test, max(1, spec.max_examples_per_region // 4))
+    return RegionShard(train=_flat(train), test=_flat(test))
 
 
 def write_shards(partition: Partition, out_dir: Path) -> Path:
@@ -229,7 +287,7 @@ def partition_spec(cfg: "FedprivConfig") -> PartitionSpec:
                          domain_skew=cfg.domain_skew, local_test_fraction=cfg.local_test_fraction,
                          server_test_fraction=cfg.server_test_fraction,
                          max_examples_per_region=cfg.max_examples_per_region,
-                         max_server_examples=cfg.max_server_examples)
+                         max_server_examples=cfg.max_server_examples, split_unit=cfg.split_unit)
 
 
 def check_prepared_regions(data_root: Path, regions: Sequence[str], batch_size: int, remedy: str) -> None:

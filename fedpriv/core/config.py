@@ -150,6 +150,7 @@ class FedprivConfig:
     server_test_fraction: float
     max_examples_per_region: int
     max_server_examples: int
+    split_unit: str
     max_length: int
     model: str
     trainable: str
@@ -246,6 +247,8 @@ class FedprivConfig:
         _check(0.0 < self.local_test_fraction < 0.5, "local-test-fraction", self.local_test_fraction, "a number in (0, 0.5)")
         _check(0.0 < self.server_test_fraction < 0.5, "server-test-fraction", self.server_test_fraction, "a number in (0, 0.5)")
         _check(self.max_examples_per_region >= 0, "max-examples-per-region", self.max_examples_per_region, "0 (all) or a positive count")
+        _check(self.split_unit in ("author", "post"), "split-unit", self.split_unit,
+               "'author' (every author's posts on one side of every split) or 'post'")
         _check(self.max_server_examples >= 0, "max-server-examples", self.max_server_examples, "0 (all) or a positive count")
         _check(8 <= self.max_length <= 512, "max-length", self.max_length, "a token count in [8, 512]")
         _check(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
