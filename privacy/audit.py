@@ -41,7 +41,7 @@ its report, is :mod:`fedpriv.server.audit_run` (it reads the coordinator's check
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,18 +54,18 @@ __all__ = [
     "author_attack",
     "author_epsilon",
     "author_match_key",
-    "group_by_author",
-    "region_unit",
-    "straddling_authors",
     "bound_check",
     "dp_bounds",
     "format_audit",
+    "group_by_author",
     "loss_attack",
     "match_key",
     "pair_members",
     "per_example_losses",
+    "region_unit",
     "roc_curve",
     "size_bucket",
+    "straddling_authors",
     "tpr_at_fpr",
 ]
 
@@ -402,7 +402,8 @@ def loss_attack(member_losses: np.ndarray, non_member_losses: np.ndarray, epsilo
 
 
 def author_attack(member_losses: Sequence[np.ndarray], non_member_losses: Sequence[np.ndarray],
-                  epsilon_for: Any, delta: float, aggregate: str = DEFAULT_AUTHOR_AGGREGATE) -> dict[str, Any]:
+                  epsilon_for: Callable[[int], float | None], delta: float,
+                  aggregate: str = DEFAULT_AUTHOR_AGGREGATE) -> dict[str, Any]:
     """The author-level part of the ``audit`` dict: one loss array per author (its posts), members and non-members.
 
     ``epsilon_for(k)`` is the ε protecting authors of up to ``k`` posts (:func:`author_epsilon`);
@@ -492,6 +493,8 @@ def format_audit(audit: Mapping[str, Any]) -> str:
         lines.append(f"  authors: {a.get('members')} member authors ({a.get('member_posts')} posts) vs {a.get('non_members')} "
                      f"held-out authors ({a.get('non_member_posts')} posts), matched on {a.get('matched_on', 'domain, size, label mix')}; "
                      f"score: {a.get('score')}")
+        if a.get("named_authors") == 0:
+            lines.append("  (no audited post names its author: each is its own, so the author attack is a post attack)")
     lines += ["", head]
     for name, key, bound in metrics:
         lines.append(f"  {name:<18} {row(audit, key, bound)}" + (f" {row(a, key, bound)}" if a else ""))

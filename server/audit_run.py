@@ -192,7 +192,9 @@ def audit_run(run_dir: str | Path, max_examples: int = DEFAULT_MAX_EXAMPLES, see
     return out
 
 
-def _author_level(report, delta, authors, pool, server, origin, loss_p, loss_s, max_authors) -> dict[str, Any]:
+def _author_level(report: Mapping[str, Any], delta: float, authors: tuple[list[list[int]], list[list[int]]],
+                  pool: list, server: list, origin: list[str], loss_p: Mapping[int, float], loss_s: Mapping[int, float],
+                  max_authors: int) -> dict[str, Any]:
     """The author attack on the chosen pairs, with the ε that applies to authors of their size."""
     member_groups, non_member_groups = authors
     found: dict[int, tuple[float | None, dict[str, Any]]] = {}
