@@ -565,6 +565,7 @@ def test_audit_attacks_whole_authors_and_bounds_them_by_group_epsilon(tmp_path, 
     multi = authors["by_size"]["2+ posts"]
     assert audit["auc"] < 0.75 and multi["auc"] > 0.8 and multi["auc"] > audit["auc"] + 0.1, (audit["auc"], multi)
     assert authors["by_size"]["1 post"]["members"] == 40
+    assert authors["aggregate"] == "mean-loss" and set(multi["by_aggregate"]) == set(AUTHOR_AGGREGATES)
     # the bound: post-level run, so the exact group ε of the largest audited author (6 posts), over regions
     assert authors["largest_author_posts"] == 6
     assert authors["epsilon"] == pytest.approx(max(group_eps[("us-east", 6)], group_eps[("eu-west", 6)]), rel=1e-9)
