@@ -142,6 +142,16 @@ def _clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     return lo, hi
 
 
+EXP_SAFE_EPSILON = 700.0
+"""ε above this is clamped before exponentiating (e^710 overflows a float). Exact: e^700·FPR ≥ 1 for every FPR the
+audit can report (0 or at least 1/n), and the bound at FPR = 0 is δ whatever ε. Group ε of long-posting authors under
+a post-level run reach hundreds."""
+
+
+def _finite_for_exp(epsilon: float) -> float:
+    return min(float(epsilon), EXP_SAFE_EPSILON)
+
+
 def bound_check(member_scores: Sequence[float], non_member_scores: Sequence[float], epsilon: float | None,
                 delta: float, confidence: float = 0.95) -> str:
     """Does the attack beat TPR ≤ e^ε·FPR + δ at 1% or 10% FPR, beyond sampling error?
@@ -155,6 +165,7 @@ def bound_check(member_scores: Sequence[float], non_member_scores: Sequence[floa
 
     if epsilon is None or not math.isfinite(epsilon):
         return "no bound"
+    epsilon = _finite_for_exp(epsilon)
     labels, scores = _scores(member_scores, non_member_scores)
     fpr, tpr, _ = roc_curve(labels, scores)
     pos, neg = int(labels.sum()), int(len(labels) - labels.sum())
@@ -178,6 +189,8 @@ def dp_bounds(epsilon: float | None, delta: float) -> dict[str, float | None]:
 
     if epsilon is None:
         return {"tpr_bound_at_1pct_fpr": None, "tpr_bound_at_10pct_fpr": None, "advantage_bound": None}
+    if math.isfinite(epsilon):
+        epsilon = _finite_for_exp(epsilon)
     adv = 1.0 if not math.isfinite(epsilon) else min(1.0, math.expm1(epsilon) + delta)
     return {"tpr_bound_at_1pct_fpr": tpr_bound(0.01, epsilon, delta),
             "tpr_bound_at_10pct_fpr": tpr_bound(0.10, epsilon, delta),

@@ -107,6 +107,12 @@ def test_dp_bounds_and_bound_check():
     assert bound_check(*same, epsilon=1.0, delta=DELTA) in ("consistent", "within sampling error")
     assert bound_check([1.0], [0.0], epsilon=0.1, delta=DELTA) == "within sampling error"  # one pair proves nothing
     assert bound_check(*separated, epsilon=math.inf, delta=DELTA) == "no bound"
+    # group ε of a long-posting author under a post-level run reach hundreds: e^ε overflows past 709
+    assert dp_bounds(1500.0, DELTA) == {"tpr_bound_at_1pct_fpr": 1.0, "tpr_bound_at_10pct_fpr": 1.0,
+                                        "advantage_bound": 1.0}
+    assert bound_check(*separated, epsilon=1500.0, delta=DELTA) == "consistent"
+    # at FPR 0 the bound is δ whatever ε: two perfectly separated pairs are above it, within sampling error
+    assert bound_check([1.0, 2.0], [0.0, 0.5], epsilon=1500.0, delta=DELTA) == "within sampling error"
 
 
 def test_pair_members_matches_labels_and_never_reuses():
