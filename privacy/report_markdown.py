@@ -187,7 +187,10 @@ def _audit_authors(a: dict) -> list[str]:
             f"{fmt(w.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR {fmt(w.get('tpr_at_10pct_fpr'))} "
             f"({w.get('members')} member authors vs {w.get('non_members')} held-out authors, up to "
             f"{w.get('largest_author_posts')} posts each); ε for these authors {fmt(w.get('epsilon'))} "
-            f"({w.get('epsilon_basis', '')})."]
+            f"({w.get('epsilon_basis', '')})." + "".join(
+                f" Authors of {k}: AUC {fmt(v.get('auc'))}, TPR at 10% FPR {fmt(v.get('tpr_at_10pct_fpr'))} "
+                f"({v.get('members')} vs {v.get('non_members')}, ε {fmt(v.get('epsilon'))})."
+                for k, v in (w.get("by_size") or {}).items() if isinstance(v, dict))]
 
 
 def _partition(view: ReportView) -> list[str]:

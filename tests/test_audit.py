@@ -633,6 +633,6 @@ def test_fedpriv_audit_reports_both_units(tmp_path, planted, capsys):
     data = json.loads((run / "privacy_report.json").read_text())["audit"]
     assert data["members"] == 50 and data["author_level"]["members"] == 12
     md = (run / "privacy_report.md").read_text()
-    assert "12 member authors vs 12 held-out authors" in md
+    assert "12 member authors vs 12 held-out authors" in md and "Authors of 2+ posts: AUC" in md
     assert main(["audit", str(run), "--max-authors", "0"]) == 2
     assert "--max-authors = 0" in capsys.readouterr().err
