@@ -419,6 +419,7 @@ def _audit(view: ReportView) -> str:
     if _num(audit.get("member_accuracy")) is not None and _num(audit.get("non_member_accuracy")) is not None:
         facts.append(f"accuracy {_fmt(audit.get('member_accuracy'), '.3f')} vs {_fmt(audit.get('non_member_accuracy'), '.3f')}")
     out.append(f"<p>{'; '.join(facts)}.</p>")
+    out.append(_audit_authors(audit.get("author_level"), delta))
     verdict = audit.get("bound_check")
     if verdict in _AUDIT_VERDICTS:
         cls, text = _AUDIT_VERDICTS[verdict]
@@ -432,12 +433,31 @@ def _audit(view: ReportView) -> str:
     shown = {"auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr", "advantage", "members", "non_members", "members_by_region",
              "positive_fraction", "model_round", "member_loss", "non_member_loss", "member_accuracy",
              "non_member_accuracy", "bound_check", "matched_on", "attack", "epsilon", "delta", "tpr_bound_at_1pct_fpr",
-             "tpr_bound_at_10pct_fpr", "advantage_bound"}
+             "tpr_bound_at_10pct_fpr", "advantage_bound", "author_level"}
     rest = [[_e(k), _e(_plain(v))] for k, v in sorted(audit.items()) if k not in shown]
     if rest:
         out.append("<details><summary>More audit details</summary>" + _table(["key", "value"], rest, left=(0, 1))
                    + "</details>")
     return "\n".join(out)
+
+
+def _audit_authors(a: Any, delta: float) -> str:
+    """The same attack on whole authors (all of an author's posts in or out), with the ε that protects them."""
+    if not isinstance(a, Mapping):
+        return ""
+    if "auc" not in a:
+        return f"<p>Whole authors: not audited ({_e(a.get('skipped') or 'no pairs')}).</p>"
+    eps = epsilon_value(a.get("epsilon"))
+    rows = [["AUC", _fmt(a.get("auc"), ".3f"), "—", "0.5"]]
+    for name, key, bound, chance in (("TPR at 1% FPR", "tpr_at_1pct_fpr", "tpr_bound_at_1pct_fpr", "0.01"),
+                                     ("TPR at 10% FPR", "tpr_at_10pct_fpr", "tpr_bound_at_10pct_fpr", "0.10")):
+        rows.append([name, _fmt(a.get(key), ".3f"), _bound_cell(a.get(bound), eps), chance])
+    eps_txt = "—" if eps is None else ("∞" if math.isinf(eps) else f"{eps:.3f}")
+    return (f"<p>Whole authors: {_fmt(a.get('members'), 'd')} member authors ({_fmt(a.get('member_posts'), 'd')} posts) "
+            f"vs {_fmt(a.get('non_members'), 'd')} held-out authors, up to {_fmt(a.get('largest_author_posts'), 'd')} "
+            f"posts each; score: {_e(a.get('score') or '')}; ε = {eps_txt} ({_e(a.get('epsilon_basis') or '')}).</p>"
+            + _table(["metric", "attack on authors", f"(ε, δ)-DP allows at most (δ = {_fmt(delta, 'g')})", "chance"],
+                     rows, left=(0,)))
 
 
 def _details(report: Mapping[str, Any]) -> str:

@@ -180,7 +180,23 @@ def _audit(view: ReportView) -> list[str]:
     return ["", "## Empirical audit (loss-threshold membership inference)", "",
             f"AUC {fmt(a.get('auc'))}, TPR at 1% FPR {fmt(a.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR "
             f"{fmt(a.get('tpr_at_10pct_fpr'))} ({a.get('members')} members vs {a.get('non_members')} non-members). "
-            "An AUC near 0.5 means the attack cannot tell training posts from unseen ones."]
+            "An AUC near 0.5 means the attack cannot tell training posts from unseen ones."] + _audit_authors(a)
+
+
+def _audit_authors(a: dict) -> list[str]:
+    w = a.get("author_level")
+    if not isinstance(w, dict):
+        return []
+    if "auc" not in w:
+        return ["", f"Whole authors: not audited ({w.get('skipped', 'no pairs')})."]
+    return ["", f"Whole authors (all of an author's posts in or out): AUC {fmt(w.get('auc'))}, TPR at 1% FPR "
+            f"{fmt(w.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR {fmt(w.get('tpr_at_10pct_fpr'))} "
+            f"({w.get('members')} member authors vs {w.get('non_members')} held-out authors, up to "
+            f"{w.get('largest_author_posts')} posts each); ε for these authors {fmt(w.get('epsilon'))} "
+            f"({w.get('epsilon_basis', '')})." + "".join(
+                f" Authors of {k}: AUC {fmt(v.get('auc'))}, TPR at 10% FPR {fmt(v.get('tpr_at_10pct_fpr'))} "
+                f"({v.get('members')} vs {v.get('non_members')}, ε {fmt(v.get('epsilon'))})."
+                for k, v in (w.get("by_size") or {}).items() if isinstance(v, dict))]
 
 
 def _partition(view: ReportView) -> list[str]:

@@ -1,5 +1,6 @@
 """Membership-inference audit: the ROC maths, member/non-member sampling, the attack against an
-overfit and a DP-trained tiny model, and ``fedpriv audit`` on a run directory."""
+overfit and a DP-trained tiny model, the attack on whole authors (grouping, pairing, the group-ε
+bound), and ``fedpriv audit`` on a run directory."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import torch
 from conftest import independent_epsilon
 from fedpriv.cli import main
 from fedpriv.core.config import resolve_config
-from fedpriv.privacy.audit import (attack_metrics, bound_check, dp_bounds, format_audit, pair_members,
-                                   per_example_losses, roc_curve, tpr_at_fpr)
-from fedpriv.server.audit_run import audit_run, save_audit
+from fedpriv.privacy.audit import (AUTHOR_AGGREGATES, attack_metrics, author_attack, author_epsilon, author_match_key,
+                                   bound_check, dp_bounds, format_audit, group_by_author, pair_members,
+                                   per_example_losses, region_unit, roc_curve, size_bucket, straddling_authors,
+                                   tpr_at_fpr)
+from fedpriv.privacy.group_privacy import group_epsilon
+from fedpriv.server.audit_run import audit_run, author_pairs, save_audit
 from fedpriv.privacy.html_report import tpr_bound
 from fedpriv.task.data import Example, write_jsonl
 from fedpriv.task.model import load_tokenizer
@@ -104,6 +108,12 @@ def test_dp_bounds_and_bound_check():
     assert bound_check(*same, epsilon=1.0, delta=DELTA) in ("consistent", "within sampling error")
     assert bound_check([1.0], [0.0], epsilon=0.1, delta=DELTA) == "within sampling error"  # one pair proves nothing
     assert bound_check(*separated, epsilon=math.inf, delta=DELTA) == "no bound"
+    # group ε of a long-posting author under a post-level run reach hundreds: e^ε overflows past 709
+    assert dp_bounds(1500.0, DELTA) == {"tpr_bound_at_1pct_fpr": 1.0, "tpr_bound_at_10pct_fpr": 1.0,
+                                        "advantage_bound": 1.0}
+    assert bound_check(*separated, epsilon=1500.0, delta=DELTA) == "consistent"
+    # at FPR 0 the bound is δ whatever ε: two perfectly separated pairs are above it, within sampling error
+    assert bound_check([1.0, 2.0], [0.0, 0.5], epsilon=1500.0, delta=DELTA) == "within sampling error"
 
 
 def test_pair_members_matches_labels_and_never_reuses():
@@ -206,11 +216,17 @@ def posts(tokenizer):
     return random_posts(tokenizer, N, seed=1), random_posts(tokenizer, N, seed=2)
 
 
-def test_overfit_non_private_model_is_caught(tokenizer, posts):
-    members, non_members = posts
+@pytest.fixture(scope="module")
+def overfit(tokenizer, posts):
+    """The tiny model, deliberately overfit on the members until every one is memorised (non-private)."""
     model = small_classifier(tokenizer)
-    train(model, tokenizer, members, dp=False, epochs=100)
-    metrics, m_loss, n_loss = attack(model, tokenizer, members, non_members)
+    train(model, tokenizer, posts[0], dp=False, epochs=100)
+    return model
+
+
+def test_overfit_non_private_model_is_caught(tokenizer, posts, overfit):
+    members, non_members = posts
+    metrics, m_loss, n_loss = attack(overfit, tokenizer, members, non_members)
     assert np.mean(m_loss < math.log(2)) == 1.0  # memorised: every member classified right
     assert metrics["auc"] > 0.75, metrics
     assert metrics["tpr_at_10pct_fpr"] > 0.2, metrics
@@ -246,9 +262,9 @@ def run_dir(tmp_path, tokenizer):
 
     root = tmp_path / "shards"
     pool = random_posts(tokenizer, 80, seed=5)  # 40 / 40 labels
-    for name, part in (("us-east", pool[:50]), ("eu-west", pool[50:])):
+    for seed, (name, part) in enumerate((("us-east", pool[:50]), ("eu-west", pool[50:])), start=10):
         write_jsonl(region_shard_dir(root, name) / TRAIN_FILE, part)
-        write_jsonl(region_shard_dir(root, name) / TEST_FILE, part[:2])
+        write_jsonl(region_shard_dir(root, name) / TEST_FILE, random_posts(tokenizer, 2, seed=seed))
     held_out = random_posts(tokenizer, 100, seed=6)  # 50 / 50 labels
     write_jsonl(server_test_path(root), held_out)
     flat, cfg = resolve_config({"model": "tiny", "trainable": "all", "regions": "us-east,eu-west",
@@ -282,6 +298,12 @@ def test_audit_run_attacks_the_last_checkpoint(run_dir, tokenizer):
     for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_10pct_fpr", "advantage"):
         assert 0.0 <= audit[key] <= 1.0
     assert audit["bound_check"] in ("consistent", "within sampling error", "violated")
+    # no post names an author, so each is its own: the author level pairs the same 80 one-post authors,
+    # and an author of one post gets exactly the post-level ε
+    authors = audit["author_level"]
+    assert authors["members"] == authors["non_members"] == 80 and authors["named_authors"] == 0
+    assert authors["largest_author_posts"] == 1 and authors["epsilon"] == audit["epsilon"] == 2.0
+    assert authors["tpr_bound_at_1pct_fpr"] == audit["tpr_bound_at_1pct_fpr"]
     # the losses are those of the last checkpoint's model (not round 1's, not the initial model's)
     model = build_model("tiny", "all", 7, "mean")
     set_trainable_values(model, values)
@@ -341,3 +363,275 @@ def test_save_audit_keeps_the_rest_of_the_report(run_dir):
     assert after["audit"]["epsilon"] == math.inf
     text = format_audit({**after["audit"], "members_by_region": {"us-east": 3}})
     assert "∞ (no DP)" in text and "AUC" in text
+
+
+# -- whole authors ----------------------------------------------------------------------------------
+
+
+def authored(prefix: str, sizes: list[int], domain: str = "amazon", label_of=lambda a: a % 2) -> list[Example]:
+    """Posts of authors ``{prefix}a0, {prefix}a1, ...`` with ``sizes[a]`` posts each, one label per author."""
+    return [Example(f"{prefix}a{a}-{i}", f"{prefix} author {a} post {i}", label_of(a), domain, 1.0,
+                    author=f"{prefix}a{a}") for a, k in enumerate(sizes) for i in range(k)]
+
+
+def test_group_by_author_and_straddlers():
+    posts = authored("m", [3, 1, 2]) + [Example("t1", "a tweet", 1, "tweets", 1.0)]  # author None: its own author
+    groups = group_by_author(posts)
+    assert list(groups.values()) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert list(groups)[-1] == "post:t1"
+    held = authored("h", [2])
+    assert straddling_authors({"us-east/train": posts, "server": held}) == {}
+    leaked = held + [posts[4]]  # one of author ma2's two posts ended up held out
+    assert straddling_authors({"us-east/train": posts, "us-east/test": [], "server": leaked}) == {
+        "ma2": ["us-east/train", "server"]}
+
+
+def test_author_match_key_pairs_like_with_like():
+    assert [size_bucket(k) for k in (1, 2, 3, 4, 5, 8, 9, 16, 17, 70)] == [
+        "1", "2", "3-4", "3-4", "5-8", "5-8", "9-16", "9-16", "17-32", "65-128"]
+    a = authored("m", [4], label_of=lambda a: 1)
+    assert author_match_key(a) == (("amazon",), "3-4", 4)
+    mixed = [Example(f"x{i}", "t", int(i < 1), "nyt", 1.0, author="x") for i in range(4)]  # 1 of 4 positive
+    assert author_match_key(mixed) == (("nyt",), "3-4", 1)
+    members = [authored("m", [k])[:k] for k in (1, 1, 6, 6, 20)]
+    non_members = [authored("h", [k]) for k in (6, 1, 30, 2)]
+    mi, ni = pair_members(members, non_members, 100, seed=0, key=author_match_key)
+    pairs = sorted((len(members[i]), len(non_members[j])) for i, j in zip(mi, ni))
+    assert pairs == [(1, 1), (6, 6), (20, 30)]  # the 2-post author has no partner; 20 and 30 share a class
+
+
+def planted_losses(members: list[list[float]], rng, shift: float, k: int, n: int):
+    """Per-post losses 0.7·exp(0.4·z), members' lowered by the factor exp(−shift): weak per post, strong per author."""
+    def author():
+        return 0.7 * np.exp(0.4 * rng.normal(size=k))
+    m = [author() * math.exp(-shift) for _ in range(n)]
+    return m, [author() for _ in range(n)]
+
+
+def test_author_attack_sums_up_an_authors_posts():
+    rng = np.random.default_rng(0)
+    m, n = planted_losses([], rng, shift=0.25, k=8, n=200)
+    eps_seen = []
+    out = author_attack(m, n, lambda k: eps_seen.append(k) or 3.0, DELTA)
+    post = attack_metrics(-np.concatenate(m), -np.concatenate(n))
+    assert 0.62 < post["auc"] < 0.72  # each post gives little away
+    assert out["auc"] > 0.85 and out["auc"] > post["auc"] + 0.15, (out["auc"], post["auc"])  # its author does
+    assert out["tpr_at_10pct_fpr"] > 0.5 and out["members"] == out["non_members"] == 200
+    assert out["largest_author_posts"] == 8 and eps_seen[0] == 8 and out["epsilon"] == 3.0
+    assert out["member_posts"] == out["non_member_posts"] == 1600
+    assert set(out["by_aggregate"]) == set(AUTHOR_AGGREGATES)
+    for how, res in out["by_aggregate"].items():
+        want = attack_metrics([AUTHOR_AGGREGATES[how](x) for x in m], [AUTHOR_AGGREGATES[how](x) for x in n])
+        assert res["auc"] == pytest.approx(want["auc"], abs=1e-6)
+    # the same posts scored one by one (what a broken grouping attacks) do no better than the post attack
+    singles = author_attack([x[i:i + 1] for x in m for i in range(8)], [x[i:i + 1] for x in n for i in range(8)],
+                            lambda k: 3.0, DELTA)
+    assert singles["auc"] < post["auc"] + 0.03
+    # nothing planted: near chance
+    m0, n0 = planted_losses([], rng, shift=0.0, k=8, n=400)
+    null = author_attack(m0, n0, lambda k: 3.0, DELTA)
+    assert abs(null["auc"] - 0.5) < 0.06 and null["tpr_at_1pct_fpr"] < 0.06
+    with pytest.raises(ValueError):
+        author_attack(m, n, lambda k: 3.0, DELTA, aggregate="sum")
+
+
+def test_author_attack_by_size_uses_each_sizes_epsilon():
+    rng = np.random.default_rng(1)
+    m = [rng.random(1) for _ in range(30)] + [rng.random(5) for _ in range(30)]
+    n = [rng.random(1) for _ in range(30)] + [rng.random(3) for _ in range(30)]
+    out = author_attack(m, n, lambda k: float(k), DELTA)
+    assert out["epsilon"] == 5.0 and out["largest_author_posts"] == 5  # one conservative bound: the largest author
+    assert out["by_size"]["1 post"]["epsilon"] == 1.0 and out["by_size"]["1 post"]["members"] == 30
+    assert out["by_size"]["2+ posts"]["epsilon"] == 5.0
+    assert out["tpr_bound_at_1pct_fpr"] == pytest.approx(tpr_bound(0.01, 5.0, DELTA), abs=1e-6)
+
+
+HISTORIES = {"us-east": [[1.1, 0.05, 20]], "eu-west": [[1.3, 0.1, 30]]}
+
+
+@pytest.fixture(scope="module")
+def group_eps():
+    """Independent reference: group_epsilon per region for the sizes the tests audit (computed once)."""
+    return {(r, k): group_epsilon([tuple(h) for h in hist], DELTA, k) for r, hist in HISTORIES.items() for k in (6,)}
+
+
+def post_report(unit: str | None = None) -> dict:
+    regions = {r: {"dp": True, "epsilon": eps, "history": HISTORIES[r]}
+               for r, eps in (("us-east", 1.5), ("eu-west", 2.0))}
+    if unit:
+        for region in regions.values():
+            region["privacy_unit"] = unit
+    return {"delta": DELTA, "regions": regions}
+
+
+def test_author_epsilon_is_the_group_epsilon_of_the_largest_author(group_eps):
+    eps, per_region = author_epsilon(post_report(), DELTA, 6)
+    assert per_region["us-east"]["epsilon"] == pytest.approx(group_eps[("us-east", 6)], rel=1e-9)
+    assert eps == pytest.approx(max(group_eps[("us-east", 6)], group_eps[("eu-west", 6)]), rel=1e-9)
+    assert eps > 6 * 2.0 * 0.5 and per_region["eu-west"]["unit"] == "post"
+    # an author of one post is a post: the run's own ε, exactly
+    assert author_epsilon(post_report(), DELTA, 1)[0] == 2.0
+    # an author-level run: its ε already protects whole authors, whatever their size
+    assert author_epsilon(post_report("author"), DELTA, 6)[0] == 2.0
+    # no DP anywhere: no bound; a post-level report without its history: unknown, so no bound claimed
+    off = post_report()
+    off["regions"]["us-east"] = {"dp": False, "epsilon": None}
+    assert author_epsilon(off, DELTA, 6)[0] == math.inf
+    lost = post_report()
+    del lost["regions"]["eu-west"]["history"]
+    assert author_epsilon(lost, DELTA, 6)[0] is None
+
+
+def test_region_unit_reads_the_report_defensively():
+    assert region_unit({}, {}) == "post"  # nothing recorded: a post-level run
+    assert region_unit({"unit_of_privacy": "one record (post) of one region"}, {}) == "post"
+    assert region_unit({}, {"privacy_unit": "author"}) == "author"
+    assert region_unit({"privacy_unit": "author"}, {}) == "author"
+    assert region_unit({"unit_of_privacy": {"unit": "author"}}, {}) == "author"
+    assert region_unit({"unit_of_privacy": "one author (all their posts) of one region"}, {}) == "author"
+    assert region_unit({}, {"privacy_unit": "authors-ish"}) == "post"
+
+
+# -- the author attack on a real (tiny) model -------------------------------------------------------
+
+
+def test_author_attack_catches_a_model_that_memorised_its_authors(tokenizer, posts, overfit):
+    """The tiny model memorised its members' posts: grouped into authors of 4, they are told apart from
+    held-out authors better than posts are; two sets of unseen authors stay near chance."""
+    members, non_members = posts
+    device = torch.device("cpu")
+    m = per_example_losses(overfit, "head", members, tokenizer, 32, device)
+    n = per_example_losses(overfit, "head", non_members, tokenizer, 32, device)
+    unseen = per_example_losses(overfit, "head", random_posts(tokenizer, 2 * N, seed=3), tokenizer, 32, device)
+    by4 = lambda x: [x[i:i + 4] for i in range(0, len(x), 4)]  # noqa: E731
+    caught = author_attack(by4(m), by4(n), lambda k: math.inf, DELTA)
+    assert caught["auc"] > 0.9 and caught["tpr_at_10pct_fpr"] > 0.5, caught
+    assert caught["auc"] >= attack_metrics(-m, -n)["auc"]
+    null = author_attack(by4(unseen[:N]), by4(unseen[N:]), lambda k: math.inf, DELTA)
+    assert abs(null["auc"] - 0.5) < 0.15 and null["tpr_at_10pct_fpr"] < 0.35, null
+
+
+# -- fedpriv audit at the author level on a run directory -------------------------------------------
+
+SIZES = [4, 5, 6, 3, 5, 6] * 10  # 60 authors a side, up to 6 posts each
+
+
+def write_author_run(tmp_path, report_extra: dict | None = None, leak: bool = False):
+    """Shards with named authors (members m…, held-out h…) plus one-post tweets, a report with DP histories."""
+    from fedpriv.server.checkpoints import save_checkpoint
+    from fedpriv.task.model import build_model, get_trainable
+
+    root = tmp_path / "shards"
+    members = authored("m", SIZES) + [Example(f"mt{i}", f"member tweet {i}", i % 2, "tweets", 1.0) for i in range(40)]
+    held = authored("h", SIZES) + [Example(f"ht{i}", f"held tweet {i}", i % 2, "tweets", 1.0) for i in range(40)]
+    if leak:  # author ma0's last post is held out: the shards were split post by post
+        held.append(members.pop(SIZES[0] - 1))
+    east = [e for e in members if int((e.author or e.id)[2:]) % 2 == 0]  # whole authors: even ones in us-east
+    west = [e for e in members if int((e.author or e.id)[2:]) % 2 == 1]
+    for name, part in (("us-east", east), ("eu-west", west)):
+        write_jsonl(region_shard_dir(root, name) / TRAIN_FILE, part)
+        write_jsonl(region_shard_dir(root, name) / TEST_FILE, [Example(f"{name}-t", f"{name} test", 0, "tweets", 1.0)])
+    write_jsonl(server_test_path(root), held)
+    flat, cfg = resolve_config({"model": "tiny", "trainable": "all", "regions": "us-east,eu-west",
+                                "data-dir": str(root), "run-dir": str(tmp_path / "run"), "seed": 7})
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, get_trainable(build_model(cfg.model, cfg.trainable, cfg.seed, cfg.pooling)))
+    report = {"schema_version": 1, "run_id": "r2", "created": "2026-01-01T00:00:00Z", "status": "completed",
+              "accountant": "rdp", "delta": DELTA, "config": flat, "rounds": [{"round": 1}],
+              **post_report(), **(report_extra or {})}
+    (run / "privacy_report.json").write_text(json.dumps(report))
+    return run, members, held
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """The final model's losses, planted: a member post's loss is e^−0.25 times a held-out one's (0.7·e^{0.4 z})."""
+    import zlib
+
+    def losses(model, trainable, examples, tokenizer, max_length, device, batch_size=256):
+        out = []
+        for e in examples:
+            z = np.random.default_rng(zlib.crc32(e.id.encode())).normal()
+            out.append(0.7 * math.exp(0.4 * z) * (math.exp(-0.25) if e.id.startswith("m") else 1.0))
+        return np.array(out)
+
+    monkeypatch.setattr("fedpriv.server.audit_run.per_example_losses", losses)
+
+
+def test_audit_attacks_whole_authors_and_bounds_them_by_group_epsilon(tmp_path, planted, group_eps, capsys):
+    run, members, held = write_author_run(tmp_path)
+    audit = audit_run(run)
+    authors = audit["author_level"]
+    # every author paired whole: 60 named authors (all 6 sizes and both labels on each side) + 40 tweets
+    assert authors["members"] == authors["non_members"] == 100 and authors["named_authors"] == 120
+    assert authors["member_posts"] == authors["non_member_posts"] == sum(SIZES) + 40
+    assert authors["members_by_region"] == {"eu-west": 50, "us-east": 50}
+    # planted: a post gives little away, its whole author a lot (fails if authors were split up or mixed)
+    multi = authors["by_size"]["2+ posts"]
+    assert audit["auc"] < 0.75 and multi["auc"] > 0.8 and multi["auc"] > audit["auc"] + 0.1, (audit["auc"], multi)
+    assert authors["by_size"]["1 post"]["members"] == 40
+    assert authors["aggregate"] == "mean-loss" and set(multi["by_aggregate"]) == set(AUTHOR_AGGREGATES)
+    # the bound: post-level run, so the exact group ε of the largest audited author (6 posts), over regions
+    assert authors["largest_author_posts"] == 6
+    assert authors["epsilon"] == pytest.approx(max(group_eps[("us-east", 6)], group_eps[("eu-west", 6)]), rel=1e-9)
+    assert authors["epsilon_by_region"]["us-east"]["epsilon"] == pytest.approx(group_eps[("us-east", 6)], rel=1e-9)
+    assert authors["by_size"]["1 post"]["epsilon"] == audit["epsilon"] == 2.0  # one post: the post-level ε
+    assert authors["tpr_bound_at_1pct_fpr"] == pytest.approx(tpr_bound(0.01, authors["epsilon"], DELTA), abs=1e-6)
+    assert "group ε" in authors["epsilon_basis"]
+    text = format_audit(audit)
+    assert "authors: 100 member authors" in text and "authors of 2+ posts" in text and "group ε" in text
+
+
+def test_author_pairs_keep_authors_whole_and_apart(tmp_path):
+    from fedpriv.task.partition import load_region, load_server_test
+
+    run, members, held = write_author_run(tmp_path)
+    root = tmp_path / "shards"
+    shards = {r: load_region(root, r) for r in ("us-east", "eu-west")}
+    server = load_server_test(root)
+    pool = [e for s in shards.values() for e in s.train]
+    m_groups, n_groups = author_pairs(shards, server, 1000, seed=0)
+    m_authors = [{pool[i].author or pool[i].id for i in g} for g in m_groups]
+    n_authors = [{server[j].author or server[j].id for j in g} for g in n_groups]
+    assert all(len(a) == 1 for a in m_authors + n_authors)  # a group is one author ...
+    for g, (a,) in zip(m_groups, m_authors):  # ... with all of its posts
+        assert sorted(g) == [i for i, e in enumerate(pool) if (e.author or e.id) == a]
+    assert not set().union(*m_authors) & set().union(*n_authors)
+    assert [author_match_key([pool[i] for i in g]) for g in m_groups] == [
+        author_match_key([server[j] for j in g]) for g in n_groups]
+    few = author_pairs(shards, server, 7, seed=0)
+    assert len(few[0]) == 7 and all(len(g) > 1 for g in few[0])  # multi-post authors first
+
+
+def test_audit_refuses_authors_that_straddle_the_split(tmp_path, planted, capsys):
+    run, members, held = write_author_run(tmp_path, leak=True)
+    audit = audit_run(run)
+    skipped = audit["author_level"]["skipped"]
+    assert "1 authors have posts on more than one side" in skipped and "'ma0'" in skipped
+    assert "split-unit" in skipped and "\n" not in skipped
+    assert audit["members"] > 0 and "auc" in audit  # the post level still runs
+    assert main(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "authors: not audited: 1 authors have posts on more than one side" in out
+    assert json.loads((run / "privacy_report.json").read_text())["audit"]["author_level"] == {"skipped": skipped}
+
+
+def test_author_level_run_uses_its_own_epsilon(tmp_path, planted):
+    run, _, _ = write_author_run(tmp_path, report_extra=post_report("author"))
+    authors = audit_run(run, max_authors=30)["author_level"]
+    assert authors["units"] == ["author"] and authors["epsilon"] == 2.0
+    assert authors["members"] == authors["non_members"] == 30 and authors["by_size"].keys() == {"2+ posts"}
+    assert "author-level run" in authors["epsilon_basis"]
+
+
+def test_fedpriv_audit_reports_both_units(tmp_path, planted, capsys):
+    run, _, _ = write_author_run(tmp_path)
+    assert main(["audit", str(run), "--max-authors", "12", "--max-examples", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "posts" in out and "authors" in out and "12 member authors" in out
+    data = json.loads((run / "privacy_report.json").read_text())["audit"]
+    assert data["members"] == 50 and data["author_level"]["members"] == 12
+    md = (run / "privacy_report.md").read_text()
+    assert "12 member authors vs 12 held-out authors" in md and "Authors of 2+ posts: AUC" in md
+    assert main(["audit", str(run), "--max-authors", "0"]) == 2
+    assert "--max-authors = 0" in capsys.readouterr().err
