@@ -196,12 +196,16 @@ def load_corpus(data_dir: Path) -> list[Example]:
 
 
 def corpus_names_authors(path: Path) -> bool:
-    """Whether a JSONL corpus has the ``author`` field (null is allowed: that post is its own author)."""
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    return "author" in json.loads(line)
-                except json.JSONDecodeError:
-                    return True  # read_jsonl says what is wrong with it
+    """Whether a JSONL corpus has the ``author`` field (null is allowed: that post is its own author).
+
+    Anything unreadable answers True: :func:`read_jsonl` then says in one line what is wrong with it.
+    """
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    return not isinstance(row, dict) or "author" in row
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
     return True

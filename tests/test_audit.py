@@ -356,12 +356,13 @@ def test_audit_errors_are_one_line(run_dir, tmp_path, capsys):
 def test_save_audit_keeps_the_rest_of_the_report(run_dir):
     run, _, _ = run_dir
     before = json.loads((run / "privacy_report.json").read_text())
-    save_audit(run, {"auc": 0.5, "tpr_at_1pct_fpr": 0.01, "tpr_at_10pct_fpr": 0.1, "members": 3, "non_members": 3,
-                     "advantage": 0.0, "epsilon": math.inf})
+    audit = {"auc": 0.5, "tpr_at_1pct_fpr": 0.01, "tpr_at_10pct_fpr": 0.1, "members": 3, "non_members": 3,
+             "advantage": 0.0, "epsilon": math.inf}
+    save_audit(run, audit)
     after = json.loads((run / "privacy_report.json").read_text())
     assert {k: v for k, v in after.items() if k != "audit"} == before
-    assert after["audit"]["epsilon"] == math.inf
-    text = format_audit({**after["audit"], "members_by_region": {"us-east": 3}})
+    assert after["audit"]["epsilon"] is None  # strict JSON: ∞ (no DP) is written as null
+    text = format_audit({**audit, "members_by_region": {"us-east": 3}})
     assert "∞ (no DP)" in text and "AUC" in text
 
 
