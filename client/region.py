@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedpriv.client import optimizer_state
+from fedpriv.client.incoming import check_incoming
 from fedpriv.task.device import select_device
 from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
 from fedpriv.core.config import FedprivConfig
@@ -129,6 +130,7 @@ class RegionRuntime:
         (None: as the run config says). Every refusal happens before training and before
         the ledger is written.
         """
+        check_incoming(global_values, self.split.model, self.identity.policy.max_weight_magnitude)  # before anything
         policy = self.identity.policy
         cfg = self.cfg
         check_train_request(policy, cfg, cfg.secure_aggregation if secure_round is None else secure_round)
@@ -152,7 +154,7 @@ class RegionRuntime:
                 if not decision.allowed:
                     raise BudgetExhausted(decision.reason)
             set_trainable_values(self.split.model, global_values)
-            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device)
+            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device, policy.max_weight_magnitude)
             result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name,
                                    optimizer_state=self._kept_optimizer_state(job_id, job_releases))
             decision = ledger.reserve(release, cap, delta, cfg.accountant, new_only=True)
@@ -218,6 +220,7 @@ class RegionRuntime:
         """Loss and accuracy on the local test split: not DP, so only when the policy releases them."""
         if not self.identity.policy.release_local_evaluation:
             raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
+        check_incoming(global_values, self.split.model, self.identity.policy.max_weight_magnitude)
         set_trainable_values(self.split.model, global_values)
         data = self._features("test")
         loss, accuracy = evaluate_top(self.split.top, data, self.device)

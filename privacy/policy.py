@@ -27,6 +27,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     release-train-metrics = false     # train loss / accuracy / peak memory (not private)
     release-lifetime-epsilon = false  # ε over the whole ledger (reveals other jobs)
     release-local-evaluation = false  # loss / accuracy on the local test split (not private)
+    max-weight-magnitude = 100.0      # refuse incoming weights above it; training stays within it
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -44,6 +45,10 @@ from fedpriv.core.errors import ConfigError, FedprivError
 
 BUILTIN_SIMULATION_POLICY = Path(__file__).resolve().parents[1] / "simulations" / "region-policy.toml"
 """The policy every simulated region gets when ``sim-region-policy = ""``."""
+
+DEFAULT_MAX_WEIGHT_MAGNITUDE = 100.0
+"""``max-weight-magnitude``: 12x all-MiniLM's largest weight (7.91), far below what could overflow float32 in
+a forward pass of fedpriv's models (client/incoming.py)."""
 
 POLICY_PATH_KEY = "policy-path"
 """Node-config key naming the region's policy file (an absolute path, set by ``fedpriv supernode --policy``)."""
@@ -64,6 +69,7 @@ class RegionPolicy:
     release_train_metrics: bool = False
     release_lifetime_epsilon: bool = False
     release_local_evaluation: bool = False
+    max_weight_magnitude: float = DEFAULT_MAX_WEIGHT_MAGNITUDE  # on every incoming weight, after the cast
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -82,7 +88,7 @@ class RegionPolicy:
 
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
-_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold")
+_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-weight-magnitude")
 _KEYS = _BOOLS + _NUMBERS
 
 
@@ -110,18 +116,21 @@ def policy_from_mapping(table: Mapping[str, Any], source: str) -> RegionPolicy:
     cap = values["max-lifetime-epsilon"]
     job = values.get("max-job-epsilon", cap)
     frac = values.get("min-secagg-threshold", 0.5)
+    bound = values.get("max-weight-magnitude", DEFAULT_MAX_WEIGHT_MAGNITUDE)
     checks = [
         (0.0 < values["delta"] < 1.0, "delta", values["delta"], "a probability in (0, 1), e.g. 1e-5"),
         (cap > 0, "max-lifetime-epsilon", cap, "a privacy budget ε > 0"),
         (job > 0, "max-job-epsilon", job, "a ceiling on one job's ε > 0 (the lifetime cap binds as well)"),
         (0.5 <= frac < 1.0, "min-secagg-threshold", frac,
          "a fraction in [0.5, 1): the threshold must exceed this share of a secret's holders (0.5 = a strict majority)"),
+        (bound > 0, "max-weight-magnitude", bound, f"a bound > 0 on incoming weights (default {DEFAULT_MAX_WEIGHT_MAGNITUDE:g})"),
     ]
     for ok, key, value, expected in checks:
         if not ok:
             raise ConfigError(f"region policy {source}: {key} = {value!r}: expected {expected}")
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
+        max_weight_magnitude=bound,
         **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table}, source=source)
 
 
