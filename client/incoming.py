@@ -10,9 +10,12 @@ weights alone, never on the region's data.
 
 Why a bound, and why this default (100, 12x all-MiniLM-L6-v2's largest weight, 7.91): every encoder layer
 input of fedpriv's models is a LayerNorm output, at most ``B(√d + 1)`` in magnitude when no weight exceeds
-``B``; a layer's matmuls multiply that by at most ``d_ff · d · B²``. For all-MiniLM (d = 384, d_ff = 1536) at
-B = 100 the largest value a forward pass can form is about 1e14 (its square, inside LayerNorm's variance,
-6e28): nothing in a forward pass can overflow float32 (3.4e38), for any post. Two things rest on that:
+``B``; a layer's two matmuls multiply that by at most ``d_ff · d · B²``, and an attention score is at most
+``√d_head · (d · B · H)²`` for inputs of size ``H``. For all-MiniLM (d = 384, d_ff = 1536, d_head = 32) at B = 100
+the largest value a forward pass can form is an attention score of about 4e16, and the largest sum of squares
+(LayerNorm's variance) about 6e28; with LoRA adapters (``α · B²`` added to a frozen weight) below 1e30. Nothing
+in a forward pass can overflow float32 (3.4e38), for any post (``tests/adversary/test_weight_bound.py`` sets
+every weight to ±100). Two things rest on that:
 padding and attention masks keep posts apart only while the forward pass is finite (a padded position's
 ``inf`` times a zero attention weight is NaN), so a finite forward pass is what makes every per-example
 quantity a function of its own post; and evaluation never sees a non-finite loss. A backward pass can still
