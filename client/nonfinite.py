@@ -84,7 +84,8 @@ class ContainedDPOptimizer(DPOptimizer):
         self.zeroed = zeroed if zeroed is not None else ZeroedExamples()
 
     def clip_and_accumulate(self) -> None:
-        """``p.summed_grad += Σ_i c_i ∇_i p`` as Opacus computes it, with non-finite examples' rows zeroed."""
+        """``p.summed_grad += Σ_i c_i ∇_i p`` as Opacus computes it, with non-finite examples' rows zeroed (in place:
+        a copy of every per-sample gradient would double this mode's largest memory cost)."""
         samples = self.grad_samples
         if len(samples[0]) == 0:  # an empty physical batch: nothing to clip
             return super().clip_and_accumulate()
@@ -95,7 +96,8 @@ class ContainedDPOptimizer(DPOptimizer):
         self.zeroed.add(keep)
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-            grad_sample = zero_rows(self._get_flat_grad_sample(p).to(p.dtype), keep)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)  # Opacus' own copy, discarded after this step
+            grad_sample.masked_fill_(~keep.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1))), 0.0)
             grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
