@@ -21,6 +21,10 @@ two passes cannot promise. Noise, the Poisson sampler and the accountant stay Op
 
 Supported trainable layers: ``nn.Linear`` (also inside peft's LoRA adapters) and ``nn.LayerNorm`` — every
 layer fedpriv's models train. Anything else is refused before a step is taken.
+
+Non-finite containment (``client/nonfinite.py``): an example whose loss or norm is not finite gets factor 0 and
+its rows of every stored ``a`` and ``g`` are zeroed before the clipped sum is formed, so it adds exactly nothing
+(``0 · NaN`` would otherwise poison the whole sum).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedpriv.client.nonfinite import ZeroedExamples, finite_mean, clip_factors, keep_mask, zero_rows
 from fedpriv.task.device import exact_fp32_matmul
 
 SUPPORTED = (nn.Linear, nn.LayerNorm)
@@ -73,10 +78,11 @@ class BookKeeping(nn.Module):
     ``forward`` is the wrapped module's; ``criterion(logits, labels)`` returns a loss whose ``backward()``
     leaves the *clipped, un-noised sum* of the batch's per-sample gradients in every ``p.grad``."""
 
-    def __init__(self, module: nn.Module, max_grad_norm: float):
+    def __init__(self, module: nn.Module, max_grad_norm: float, zeroed: ZeroedExamples | None = None):
         super().__init__()
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
+        self.zeroed = zeroed if zeroed is not None else ZeroedExamples()
         self.layers = _trainable_layers(module)
         for layer in self.layers:
             layer.handles.append(layer.module.register_forward_hook(layer.capture, with_kwargs=True))
@@ -91,7 +97,9 @@ class BookKeeping(nn.Module):
         return BookKeepingLoss(per_sample, self)
 
     def clip_and_sum(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
-        """Set every ``p.grad`` to the clipped per-sample gradient sum; return the per-sample norms."""
+        """Set every ``p.grad`` to the clipped per-sample gradient sum; return the per-sample norms.
+
+        An example whose loss or norm is not finite contributes exactly zero (its norm is returned as it is)."""
         n = per_sample_loss.shape[0]
         live = [layer for layer in self.layers if layer.output is not None]
         for layer in live:
@@ -106,12 +114,14 @@ class BookKeeping(nn.Module):
             for layer, part in parts:
                 sq += _squared_norms(layer, part)
             norms = sq.sqrt()
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            keep = keep_mask(norms, per_sample_loss.detach())
+            factor = clip_factors(norms, self.max_grad_norm, keep)
+            self.zeroed.add(keep)
             for layer in self.layers:
                 for p in layer.params:
                     p.grad = torch.zeros_like(p)
             for layer, part in parts:
-                _add_clipped_sum(layer, part, factor)
+                _add_clipped_sum(layer, part, factor, keep)
         for layer in self.layers:
             layer.clear()
         return norms
@@ -135,17 +145,18 @@ class BookKeepingLoss:
         self.owner.clip_and_sum(self.per_sample)
 
     def detach(self) -> torch.Tensor:
-        return self.per_sample.detach().mean()
+        return finite_mean(self.per_sample)
 
 
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, accountant, *,
-                 noise_multiplier: float, max_grad_norm: float, noise_generator: torch.Generator):
+                 noise_multiplier: float, max_grad_norm: float, noise_generator: torch.Generator,
+                 zeroed: ZeroedExamples | None = None):
     """Opacus' pieces around book-keeping, as ``PrivacyEngine.make_private`` assembles them for ghost clipping.
 
     Poisson sampling at ``q = 1 / len(data_loader)`` drawing from the loader's generator, the noise from
     ``noise_generator``, expected batch ``int(len(dataset) · q)`` and the accountant's step hook at that
     ``q``. Returns ``(module, optimizer, criterion, data_loader)`` like the ghost-clipping call."""
-    wrapped = BookKeeping(module, max_grad_norm)
+    wrapped = BookKeeping(module, max_grad_norm, zeroed)
     dp_loader = DPDataLoader.from_data_loader(data_loader, generator=data_loader.generator)
     sample_rate = 1 / len(data_loader)
     dp_optimizer = DPOptimizerFastGradientClipping(
@@ -209,16 +220,18 @@ def _squared_norms(layer: _Layer, part: tuple[torch.Tensor, torch.Tensor]) -> to
     return sq
 
 
-def _add_clipped_sum(layer: _Layer, part: tuple[torch.Tensor, torch.Tensor], factor: torch.Tensor) -> None:
-    """``p.grad += Σ_i c_i ∇_i p`` for this layer's trainable parameters."""
+def _add_clipped_sum(layer: _Layer, part: tuple[torch.Tensor, torch.Tensor], factor: torch.Tensor,
+                     keep: torch.Tensor) -> None:
+    """``p.grad += Σ_i c_i ∇_i p`` for this layer's trainable parameters; the rows of the examples not kept are
+    zeroed in every operand (their factor is 0, but ``0 · NaN`` is NaN)."""
     m = layer.module
     if isinstance(m, nn.LayerNorm):
         for per_sample, p in zip(part, (m.weight, m.bias)):
             if p is not None and p.requires_grad:
-                p.grad += torch.einsum("b,b...->...", factor, per_sample).to(p.dtype)
+                p.grad += torch.einsum("b,b...->...", factor, zero_rows(per_sample, keep)).to(p.dtype)
         return
-    a, gf = part
-    scaled = gf * factor[:, None, None]
+    a, gf = zero_rows(part[0], keep), part[1]
+    scaled = zero_rows(gf * factor[:, None, None], keep)
     if m.weight.requires_grad:
         m.weight.grad += (scaled.reshape(-1, scaled.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
     if m.bias is not None and m.bias.requires_grad:

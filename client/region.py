@@ -31,6 +31,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from fedpriv.client import optimizer_state, release_store
+from fedpriv.client.incoming import check_incoming
 from fedpriv.task.device import select_device
 from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
 from fedpriv.core.config import FedprivConfig
@@ -143,6 +144,7 @@ class RegionRuntime:
         the ledger is written. A round of ``job_id`` the ledger already holds is answered with
         the stored release (:mod:`fedpriv.client.release_store`): no training, no new ε.
         """
+        check_incoming(global_values, self.split.model, self.identity.policy.max_weight_magnitude)  # before anything
         policy = self.identity.policy
         cfg = self.cfg
         check_train_request(policy, cfg, cfg.secure_aggregation if secure_round is None else secure_round)
@@ -166,7 +168,7 @@ class RegionRuntime:
             if cfg.dp:  # an early answer, before training; reserve() below decides
                 self._raise_if_refused(ledger.check_budget(cap, planned, delta, accountant))
             set_trainable_values(self.split.model, global_values)
-            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device)
+            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device, policy.max_weight_magnitude)
             result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name,
                                    optimizer_state=self._kept_optimizer_state(job_id, job_releases))
             stored, digest = self._store_release(job_id, server_round, global_values, result)
@@ -298,6 +300,7 @@ class RegionRuntime:
         """Loss and accuracy on the local test split: not DP, so only when the policy releases them."""
         if not self.identity.policy.release_local_evaluation:
             raise PolicyRefusal("release-local-evaluation", LOCAL_EVALUATION_REFUSED)
+        check_incoming(global_values, self.split.model, self.identity.policy.max_weight_magnitude)
         set_trainable_values(self.split.model, global_values)
         data = self._features("test")
         loss, accuracy = evaluate_top(self.split.top, data, self.device)

@@ -12,6 +12,13 @@ Randomness: the run's ``seed`` (through the region's round seed) drives only wha
 not privacy-critical — dropout, and shuffling when DP is off. The DP noise and the
 Poisson sample come from fresh OS entropy for every release (``client/randomness.py``),
 unless the testing-only ``insecure-deterministic-noise`` key asks for a replayable release.
+
+Weights the coordinator crafted (issue 21): every clipping mode zeroes an example whose loss or gradient is
+not finite (``client/nonfinite.py``), and the trainable weights are kept within the region's
+``max-weight-magnitude`` before the first step and after every step (``client/incoming.py``), so the release
+is always finite and of the model's shape, whatever the data. Without DP nothing is clipped: a gradient that
+overflows makes the step's weights NaN, which the projection turns into 0 -- the release stays finite, and
+(being non-DP) was never private.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
@@ -33,10 +40,13 @@ from tqdm.auto import tqdm
 from fedpriv.task.device import choose_physical_batch_size, exact_fp32_matmul, forward_precision, peak_memory_mb
 from fedpriv.client import book_keeping
 from fedpriv.client.batching import sort_batches_by_length
+from fedpriv.client.incoming import keep_within
+from fedpriv.client.nonfinite import ContainedDPOptimizer, ContainedGhostLoss, ContainedPrivacyEngine, finite_mean
 from fedpriv.client.optimizer_state import export_state, import_state
 from fedpriv.client.randomness import enable_secure_noise, release_randomness
 from fedpriv.core.config import FedprivConfig
 from fedpriv.privacy.accountant import Entry
+from fedpriv.privacy.policy import DEFAULT_MAX_WEIGHT_MAGNITUDE
 from fedpriv.privacy.schedule import Schedule, choose_noise_multiplier, region_schedule  # noqa: F401  (re-exported)
 from fedpriv.task.features import FeatureDataset, SplitClassifier, collate_features
 from fedpriv.task.model import get_trainable
@@ -64,7 +74,9 @@ class LocalTrainer:
     whole network, at a fraction of the cost.
     """
 
-    def __init__(self, split: SplitClassifier, data: FeatureDataset, cfg: FedprivConfig, device: torch.device):
+    def __init__(self, split: SplitClassifier, data: FeatureDataset, cfg: FedprivConfig, device: torch.device,
+                 max_weight_magnitude: float = DEFAULT_MAX_WEIGHT_MAGNITUDE):
+        self.max_weight_magnitude = max_weight_magnitude  # the region's policy: client/incoming.py
         self.model = split.model.to(device)
         self.top = split.top
         self.data = data
@@ -83,6 +95,7 @@ class LocalTrainer:
         torch.manual_seed(seed)
         self.top.train()
         named = [(n, p) for n, p in self.top.named_parameters() if p.requires_grad]
+        keep_within([p for _, p in named], self.max_weight_magnitude)
         optimizer = local_optimizer([p for _, p in named], self.cfg)
         if optimizer_state and not import_state(optimizer, [n for n, _ in named], optimizer_state):
             warnings.warn(f"{label}: the kept optimizer state does not match the trainable parameters; this round "
@@ -114,7 +127,7 @@ class LocalTrainer:
             # It does not apply here: fedpriv passes OS-entropy generators and turns on secure-mode noise itself
             # (client/randomness.py), so the warning would tell an operator the opposite of what is true.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: fedpriv.privacy.accountant
+            engine = ContainedPrivacyEngine(accountant="rdp")  # only records the (σ, q, steps) history; ε: fedpriv.privacy.accountant
         engine.accountant.history = list(history)
         kwargs = dict(module=self.top, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True, noise_generator=rng.noise)
@@ -125,9 +138,12 @@ class LocalTrainer:
         elif self.cfg.grad_sample_mode == "bk":
             module, dp_optimizer, criterion, dp_loader = book_keeping.make_private(
                 self.top, optimizer, loader, engine.accountant, noise_multiplier=noise_multiplier,
-                max_grad_norm=self.cfg.max_grad_norm, noise_generator=rng.noise)
+                max_grad_norm=self.cfg.max_grad_norm, noise_generator=rng.noise, zeroed=engine.zeroed)
         else:
             module, dp_optimizer, dp_loader = engine.make_private(**kwargs)
+        contained = {"ghost": isinstance(criterion, ContainedGhostLoss), "bk": isinstance(module, book_keeping.BookKeeping)}
+        if not contained.get(self.cfg.grad_sample_mode, isinstance(dp_optimizer, ContainedDPOptimizer)):
+            raise RuntimeError("Opacus did not take fedpriv's non-finite containment: refusing to clip without it")
         enable_secure_noise(dp_optimizer)
         if dp_loader.batch_sampler.generator is not rng.sampling or dp_optimizer.generator is not rng.noise:
             raise RuntimeError("Opacus did not take the release's generators: refusing to train on predictable noise")
@@ -138,6 +154,8 @@ class LocalTrainer:
             losses, correct, seen = self._loop(module, dp_optimizer, memory_safe_loader, physical, label, criterion)
         result = self._result(losses, correct, seen, list(engine.accountant.history), noise_multiplier)
         module._close()  # remove Opacus hooks: the plain model goes back to the caller
+        engine.close()
+        engine.zeroed.log(label)  # the region's own log only: a count derived from the data
         return result
 
     def physical_batch_size(self) -> int:
@@ -153,6 +171,7 @@ class LocalTrainer:
         ``criterion``: Opacus' ghost-clipping loss wrapper (its ``backward`` runs both passes) or book-keeping's
         (its ``backward`` clips per example); else the model's own loss."""
         target = self.schedule.steps_per_round
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         losses: list[float] = []
         correct = seen = steps = 0
         bar = tqdm(total=target, desc=f"{label} local DP-SGD" if self.cfg.dp else f"{label} local SGD",
@@ -162,13 +181,15 @@ class LocalTrainer:
                 if isinstance(batch, dict) and len(batch["labels"]):
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                     loss, logits = self._forward_backward(module, batch, criterion)
-                    losses.append(float(loss.detach()))
+                    per_sample = F.cross_entropy(logits.detach().float(), batch["labels"], reduction="none")
+                    losses.append(float(finite_mean(per_sample)))  # a crafted overflow: not NaN, like the sum
                     correct += int((logits.argmax(-1) == batch["labels"]).sum())
                     seen += len(batch["labels"])
                 else:  # Poisson sampling drew no post: the logical step still happens (noise only)
                     no_contribution(optimizer)
                 with exact_fp32_matmul() if self.cfg.dp else contextlib.nullcontext():
                     optimizer.step()
+                keep_within(params, self.max_weight_magnitude)
                 optimizer.zero_grad(set_to_none=True)
                 if not getattr(optimizer, "_is_last_step_skipped", False) or not self.cfg.dp:
                     steps += 1

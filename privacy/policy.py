@@ -30,6 +30,7 @@ Format (``examples/region-policy.toml`` is a documented example)::
     release-local-evaluation = false  # loss / accuracy on the local test split (not private)
     max-bundle-age-days = 30.0        # refuse an app bundle signed longer ago than this (a replayed old bundle)
     accountant = "pld"                # the accountant every cap and ceiling is checked with (never the run's)
+    max-weight-magnitude = 100.0      # refuse incoming weights above it; training stays within it
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -48,6 +49,10 @@ from fedpriv.privacy.accountant import ACCOUNTANTS  # numpy only, no torch
 
 BUILTIN_SIMULATION_POLICY = Path(__file__).resolve().parents[1] / "simulations" / "region-policy.toml"
 """The policy every simulated region gets when ``sim-region-policy = ""``."""
+
+DEFAULT_MAX_WEIGHT_MAGNITUDE = 100.0
+"""``max-weight-magnitude``: 12x all-MiniLM's largest weight (7.91), far below what could overflow float32 in
+a forward pass of fedpriv's models (client/incoming.py)."""
 
 POLICY_PATH_KEY = "policy-path"
 """Node-config key naming the region's policy file (an absolute path, set by ``fedpriv supernode --policy``)."""
@@ -71,6 +76,7 @@ class RegionPolicy:
     release_local_evaluation: bool = False
     max_bundle_age_days: float = 30.0  # a signed app bundle older than this is refused (fedpriv.deploy.trusted_exec)
     accountant: str = "pld"  # checks every cap/ceiling and the ε the region records and replies (never the run config's)
+    max_weight_magnitude: float = DEFAULT_MAX_WEIGHT_MAGNITUDE  # on every incoming weight, after the cast
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -85,7 +91,8 @@ class RegionPolicy:
 
 _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "allow-deterministic-noise",
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
-_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-bundle-age-days")
+_NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-bundle-age-days",
+            "max-weight-magnitude")
 _STRINGS = {"accountant": ACCOUNTANTS}
 _KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",) + tuple(_STRINGS)
 
@@ -120,6 +127,7 @@ def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountan
     cap = values["max-lifetime-epsilon"]
     job = values.get("max-job-epsilon", cap)
     frac = values.get("min-secagg-threshold", 0.5)
+    bound = values.get("max-weight-magnitude", DEFAULT_MAX_WEIGHT_MAGNITUDE)
     checks = [
         (0.0 < values["delta"] < 1.0, "delta", values["delta"], "a probability in (0, 1), e.g. 1e-5"),
         (cap > 0, "max-lifetime-epsilon", cap, "a privacy budget ε > 0"),
@@ -128,6 +136,7 @@ def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountan
          "a fraction in [0.5, 1): the threshold must exceed this share of a secret's holders (0.5 = a strict majority)"),
         (values.get("max-bundle-age-days", 30.0) > 0, "max-bundle-age-days", values.get("max-bundle-age-days"),
          "a number of days > 0: how long a signed app bundle stays acceptable"),
+        (bound > 0, "max-weight-magnitude", bound, f"a bound > 0 on incoming weights (default {DEFAULT_MAX_WEIGHT_MAGNITUDE:g})"),
     ]
     peers = table.get("min-secagg-peers", 1)
     checks.append((type(peers) is int and peers >= 1, "min-secagg-peers", peers,
@@ -138,7 +147,7 @@ def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountan
     return RegionPolicy(
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
         min_secagg_peers=peers, max_bundle_age_days=values.get("max-bundle-age-days", 30.0),
-        **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
+        max_weight_magnitude=bound, **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
         accountant=str(table.get("accountant", default_accountant)), source=source)
 
 
