@@ -102,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     history = [float(x) for entry in outcome.history for x in entry] or [0.0]
     content = RecordDict({
         wire.METRICS: MetricRecord(train_metrics(identity.policy, cfg, outcome)),
-        wire.REGION: ConfigRecord({"name": identity.name, "history": history, "accountant": identity.policy.accountant}),
+        wire.REGION: ConfigRecord({"name": identity.name, "history": history, "accountant": identity.policy.accountant,
+                                   "privacy-unit": identity.policy.privacy_unit}),
     })
     result = outcome.result
     if secagg_round is None:

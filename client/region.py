@@ -31,6 +31,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from fedpriv.client import optimizer_state, release_store
+from fedpriv.client.contribution import bounded_count, bounded_indices
 from fedpriv.client.incoming import check_incoming
 from fedpriv.task.device import select_device
 from fedpriv.client.trainer import LocalTrainer, TrainResult, choose_noise_multiplier, region_schedule
@@ -40,6 +41,7 @@ from fedpriv.privacy.accountant import epsilon_of
 from fedpriv.privacy.ledger import (BudgetDecision, LedgerDamaged, PrivacyLedger, Release, default_ledger_path,
                                    epsilon_of_history)
 from fedpriv.privacy.policy import PolicyRefusal, RegionPolicy, check_train_request, node_region, region_policy
+from fedpriv.task.data import author_key
 from fedpriv.task.encoding import encode
 from fedpriv.task.features import FeatureDataset, SplitClassifier, cache_key, evaluate_top
 from fedpriv.task.model import build_model, load_tokenizer, set_trainable_values
@@ -148,8 +150,9 @@ class RegionRuntime:
         policy = self.identity.policy
         cfg = self.cfg
         check_train_request(policy, cfg, cfg.secure_aggregation if secure_round is None else secure_round)
+        self._check_authors()
         delta, accountant = policy.delta, policy.accountant  # ε is the region's: its δ, its accountant
-        schedule = region_schedule(len(self.shard.train), cfg)
+        schedule = region_schedule(self.train_size(), cfg)
         with self._ledger() as ledger:
             reused = self._reuse(ledger, job_id, server_round)
             if reused is not None:
@@ -168,7 +171,7 @@ class RegionRuntime:
             if cfg.dp:  # an early answer, before training; reserve() below decides
                 self._raise_if_refused(ledger.check_budget(cap, planned, delta, accountant))
             set_trainable_values(self.split.model, global_values)
-            trainer = LocalTrainer(self.split, self._features("train"), cfg, self.device, policy.max_weight_magnitude)
+            trainer = LocalTrainer(self.split, self._round_data(), cfg, self.device, policy.max_weight_magnitude)
             result = trainer.train(job_history, sigma, seed=self.round_seed(server_round), label=self.identity.name,
                                    optimizer_state=self._kept_optimizer_state(job_id, job_releases))
             stored, digest = self._store_release(job_id, server_round, global_values, result)
@@ -185,6 +188,32 @@ class RegionRuntime:
             lifetime = clamp_epsilon(ledger.epsilon(delta, accountant)) if cfg.dp else math.inf
         epsilon = clamp_epsilon(epsilon_of(history, delta, accountant)) if cfg.dp else math.inf
         return RoundOutcome(result, epsilon, lifetime, history, sum(h[2] for h in history), base=global_values)
+
+    def train_size(self) -> int:
+        """N of a round: the posts that may train in it -- under the author unit, at most m per author."""
+        if self.identity.policy.privacy_unit != "author":
+            return len(self.shard.train)
+        return bounded_count(self._authors(), self.identity.policy.max_posts_per_author)
+
+    def _authors(self) -> list[str]:
+        return [author_key(e) for e in self.shard.train]
+
+    def _round_data(self) -> FeatureDataset:
+        """The round's training posts: all of them (post unit), or at most m per author drawn afresh from OS
+        entropy (author unit, :mod:`fedpriv.client.contribution`); the count is :meth:`train_size` either way."""
+        data = self._features("train")
+        if self.identity.policy.privacy_unit != "author":
+            return data
+        keep = bounded_indices(self._authors(), self.identity.policy.max_posts_per_author)
+        return FeatureDataset([data.features[i] for i in keep], [data.labels[i] for i in keep])
+
+    def _check_authors(self) -> None:
+        """Author unit: the data must say who wrote what, unless the policy takes each post as its own author."""
+        policy = self.identity.policy
+        if policy.privacy_unit == "author" and not self.shard.names_authors and policy.unnamed_authors != "own-author":
+            raise PolicyRefusal("unnamed-authors", "the region's data has no author column, so its privacy unit "
+                                "(the author) cannot be bounded; add the column, or set unnamed-authors = "
+                                "\"own-author\" if every post really has a different author")
 
     def _ledger(self) -> PrivacyLedger:
         """The region's ledger; a damaged one refuses the round (the detail, with its path, stays in the log)."""

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 from fedpriv.core.files import atomic_write_text
 from fedpriv.core.report_schema import SCHEMA_VERSION
 from fedpriv.privacy import plots
-from fedpriv.privacy.report_view import DP_OFF_TEXT, ReportView, epsilon_value, number as _num
+from fedpriv.privacy.report_view import DP_OFF_TEXT, ReportView, epsilon_value, guarantee_level, number as _num
 
 __all__ = ["SCHEMA_VERSION", "render_html", "tpr_bound"]
 
@@ -192,9 +192,9 @@ def _guarantee(view: ReportView) -> str:
         )
     out.append(
         ("<p>With DP on, each" if nothing else "<p>Each")
-        + f" region's data is protected by <b>record-level (ε, δ)-differential privacy</b>, where the unit "
+        + f" region's data is protected by <b>{_e(guarantee_level(unit))} (ε, δ)-differential privacy</b>, where the unit "
         f"of privacy is <b>{_e(unit)}</b>. For each region, everything that left the region in this run — the "
-        f"model updates it sent — would have been almost equally likely had any single such record been left out "
+        f"model updates it sent — would have been almost equally likely had any single such unit been left out "
         f"of (or added to) that region's data: the probability of any outcome changes by at most a factor "
         f"e<sup>ε</sup>, except with probability δ = <b>{_fmt(delta, 'g')}</b>.</p>"
     )
@@ -241,10 +241,11 @@ def _guarantee(view: ReportView) -> str:
         "the partition summary in this report are plaintext and not differentially private.</li>"
         "<li><b>Participation.</b> Which region took part in which round, and when, is visible to the "
         "coordinator.</li>"
-        "<li><b>Groups and aggregates.</b> The guarantee is per record (the unit of privacy above): someone with "
-        "k records is "
-        "protected only at about k·ε (group privacy), and aggregate properties of a region's data — its label "
-        "balance, its topics — are not hidden; learning them is what training does.</li>"
+        "<li><b>Groups and aggregates.</b> The guarantee is per unit of privacy (above). Where that unit is a post, "
+        "a person with k posts is protected only at the group ε of the same mechanism (computed exactly by "
+        "fedpriv.privacy.group_privacy; it grows much faster than k·ε, which is no bound at all at the same δ), and "
+        "aggregate properties of a region's data — its label balance, its topics — are not hidden; learning them is "
+        "what training does.</li>"
         "<li><b>Other runs.</b> Per-round ε covers this run. Training again on the same data spends more; "
         "the region's privacy ledger holds the total across runs"
         + (" (shown as “ε all runs”)" if lifetime else "") + ".</li>"

@@ -31,6 +31,9 @@ Format (``examples/region-policy.toml`` is a documented example)::
     max-bundle-age-days = 30.0        # refuse an app bundle signed longer ago than this (a replayed old bundle)
     accountant = "pld"                # the accountant every cap and ceiling is checked with (never the run's)
     max-weight-magnitude = 100.0      # refuse incoming weights above it; training stays within it
+    privacy-unit = "author"           # whom ε protects: all posts of one author ("author") or one post ("post")
+    max-posts-per-author = 1          # author unit: posts of one author that train in a round (fresh OS-entropy pick)
+    unnamed-authors = "refuse"        # data without an author column: refuse, or "own-author" (each post its own)
 
 This module only reads files and compares numbers: no torch, so the light
 secure-aggregation handlers can use it.
@@ -77,6 +80,9 @@ class RegionPolicy:
     max_bundle_age_days: float = 30.0  # a signed app bundle older than this is refused (fedpriv.deploy.trusted_exec)
     accountant: str = "pld"  # checks every cap/ceiling and the ε the region records and replies (never the run config's)
     max_weight_magnitude: float = DEFAULT_MAX_WEIGHT_MAGNITUDE  # on every incoming weight, after the cast
+    privacy_unit: str = "author"  # whom ε protects: every post of one author ("author") or one post ("post")
+    max_posts_per_author: int = 1  # author unit: at most this many posts of one author train in a round
+    unnamed_authors: str = "refuse"  # data with no author column: refuse it, or take each post as its own author
     source: str = ""  # where it came from, for messages and the report
 
     def secagg_threshold_floor(self, share_holders: int) -> int:
@@ -93,11 +99,14 @@ _BOOLS = ("require-dp", "require-secure-aggregation", "allow-plain-rounds", "all
           "release-train-metrics", "release-lifetime-epsilon", "release-local-evaluation")
 _NUMBERS = ("delta", "max-lifetime-epsilon", "max-job-epsilon", "min-secagg-threshold", "max-bundle-age-days",
             "max-weight-magnitude")
-_STRINGS = {"accountant": ACCOUNTANTS}
-_KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers",) + tuple(_STRINGS)
+PRIVACY_UNITS = ("author", "post")
+UNNAMED_AUTHORS = ("refuse", "own-author")
+_STRINGS = {"accountant": ACCOUNTANTS, "privacy-unit": PRIVACY_UNITS, "unnamed-authors": UNNAMED_AUTHORS}
+_KEYS = _BOOLS + _NUMBERS + ("min-secagg-peers", "max-posts-per-author") + tuple(_STRINGS)
 
 
-def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountant: str = "pld") -> RegionPolicy:
+def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountant: str = "pld",
+                        default_unit: str = "author") -> RegionPolicy:
     """Validate one ``[policy]`` table; every problem is one line naming the key and what is expected.
 
     ``accountant`` defaults to ``pld`` (dp_accounting's PLD, pessimistic: a near-tight upper bound); a simulation
@@ -141,6 +150,11 @@ def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountan
     peers = table.get("min-secagg-peers", 1)
     checks.append((type(peers) is int and peers >= 1, "min-secagg-peers", peers,
                    "a whole number >= 1 of authenticated other regions in any sum the coordinator can unmask"))
+    per_author = table.get("max-posts-per-author", 1)
+    checks.append((type(per_author) is int and per_author == 1, "max-posts-per-author", per_author,
+                   "1: one post of each author per round (the author then gets the post-level ε exactly); larger "
+                   "bounds need the mixture-of-Gaussians accountant throughout the ledger, which this fedpriv "
+                   "does not have yet"))
     for ok, key, value, expected in checks:
         if not ok:
             raise ConfigError(f"region policy {source}: {key} = {value!r}: expected {expected}")
@@ -148,7 +162,9 @@ def policy_from_mapping(table: Mapping[str, Any], source: str, default_accountan
         delta=values["delta"], max_lifetime_epsilon=cap, max_job_epsilon=job, min_secagg_threshold=frac,
         min_secagg_peers=peers, max_bundle_age_days=values.get("max-bundle-age-days", 30.0),
         max_weight_magnitude=bound, **{key.replace("-", "_"): bool(table[key]) for key in _BOOLS if key in table},
-        accountant=str(table.get("accountant", default_accountant)), source=source)
+        accountant=str(table.get("accountant", default_accountant)), max_posts_per_author=per_author,
+        privacy_unit=str(table.get("privacy-unit", default_unit)), unnamed_authors=str(table.get("unnamed-authors", "refuse")),
+        source=source)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -177,7 +193,8 @@ def load_policy(path: str | Path) -> RegionPolicy:
     return policy_from_mapping(data["policy"], str(path))
 
 
-def load_simulation_policy(path: str | Path, region: str, default_accountant: str = "pld") -> RegionPolicy:
+def load_simulation_policy(path: str | Path, region: str, default_accountant: str = "pld",
+                           default_unit: str = "author") -> RegionPolicy:
     """A simulated region's policy: ``[policy]``, overridden by ``[regions.<region>]`` if present."""
     path = Path(path) if str(path) else BUILTIN_SIMULATION_POLICY
     data = _read_toml(path)
@@ -188,7 +205,8 @@ def load_simulation_policy(path: str | Path, region: str, default_accountant: st
     regions = data.get("regions", {})
     if not isinstance(regions, dict) or not all(isinstance(v, dict) for v in regions.values()):
         raise ConfigError(f"simulation region policy {path}: regions: expected [regions.<name>] tables")
-    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]", default_accountant)
+    return policy_from_mapping({**data["policy"], **regions.get(region, {})}, f"{path} [{region}]", default_accountant,
+                               default_unit)
 
 
 def check_simulation_policy_regions(path: str | Path, regions: tuple[str, ...] | list[str]) -> None:
@@ -225,17 +243,19 @@ def node_region(node_config: Mapping[str, Any], cfg: Any) -> tuple[str, int]:
 def region_policy(node_config: Mapping[str, Any], cfg: Any) -> RegionPolicy:
     """The policy of the region a process serves (see :func:`policy_for_node`)."""
     name, _ = node_region(node_config, cfg)
-    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon, cfg.accountant)
+    return policy_for_node(node_config, name, cfg.sim_region_policy, cfg.sim_max_epsilon, cfg.accountant,
+                           cfg.privacy_unit)
 
 
 def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_policy: str,
-                    sim_max_epsilon: float = 0.0, sim_accountant: str = "pld") -> RegionPolicy:
+                    sim_max_epsilon: float = 0.0, sim_accountant: str = "pld", sim_unit: str = "author") -> RegionPolicy:
     """The policy of the region this process serves.
 
     Deployment (the node config names a ``region``): only the node config's ``policy-path``
     counts; without one the region has no policy and refuses (:class:`ConfigError`).
     Simulation: the run's ``sim-region-policy`` (and, for older configs, ``sim-max-epsilon``
-    > 0 as the lifetime cap); a simulation policy without ``accountant`` takes ``sim_accountant`` (the run's).
+    > 0 as the lifetime cap); a simulation policy without ``accountant`` / ``privacy-unit`` takes the run's
+    (``sim_accountant``, ``sim_unit``): the operator owns every simulated region.
     """
     if "region" in node_config:
         path = str(node_config.get(POLICY_PATH_KEY, "") or "")
@@ -243,7 +263,7 @@ def policy_for_node(node_config: Mapping[str, Any], region: str, sim_region_poli
             raise PolicyRefusal("policy-path", f"region {region} has no privacy policy: expected node config {POLICY_PATH_KEY!r} "
                               "naming the region's policy file (fedpriv supernode --policy FILE)")
         return load_policy(path)
-    policy = load_simulation_policy(sim_region_policy, region, sim_accountant)
+    policy = load_simulation_policy(sim_region_policy, region, sim_accountant, sim_unit)
     if sim_max_epsilon > 0:
         policy = replace(policy, max_lifetime_epsilon=sim_max_epsilon,
                          max_job_epsilon=min(policy.max_job_epsilon, sim_max_epsilon))
@@ -277,6 +297,9 @@ def check_train_request(policy: RegionPolicy, cfg: Any, secure_round: bool) -> N
                             "config can reproduce gives no privacy); this region's policy does not allow it")
     if policy.require_dp and not cfg.dp:
         raise PolicyRefusal("require-dp", "the run asks for dp = false; this region releases only DP-SGD updates")
+    if cfg.privacy_unit != policy.privacy_unit:
+        raise PolicyRefusal("privacy-unit", f"the run asks for privacy-unit = {cfg.privacy_unit!r}; this region's "
+                            f"policy protects one {policy.privacy_unit} (the coordinator cannot change the unit)")
     if cfg.delta > policy.delta:
         raise PolicyRefusal("delta", f"the run asks for δ = {cfg.delta:g}, above the region's δ = {policy.delta:g}")
     if policy.require_secure_aggregation and not (cfg.secure_aggregation and secure_round):

@@ -48,6 +48,7 @@ class RegionRecord:
     not_private: list[str] = field(default_factory=list)  # non-DP values the region's policy released
     train_loss_by_round: list[float] = field(default_factory=list)  # only if released (not private)
     train_accuracy_by_round: list[float] = field(default_factory=list)
+    privacy_unit: str | None = None  # whom the region's ε protects: "author" or "post" (its policy's; None: not said)
 
 
 class RunReport:
@@ -70,10 +71,12 @@ class RunReport:
         self.extra: dict[str, Any] = {}
 
     # -- recording ---------------------------------------------------------
-    def record_training(self, region: str, server_round: int, metrics: dict[str, float], history: list[Entry]) -> None:
+    def record_training(self, region: str, server_round: int, metrics: dict[str, float], history: list[Entry],
+                        unit: str | None = None) -> None:
         rec = self.regions.setdefault(region, RegionRecord())
         if server_round in rec.rounds_participated:  # a retried round is recorded once
             return
+        rec.privacy_unit = unit or rec.privacy_unit
         rec.rounds_participated.append(server_round)
         rec.dp = is_private(metrics)
         rec.epsilon_by_round.append(max(0.0, float(metrics["epsilon"])) if rec.dp else None)  # ε is never negative
@@ -140,7 +143,7 @@ class RunReport:
             "accountant": self.accountant,
             "cross_check_accountant": cross_check_accountant(self.accountant),
             "delta": self.delta,
-            "unit_of_privacy": "one record (post) of one region",
+            "unit_of_privacy": unit_of_privacy(self.regions),
             "secure_aggregation": self.secure_aggregation,
             "config": self.config,
             "regions": regions,
@@ -181,6 +184,18 @@ class RunReport:
         for key, value in data.items():
             if key not in TOP_LEVEL_KEYS and key not in self.extra:
                 self.extra[key] = value
+
+
+UNIT_TEXT = {"author": "one author (every post of one person) of one region", "post": "one record (post) of one region"}
+
+
+def unit_of_privacy(regions: Mapping[str, RegionRecord]) -> str:
+    """Whom ε protects, as the regions said (each region's policy decides its unit; a region that did not say
+    trained per post)."""
+    units = {name: rec.privacy_unit or "post" for name, rec in regions.items() if rec.rounds_participated}
+    if len(set(units.values())) > 1:
+        return "per region: " + ", ".join(f"{name} {UNIT_TEXT[unit].split(' of ')[0]}" for name, unit in sorted(units.items()))
+    return UNIT_TEXT[next(iter(units.values()), "post")]
 
 
 def _restored(name: str, value: Any) -> Any:

@@ -129,7 +129,9 @@ class PrivateFedAvg(FedAvg):
             self.node_regions[msg.metadata.src_node_id] = region
             history = list(msg.content[contract.REGION]["history"])
             triples = [tuple(history[i:i + 3]) for i in range(0, len(history) - 2, 3) if history[i] > 0]
-            self.report.record_training(region, rnd, dict(msg.content[contract.METRICS]), triples)
+            record = msg.content[contract.REGION]
+            unit = str(record["privacy-unit"]) if "privacy-unit" in record else None
+            self.report.record_training(region, rnd, dict(msg.content[contract.METRICS]), triples, unit)
             trained.append(region)
             ok.append(msg)
         ok.sort(key=lambda m: str(m.content[contract.REGION]["name"]))

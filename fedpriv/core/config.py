@@ -151,6 +151,7 @@ class FedprivConfig:
     max_examples_per_region: int
     max_server_examples: int
     split_unit: str
+    privacy_unit: str
     max_length: int
     model: str
     trainable: str
@@ -247,6 +248,8 @@ class FedprivConfig:
         _check(0.0 < self.local_test_fraction < 0.5, "local-test-fraction", self.local_test_fraction, "a number in (0, 0.5)")
         _check(0.0 < self.server_test_fraction < 0.5, "server-test-fraction", self.server_test_fraction, "a number in (0, 0.5)")
         _check(self.max_examples_per_region >= 0, "max-examples-per-region", self.max_examples_per_region, "0 (all) or a positive count")
+        _check(self.privacy_unit in ("author", "post"), "privacy-unit", self.privacy_unit,
+               "'author' (ε protects all posts of one person) or 'post'; each region's policy decides, a mismatch is refused")
         _check(self.split_unit in ("author", "post"), "split-unit", self.split_unit,
                "'author' (every author's posts on one side of every split) or 'post'")
         _check(self.max_server_examples >= 0, "max-server-examples", self.max_server_examples, "0 (all) or a positive count")

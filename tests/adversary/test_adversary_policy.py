@@ -149,7 +149,7 @@ def test_a_train_reply_carries_the_dp_release_and_public_facts_only(tmp_path, sh
     assert_epsilon_is_the_libraries(metrics[contract.EPSILON], [(1.0, 0.5, 2)], DELTA, "pld")
     assert metrics[contract.DETERMINISTIC_NOISE] == 0
     region_record = dict(content[contract.REGION])
-    assert set(region_record) == {"name", "history", "accountant"}
+    assert set(region_record) == {"name", "history", "accountant", "privacy-unit"}
     assert list(region_record["history"]) == [1.0, 0.5, 2.0]  # the mechanism, public
     # A second job on the same data: the reply still says nothing about the first one.
     region.context.run_config = {**run, "job-id": "job-2"}
