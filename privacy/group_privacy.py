@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 from scipy.stats import binom
 
-from fedpriv.privacy.accountant import Entry
+from fedpriv.privacy.accountant import Entry, compact
 
 TAIL_MASS = 1e-16
 """Binomial probabilities below this are folded onto the largest kept sensitivity (conservative)."""
@@ -65,7 +65,7 @@ def group_epsilon(history: Iterable[Entry], delta: float, group_size: int) -> fl
 
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=DISCRETIZATION)
     composed = False
-    for sigma, q, steps in history:
+    for sigma, q, steps in compact(history):  # a run repeats one (σ, q) every round: one composition
         if steps <= 0 or q <= 0:
             continue
         if sigma <= 0:
@@ -74,4 +74,20 @@ def group_epsilon(history: Iterable[Entry], delta: float, group_size: int) -> fl
         composed = True
     if not composed:
         return 0.0
-    return max(0.0, float(accountant.get_epsilon(delta)))
+    epsilon = float(accountant.get_epsilon(delta))
+    if math.isinf(epsilon):  # dp_accounting's ε(δ) search can overflow on a finite PLD: search δ(ε) instead
+        epsilon = _epsilon_by_bisection(accountant, delta)
+    return max(0.0, epsilon)
+
+
+def _epsilon_by_bisection(accountant, delta: float) -> float:
+    """The least ε (to 1e-9 relative) whose pessimistic δ(ε) is at most ``delta``: still an upper bound."""
+    low, high = 0.0, 1.0
+    while accountant.get_delta(high) > delta:
+        high *= 2.0
+        if high > 1e7:
+            return math.inf
+    while high - low > 1e-9 * high:
+        mid = (low + high) / 2.0
+        low, high = (mid, high) if accountant.get_delta(mid) > delta else (low, mid)
+    return high

@@ -59,3 +59,11 @@ def test_the_mixture_is_a_distribution_over_0_to_k_posts_sampled():
     assert sum(event.sampling_probs) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         mixture_event(1.0, 0.3, 0)
+
+
+def test_an_epsilon_search_that_overflows_falls_back_to_searching_delta():
+    """dp_accounting's ε(δ) returns ∞ for this finite PLD (a 23-post author, the default split's ap-south)."""
+    history = [(1.1376953125, 0.125, 128)]
+    eps = group_epsilon(history, 1e-5, 23)
+    assert math.isfinite(eps)
+    assert group_epsilon(history, 1e-5, 17) < eps < group_epsilon(history, 1e-5, 41)
