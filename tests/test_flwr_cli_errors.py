@@ -32,3 +32,19 @@ def test_an_unavailable_superlink_with_a_port_like_403xx_is_diagnosed_not_called
     address = f"127.0.0.1:{port}"
     line = flwr_error({"error-message": f"{address} is unavailable"}, address, "/nonexistent-ca.pem")
     assert "Fleet port" not in line
+
+
+def test_flwr_is_not_confused_by_a_folder_named_like_the_connection_in_the_working_directory(tmp_path, monkeypatch):
+    """README's walk-through from a folder holding a checkout called ``fedpriv``: flwr 1.41 took the connection
+    name ``fedpriv`` for that app folder and failed on a config "migration" instead of registering the region."""
+    from fedpriv.deploy.flwr_cli import CONNECTION, run_flwr, write_flwr_home
+
+    (tmp_path / CONNECTION).mkdir()
+    (tmp_path / CONNECTION / "pyproject.toml").write_text("[tool.flwr.app]\npublisher = 'x'\n")
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "flwr-home"
+    write_flwr_home(home, f"127.0.0.1:{free_port()}", None)
+    proc = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], home, timeout=60)
+    said = proc.stdout + proc.stderr
+    assert "migrat" not in said.lower(), said  # it tried the (absent) SuperLink instead
+    assert CONNECTION in said or "connect" in said.lower() or "unavailable" in said.lower(), said

@@ -78,9 +78,15 @@ def flwr_env(flwr_home: str | os.PathLike) -> dict[str, str]:
 
 
 def run_flwr(args: list[str], flwr_home: str | os.PathLike, timeout: float) -> subprocess.CompletedProcess:
-    """``flwr ARGS`` with the private ``FLWR_HOME``, output captured (raises ``subprocess.TimeoutExpired``)."""
+    """``flwr ARGS`` with the private ``FLWR_HOME``, output captured (raises ``subprocess.TimeoutExpired``).
+
+    It runs *in* ``FLWR_HOME``: flwr 1.41 reads a positional ``fedpriv`` (the connection name) as an app
+    directory when the working directory has one of that name (a checkout called ``fedpriv``, say) and then
+    fails on a "legacy usage" config migration; in FLWR_HOME no such directory exists.
+    """
+    Path(flwr_home).mkdir(mode=0o700, parents=True, exist_ok=True)
     return subprocess.run([flower_executable("flwr"), *args], env=flwr_env(flwr_home), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True, cwd=flwr_home)
 
 
 def parse_json_output(text: str) -> dict[str, Any] | None:
@@ -231,13 +237,14 @@ class FlowerRunClient:
         exactly those bytes are submitted.
         """
         config_file = atomic_write_text(self.flwr_home / "run_config.toml", tomli_w.dumps(dict(run_config)))
-        args = ["run", str(app_dir), CONNECTION, "--run-config", str(config_file), "--format", "json"]
+        args = ["run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(config_file), "--format", "json"]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
         try:
             if sign_key is not None or bundle is not None:
                 fab = self.write_signed_bundle(app_dir, sign_key, bundle)
                 proc = subprocess.run([sys.executable, "-m", "fedpriv.deploy.signed_run", str(fab), *args], env=self.env,
+                                      cwd=self.flwr_home,
                                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
             else:
@@ -279,6 +286,7 @@ class FlowerRunClient:
         log_proc = None
         if stream:
             log_proc = subprocess.Popen([flower_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=self.env,
+                                        cwd=self.flwr_home,
                                         stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         started = time.monotonic()
