@@ -97,6 +97,16 @@ def test_a_roster_listing_this_region_under_another_key_is_refused(tmp_path):
         load_identity("a", ident.identity_paths(tmp_path / "a", "a")[0], tmp_path / "roster.txt")
 
 
+def test_a_roster_of_the_other_regions_still_knows_this_region_and_refuses_its_key_under_another_name(tmp_path):
+    a_pub, b_pub = _pub(tmp_path, "a"), _pub(tmp_path, "b")
+    (tmp_path / "roster.txt").write_text(roster_line("b", b_pub))
+    me = load_identity("a", ident.identity_paths(tmp_path / "a", "a")[0], tmp_path / "roster.txt")
+    me.roster.verify("a", b"view", me.sign(b"view"), "own view")  # its own signature checks out
+    (tmp_path / "roster.txt").write_text(roster_line("b", a_pub))
+    with pytest.raises(IdentityError, match="own identity key as region 'b'"):
+        load_identity("a", ident.identity_paths(tmp_path / "a", "a")[0], tmp_path / "roster.txt")
+
+
 def test_the_simulation_makes_fresh_identities_and_one_roster_per_run(tmp_path):
     root = ident.write_simulation_identities(tmp_path, ["r0", "r1"])
     first = ident.simulation_identity(tmp_path, "r0").public_key

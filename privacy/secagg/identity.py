@@ -38,7 +38,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -250,9 +250,15 @@ class Identity:
 
 
 def load_identity(name: str, key_path: str | os.PathLike, roster_path: str | os.PathLike) -> Identity:
+    """The region's identity; its roster, as the region wrote it, lists the *other* regions, so its own public key
+    (which it holds) is added: the region checks its own signatures (its view, among the survivors') with it."""
     identity = Identity(name, load_identity_key(key_path), load_roster(roster_path))
     identity.check_own_entry()
-    return identity
+    roster = identity.roster
+    other = next((region for region, key in roster.keys.items() if key == identity.public_key and region != name), None)
+    if other is not None:
+        raise IdentityError(f"roster {roster.source} lists this region's own identity key as region {other!r}")
+    return replace(identity, roster=Roster({**roster.keys, name: identity.public_key}, roster.source))
 
 
 def write_simulation_identities(run_dir: str | os.PathLike, regions: Iterable[str]) -> Path:

@@ -16,6 +16,8 @@ regions that each hold their own identity key and roster:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -160,8 +162,21 @@ def _sign_view(region: Region, rnd: int, survivors: list[int]) -> bytes:
     return messages.read_view_record(reply.content[messages.RECORD])
 
 
-def test_the_honest_path_with_authenticated_peers_is_plain_fedavg(tmp_path, shard_root):
+def _rosters_of_the_others(regions: list[Region]) -> None:
+    """Each region's roster lists only the *other* regions, as README's deployment has regions write it."""
+    for region in regions:
+        shared = Path(region.context.node_config["roster-path"])
+        own = [line for line in shared.read_text().splitlines() if line.split(" ", 1)[0] != region.name]
+        mine = shared.with_name(f"roster-of-{region.name}.txt")
+        mine.write_text("\n".join(own) + "\n")
+        region.context.node_config["roster-path"] = str(mine)
+
+
+@pytest.mark.parametrize("rosters", ["every region", "the other regions"])
+def test_the_honest_path_with_authenticated_peers_is_plain_fedavg(tmp_path, shard_root, rosters):
     regions = _regions(tmp_path, shard_root)
+    if rosters == "the other regions":  # a region's own signature on its view is checked with its own key
+        _rosters_of_the_others(regions)
     _trained(regions, 1)
     server, adverts = _advertise(regions, 1, _config(3))
     keys = ConfigRecord(messages.keys_request(1, server.collect_advertisements(adverts), adverts))
