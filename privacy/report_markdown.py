@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fedpriv.privacy.report_view import ReportView, enforcement_text, fmt, guarantee_level, rounds_text, skipped_rounds
+from fedpriv.privacy.report_view import ReportView, enforcement_text, fmt, guarantee_level, rounds_text, skipped_rounds, unit_phrase
 
 __all__ = ["coordinator_view", "render_markdown"]
 
@@ -80,7 +80,7 @@ def _guarantee(view: ReportView) -> list[str]:
     lines += [
         f"The unit of privacy is **{unit}**: ε bounds what the released values reveal about any one such unit.", "",
         f"Each DP region's released model updates are **{guarantee_level(unit)} (ε, δ)-differentially private** with "
-        f"respect to that region's own users: adding or removing {_one_unit(unit)} changes the probability of the model updates the "
+        f"respect to that region's own users: adding or removing {unit_phrase(unit)} changes the probability of the model updates the "
         f"region released by at most a factor e^ε ({delta_text}). ε below is cumulative over all rounds of this run, "
         f"computed by the {acct} accountant over the region's whole DP-SGD history (Poisson sampling, Gaussian noise, "
         f"per-example clipping). The final global model inherits each region's guarantee (post-processing). Each "
@@ -181,14 +181,6 @@ def _audit(view: ReportView) -> list[str]:
             f"AUC {fmt(a.get('auc'))}, TPR at 1% FPR {fmt(a.get('tpr_at_1pct_fpr'))}, TPR at 10% FPR "
             f"{fmt(a.get('tpr_at_10pct_fpr'))} ({a.get('members')} members vs {a.get('non_members')} non-members). "
             "An AUC near 0.5 means the attack cannot tell training posts from unseen ones."] + _audit_authors(a)
-
-
-def _one_unit(unit: str) -> str:
-    if unit.startswith("one author"):
-        return "all the posts of any one person"
-    if unit.startswith("per region"):
-        return "any one such unit (per region, above)"
-    return "any one post"
 
 
 def _audit_authors(a: dict) -> list[str]:

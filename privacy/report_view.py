@@ -463,16 +463,21 @@ def _mode(entry: Mapping[str, Any]) -> str:
 
 def guarantee_level(unit: str) -> str:
     """"author-level" / "record-level" for the report's ``unit_of_privacy`` text (mixed: per region)."""
-    if unit.startswith("one author"):
-        return "author-level"
-    if unit.startswith("per region"):
-        return "per-region (author- or record-) level"
-    return "record-level"
+    return _by_unit(unit, "author-level", "per-region (author- or record-) level", "record-level")
+
+
+def unit_phrase(unit: str) -> str:
+    """What adding or removing one unit means, for the report's guarantee sentence."""
+    return _by_unit(unit, "all the posts of any one person", "any one such unit (per region, above)", "any one post")
+
+
+def _by_unit(unit: str, author: str, mixed: str, post: str) -> str:
+    return author if unit.startswith("one author") else mixed if unit.startswith("per region") else post
 
 
 __all__ = ["DP_AT_EPSILON", "DP_OFF_TEXT", "NOT_PRIVATE", "NOT_PRIVATE_ERRORS", "NO_GUARANTEE", "PUBLIC_BY_POLICY", "ReportView",
            "budget_left", "display_region", "display_regions", "enforcement_text", "epsilon_text", "epsilon_value",
-           "final_accuracy", "fmt", "guarantee_level", "is_dp_off", "max_region_epsilon", "no_dp_guarantee", "number", "over_budget",
+           "final_accuracy", "fmt", "guarantee_level", "unit_phrase", "is_dp_off", "max_region_epsilon", "no_dp_guarantee", "number", "over_budget",
            "region_budget", "region_epsilon_series", "region_final_epsilon", "region_lifetime_epsilon",
            "one_line", "redact_paths", "region_problem", "rounds_text", "run_verdict", "secure_aggregation_rounds",
            "skipped_rounds"]

@@ -277,3 +277,26 @@ def test_deterministic_noise_and_error_texts_are_in_what_left_each_region(tmp_pa
     assert "/srv/us-east" not in text and "the ledger at <path> is at ε = 0.8" in text
     md = (tmp_path / "sweep-eps1" / "privacy_report.md").read_text()
     assert "| the text of the region's refusals and errors" in md and "not private: a region's own error text" in md
+
+
+def test_the_report_states_the_unit_the_regions_trained_at(tmp_path):
+    """A region's reply names its unit; the report's guarantee says author-level only when every region trained so."""
+    from fedpriv.privacy.report import RunReport
+    from fedpriv.privacy.report_markdown import render_markdown
+
+    metrics = {"epsilon": 1.0, "steps": 2, "noise-multiplier": 1.0, "sample-rate": 0.5, "max-grad-norm": 1.0,
+               "num-examples": 10, "dp": 1, "delta": 1e-5}
+    units = {"author": ("author", "author"), "mixed": ("author", "post"), "post": ("post", None)}
+    for case, (first, second) in units.items():
+        report = RunReport(tmp_path / case, {}, "pld", 1e-5, ["us-east", "eu-west"])
+        report.record_training("us-east", 1, metrics, [(1.0, 0.5, 2)], first)
+        report.record_training("eu-west", 1, metrics, [(1.0, 0.5, 2)], second)
+        data = report.to_dict()
+        md = render_markdown(data)
+        if case == "author":
+            assert data["unit_of_privacy"].startswith("one author") and "**author-level" in md
+            assert "all the posts of any one person" in md
+        elif case == "mixed":
+            assert data["unit_of_privacy"].startswith("per region") and "us-east one author" in data["unit_of_privacy"]
+        else:  # a region that does not say its unit trained per post
+            assert data["unit_of_privacy"] == "one record (post) of one region" and "**record-level" in md
